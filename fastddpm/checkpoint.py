@@ -1,0 +1,84 @@
+"""Checkpoints: plain tensors and data only (they load with ``weights_only=True``, so a downloaded
+file cannot run code), written to a temporary file and renamed, so a kill at any moment leaves
+the previous checkpoint intact."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import NamedTuple
+
+import torch
+
+from fastddpm.config import TrainConfig
+from fastddpm.diffusion import Diffusion
+from fastddpm.errors import UsageError
+from fastddpm.model import UNet
+
+FORMAT = "fastddpm-checkpoint"
+VERSION = 1
+
+
+class Loaded(NamedTuple):
+    model: UNet
+    diffusion: Diffusion
+    config: TrainConfig
+
+
+def save_checkpoint(payload: dict, path) -> Path:
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    with open(tmp, "wb") as f:
+        torch.save({"format": FORMAT, "version": VERSION, **payload}, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    dir_fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)  # make the rename itself durable
+    finally:
+        os.close(dir_fd)
+    return path
+
+
+def read_checkpoint(path) -> dict:
+    """The raw checkpoint dict, validated; a missing, truncated or foreign file is a UsageError."""
+    path = Path(path)
+    if not path.is_file():
+        raise UsageError(f"checkpoint {path}: no such file")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # torch raises many types for truncated/foreign files
+        reason = str(e).splitlines()[0][:120] if str(e) else type(e).__name__
+        raise UsageError(f"checkpoint {path}: not a readable fastddpm checkpoint (truncated or foreign file: "
+                         f"{reason}); point at a file written by fastddpm.train") from None
+    if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
+        raise UsageError(f"checkpoint {path}: not a fastddpm checkpoint (no '{FORMAT}' header); point at a "
+                         "file written by fastddpm.train")
+    if ckpt.get("version") != VERSION:
+        raise UsageError(f"checkpoint {path}: format version {ckpt.get('version')} is not {VERSION}; use the "
+                         "fastddpm release that wrote it")
+    return ckpt
+
+
+def model_from_checkpoint(ckpt: dict, ema: bool = True, path="checkpoint") -> UNet:
+    """The U-Net of a checkpoint, with its EMA weights where present (and ``ema``)."""
+    config = TrainConfig.from_dict(ckpt["config"])
+    model = UNet(config.base_channels)
+    try:
+        model.load_state_dict(ckpt["model"])
+        if ema and ckpt.get("ema"):
+            model.load_state_dict(ckpt["ema"], strict=False)
+    except RuntimeError as e:
+        raise UsageError(f"checkpoint {path}: its weights do not fit the '{config.preset}' U-Net "
+                         f"({str(e).splitlines()[0][:120]})") from None
+    return model.eval()
+
+
+def load_checkpoint(path, device=None, ema: bool = True) -> Loaded:
+    """(model, diffusion, config) of a checkpoint; the model holds the EMA weights where present."""
+    ckpt = read_checkpoint(path)
+    config = TrainConfig.from_dict(ckpt["config"])
+    model = model_from_checkpoint(ckpt, ema=ema, path=path)
+    if device is not None:
+        model.to(device)
+    return Loaded(model, Diffusion(config.T, config.beta_start, config.beta_end, device=device), config)

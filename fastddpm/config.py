@@ -1,0 +1,67 @@
+"""Training configuration: one dataclass, two presets."""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields
+
+import torch
+
+# base_channels of the U-Net: "seed" is the paper's model (12,920,323 parameters); "tiny" trains in
+# minutes on a CPU (tests, the demo).
+PRESETS = {"seed": 64, "tiny": 16}
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+@dataclass
+class TrainConfig:
+    data: str = "cifar10"
+    T: int = 1000
+    dtype: str = "fp32"
+    grad_scaler: bool = True  # fp16 only; False is the paper's section 4.2.1 run
+    epochs: int = 500
+    batch_size: int = 256
+    lr: float = 2e-4
+    lr_drop_at: float = 0.8  # lr / 10 for the last 20% of epochs (400 of 500 in the paper)
+    ema: float = 0.9999  # 0 turns EMA off
+    preset: str = "seed"
+    seed: int = 0
+    ckpt_every: int = 0  # extra checkpoints every N steps; one is always written at each epoch end
+    beta_start: float = 1e-4
+    beta_end: float = 0.02
+    n_samples: int = 64  # images in OUT/samples.png at the end
+    val_size: int = 10000  # validation images (the test split) used for the per-epoch val loss
+
+    @property
+    def base_channels(self) -> int:
+        return PRESETS[self.preset]
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return DTYPES[self.dtype]
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "TrainConfig":
+        names = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in names})
+
+    def validate(self) -> None:
+        from fastddpm.errors import UsageError
+
+        checks = [
+            (self.dtype in DTYPES, f"--dtype {self.dtype}: choose one of {', '.join(DTYPES)}"),
+            (self.preset in PRESETS, f"--preset {self.preset}: choose one of {', '.join(PRESETS)}"),
+            (self.T >= 1, f"--T {self.T}: the number of diffusion steps must be at least 1"),
+            (self.epochs >= 1, f"--epochs {self.epochs}: must be at least 1"),
+            (self.batch_size >= 1, f"--batch-size {self.batch_size}: must be at least 1"),
+            (self.lr > 0, f"--lr {self.lr}: must be positive"),
+            (0 <= self.ema < 1, f"--ema {self.ema}: the EMA decay must be in [0, 1) (0 turns EMA off)"),
+            (self.ckpt_every >= 0, f"--ckpt-every {self.ckpt_every}: must be 0 (epoch ends only) or positive"),
+            (0 < self.beta_start <= self.beta_end < 1, "need 0 < beta_start <= beta_end < 1"),
+            (self.n_samples >= 0, f"--n-samples {self.n_samples}: must be 0 or positive"),
+            (self.val_size >= 0, f"--val-size {self.val_size}: must be 0 or positive"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise UsageError(message)

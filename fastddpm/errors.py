@@ -1,0 +1,33 @@
+"""Errors a user can fix. Command-line entry points print them as one line and exit with 2."""
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+class UsageError(Exception):
+    """Bad input (flag, path, file): the message names the problem and the fix."""
+
+
+class DivergenceError(Exception):
+    """The training loss became NaN or Inf."""
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse, but a bad flag is one line on stderr (and exit 2), not usage + error."""
+
+    def error(self, message):
+        sys.stderr.write(f"{self.prog}: error: {message} (see --help)\n")
+        sys.exit(2)
+
+
+def run_cli(main, argv=None) -> int:
+    """Run ``main(argv)``; a UsageError becomes one line on stderr and exit code 2."""
+    try:
+        return main(argv) or 0
+    except UsageError as e:
+        sys.stderr.write(f"error: {e}\n")
+        return 2
+    except KeyboardInterrupt:
+        sys.stderr.write("interrupted\n")
+        return 130

@@ -1,0 +1,78 @@
+"""Pictures a user looks at: sample grids (the paper's Figs. 6-18) and loss curves (Figs. 5-17)."""
+from __future__ import annotations
+
+import math
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+
+
+def _atomic_target(path) -> tuple[Path, Path]:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return path, path.with_name(f".{path.name}.{os.getpid()}.tmp")
+
+
+def grid_array(images, nrow: int | None = None, pad: int = 2, scale: int = 2) -> np.ndarray:
+    """uint8 images (N, 3, H, W) or (N, H, W, 3) -> one uint8 (rows*H', cols*W', 3) array."""
+    a = images.detach().cpu().numpy() if isinstance(images, torch.Tensor) else np.asarray(images)
+    if a.dtype != np.uint8 or a.ndim != 4:
+        raise ValueError(f"expected uint8 images of shape (N, 3, H, W), got {a.dtype} {a.shape}")
+    if a.shape[1] == 3 and a.shape[-1] != 3:
+        a = a.transpose(0, 2, 3, 1)
+    if scale > 1:
+        a = a.repeat(scale, axis=1).repeat(scale, axis=2)
+    n, h, w, _ = a.shape
+    nrow = nrow or math.ceil(math.sqrt(n))
+    rows = math.ceil(n / nrow)
+    out = np.full((rows * (h + pad) + pad, nrow * (w + pad) + pad, 3), 255, np.uint8)
+    for i in range(n):
+        r, c = divmod(i, nrow)
+        out[pad + r * (h + pad):pad + r * (h + pad) + h, pad + c * (w + pad):pad + c * (w + pad) + w] = a[i]
+    return out
+
+
+def save_grid(images, path, nrow: int | None = None, scale: int = 2) -> Path:
+    """Write uint8 images (as ``fastddpm.sample`` returns them) as one PNG grid."""
+    from PIL import Image
+
+    path, tmp = _atomic_target(path)
+    Image.fromarray(grid_array(images, nrow=nrow, scale=scale)).save(tmp, format="PNG")
+    os.replace(tmp, path)
+    return path
+
+
+def plot_curves(series: dict[str, tuple[list, list]], path, title: str = "", ylabel: str = "loss",
+                xlabel: str = "epoch") -> Path:
+    """Overlaid curves ``{label: (xs, ys)}`` on a log scale, written as PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    path, tmp = _atomic_target(path)
+    fig, ax = plt.subplots(figsize=(6.4, 4.2), dpi=110)
+    for label, (xs, ys) in series.items():
+        pts = [(x, y) for x, y in zip(xs, ys) if y is not None and math.isfinite(y) and y > 0]
+        if pts:
+            ax.plot(*zip(*pts), marker="o" if len(pts) < 30 else None, ms=3, label=label)
+    ax.set_yscale("log")
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(tmp, format="png")
+    plt.close(fig)
+    os.replace(tmp, path)
+    return path
+
+
+def plot_loss(records: list[dict], path, title: str = "") -> Path:
+    """Train and validation loss per epoch from metrics.jsonl records."""
+    epochs = [r["epoch"] for r in records]
+    return plot_curves({"train": (epochs, [r.get("train_loss") for r in records]),
+                        "validation": (epochs, [r.get("val_loss") for r in records])}, path, title=title)

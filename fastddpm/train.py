@@ -1,0 +1,344 @@
+"""Training (section 3.3): ``python -m fastddpm.train --dtype bf16 --T 2000``.
+
+Adam on the eq. 13 loss, lr divided by 10 for the last 20% of epochs, mixed precision by autocast
+over fp32 master weights (fp16 with torch.amp's GradScaler unless --no-grad-scaler), an EMA of the
+weights with warm-up, per-epoch train/validation loss in OUT/metrics.jsonl and OUT/loss.png,
+atomic resumable checkpoints in OUT/checkpoint.pt, and OUT/samples.png at the end.
+"""
+from __future__ import annotations
+
+import copy
+import json
+import math
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from fastddpm import data as data_mod
+from fastddpm.checkpoint import read_checkpoint, save_checkpoint
+from fastddpm.config import DTYPES, PRESETS, TrainConfig
+from fastddpm.diffusion import Diffusion
+from fastddpm.errors import ArgumentParser, DivergenceError, UsageError, run_cli
+from fastddpm.model import UNet
+from fastddpm.sample import autocast, check_device
+
+CHECKPOINT = "checkpoint.pt"
+METRICS = "metrics.jsonl"
+CHECK_EVERY = 10  # steps between loss read-backs (divergence check, progress bar): no sync per step
+# Changing these on --resume would silently train a different model.
+FIXED_ON_RESUME = ("data", "T", "dtype", "grad_scaler", "preset", "beta_start", "beta_end", "batch_size", "seed")
+
+
+class EMA:
+    """Exponential moving average of the parameters only: the diffusion schedule is not a module
+    buffer, so it can never be averaged. Warm-up decay min(decay, (1+n)/(10+n)) so that short runs
+    do not sample from near-initial weights."""
+
+    def __init__(self, model: torch.nn.Module, decay: float):
+        self.decay = decay
+        self.names = [n for n, _ in model.named_parameters()]
+        self.params = [p.detach().clone().float() for p in model.parameters()]
+
+    @torch.no_grad()
+    def update(self, model: torch.nn.Module, step: int) -> None:
+        d = min(self.decay, (1 + step) / (10 + step))
+        torch._foreach_lerp_(self.params, [p.detach() for p in model.parameters()], 1.0 - d)
+
+    def state_dict(self) -> dict:
+        return {n: p.clone() for n, p in zip(self.names, self.params)}
+
+    def load_state_dict(self, state: dict) -> None:
+        for n, p in zip(self.names, self.params):
+            p.copy_(state[n])
+
+    def copy_to(self, model: torch.nn.Module) -> torch.nn.Module:
+        with torch.no_grad():
+            for p, e in zip(model.parameters(), self.params):
+                p.copy_(e)
+        return model
+
+
+@torch.no_grad()
+def validation_loss(model, diffusion, images: torch.Tensor, batch_size: int, dtype, seed: int) -> float:
+    """Eq. 13 on the validation images with t and noise from a fixed seed, so epochs compare."""
+    gen = torch.Generator(images.device).manual_seed(seed + 7919)
+    total, count = torch.zeros((), device=images.device), 0
+    was_training = model.training
+    model.eval()
+    for s in range(0, len(images), batch_size):
+        x0 = images[s:s + batch_size].float().div(127.5).sub(1.0)
+        with autocast(images.device, dtype):
+            total += diffusion.loss(model, x0, generator=gen) * len(x0)
+        count += len(x0)
+    model.train(was_training)
+    return total.item() / max(count, 1)
+
+
+def lr_at(cfg: TrainConfig, epoch: int) -> float:
+    return cfg.lr if epoch < round(cfg.epochs * cfg.lr_drop_at) else cfg.lr / 10
+
+
+def read_metrics(out: Path) -> list[dict]:
+    path = out / METRICS
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def write_metrics(out: Path, records: list[dict]) -> None:
+    tmp = out / f".{METRICS}.tmp"
+    tmp.write_text("".join(json.dumps(r) + "\n" for r in records))
+    os.replace(tmp, out / METRICS)
+
+
+class Trainer:
+    def __init__(self, cfg: TrainConfig, out: Path, device: torch.device, progress: bool = True):
+        self.cfg, self.out, self.device, self.progress = cfg, out, device, progress
+        torch.manual_seed(cfg.seed)
+        self.model = UNet(cfg.base_channels).to(device)
+        self.diffusion = Diffusion(cfg.T, cfg.beta_start, cfg.beta_end, device=device)
+        self.opt = torch.optim.Adam(self.model.parameters(), lr=cfg.lr, fused=device.type == "cuda")
+        use_scaler = cfg.dtype == "fp16" and cfg.grad_scaler
+        self.scaler = torch.amp.GradScaler(device.type, enabled=use_scaler)
+        self.ema = EMA(self.model, cfg.ema) if cfg.ema > 0 else None
+        self.gen = torch.Generator(device).manual_seed(cfg.seed)
+        train = data_mod.load_images(cfg.data, "train")
+        self.batches = data_mod.DeviceBatches(train, cfg.batch_size, device, seed=cfg.seed)
+        val = data_mod.load_images(cfg.data, "test") if cfg.val_size else None
+        self.val = None if val is None else torch.from_numpy(val[:cfg.val_size]).to(device).permute(0, 3, 1, 2)
+        self.epoch, self.batch_in_epoch, self.step = 0, 0, 0
+        self.epoch_sum, self.epoch_count, self.epoch_seconds = 0.0, 0, 0.0
+        self.last_good = None
+
+    # --- checkpoints ------------------------------------------------------------------------
+    def payload(self) -> dict:
+        return {
+            "config": self.cfg.to_dict(),
+            "model": self.model.state_dict(),
+            "ema": self.ema.state_dict() if self.ema else None,
+            "optimizer": self.opt.state_dict(),
+            "scaler": self.scaler.state_dict() if self.scaler.is_enabled() else None,
+            "epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch, "step": self.step,
+            "epoch_sum": self.epoch_sum, "epoch_count": self.epoch_count, "epoch_seconds": self.epoch_seconds,
+            "rng": {"train": self.gen.get_state(), "torch": torch.get_rng_state()},
+        }
+
+    def save(self) -> None:
+        bad = [n for n, p in self.model.named_parameters() if not torch.isfinite(p).all()]
+        if bad or not math.isfinite(self.epoch_sum):
+            raise DivergenceError(f"non-finite {'weights (' + bad[0] + ')' if bad else 'loss'}")
+        save_checkpoint(self.payload(), self.out / CHECKPOINT)
+        self.last_good = (self.epoch, self.batch_in_epoch)
+
+    def restore(self, ckpt: dict) -> None:
+        self.model.load_state_dict(ckpt["model"])
+        if self.ema and ckpt.get("ema"):
+            self.ema.load_state_dict(ckpt["ema"])
+        self.opt.load_state_dict(ckpt["optimizer"])
+        if self.scaler.is_enabled() and ckpt.get("scaler"):
+            self.scaler.load_state_dict(ckpt["scaler"])
+        self.epoch, self.batch_in_epoch, self.step = ckpt["epoch"], ckpt["batch_in_epoch"], ckpt["step"]
+        self.epoch_sum, self.epoch_count = ckpt["epoch_sum"], ckpt["epoch_count"]
+        self.epoch_seconds = ckpt["epoch_seconds"]
+        self.gen.set_state(ckpt["rng"]["train"])
+        torch.set_rng_state(ckpt["rng"]["torch"])
+        self.last_good = (self.epoch, self.batch_in_epoch)
+
+    # --- the loop ---------------------------------------------------------------------------
+    def train_step(self, x0: torch.Tensor) -> torch.Tensor:
+        with autocast(self.device, self.cfg.torch_dtype):
+            loss = self.diffusion.loss(self.model, x0, generator=self.gen)
+        self.opt.zero_grad(set_to_none=True)
+        self.scaler.scale(loss).backward()
+        self.scaler.step(self.opt)
+        self.scaler.update()
+        if self.ema:
+            self.ema.update(self.model, self.step)
+        return loss.detach()
+
+    def _check(self, window: torch.Tensor, n: int, bar) -> None:
+        """Read the loss back (one sync per CHECK_EVERY steps); stop on NaN/Inf."""
+        value = window.item()
+        if not math.isfinite(value):
+            raise DivergenceError(f"the loss became {value} within steps {self.step - n + 1}..{self.step}")
+        self.epoch_sum += value
+        self.epoch_count += n
+        if bar is not None:
+            bar.set_postfix(loss=f"{value / n:.4f}")
+
+    def run_epoch(self) -> dict:
+        cfg, steps = self.cfg, len(self.batches)
+        for group in self.opt.param_groups:
+            group["lr"] = lr_at(cfg, self.epoch)
+        indices = self.batches.epoch_indices(self.epoch)
+        bar = tqdm(total=steps, initial=self.batch_in_epoch, desc=f"epoch {self.epoch + 1}/{cfg.epochs}",
+                   unit="batch", disable=not self.progress, file=sys.stderr, leave=False, dynamic_ncols=True)
+        window, n = torch.zeros((), device=self.device), 0
+        start = time.perf_counter()
+        while self.batch_in_epoch < steps:
+            window += self.train_step(self.batches.batch(indices[self.batch_in_epoch], self.gen))
+            self.batch_in_epoch += 1
+            self.step += 1
+            n += 1
+            bar.update(1)
+            at_end = self.batch_in_epoch == steps
+            if n == CHECK_EVERY or at_end or (cfg.ckpt_every and self.step % cfg.ckpt_every == 0):
+                self._check(window, n, bar)
+                window, n = torch.zeros((), device=self.device), 0
+                if cfg.ckpt_every and self.step % cfg.ckpt_every == 0 and not at_end:
+                    self.epoch_seconds += time.perf_counter() - start
+                    start = time.perf_counter()
+                    self.save()
+        bar.close()
+        self.epoch_seconds += time.perf_counter() - start
+        record = {
+            "epoch": self.epoch + 1, "step": self.step,
+            "train_loss": self.epoch_sum / max(self.epoch_count, 1),
+            "val_loss": (validation_loss(self.model, self.diffusion, self.val, cfg.batch_size, cfg.torch_dtype,
+                                         cfg.seed) if self.val is not None else None),
+            "lr": lr_at(cfg, self.epoch),
+            "images_per_s": self.epoch_count * cfg.batch_size / max(self.epoch_seconds, 1e-9),
+            "epoch_seconds": self.epoch_seconds,
+        }
+        if record["val_loss"] is not None and not math.isfinite(record["val_loss"]):
+            raise DivergenceError(f"the validation loss became {record['val_loss']}")
+        self.epoch += 1
+        self.batch_in_epoch, self.epoch_sum, self.epoch_count, self.epoch_seconds = 0, 0.0, 0, 0.0
+        return record
+
+    def fit(self) -> list[dict]:
+        cfg = self.cfg
+        records = [r for r in read_metrics(self.out) if r.get("epoch", 0) <= self.epoch and "event" not in r]
+        write_metrics(self.out, records)  # drop epochs logged after the checkpoint we resumed from
+        title = f"{data_mod.describe(cfg.data)}, T={cfg.T}, {cfg.dtype}, preset {cfg.preset}"
+        try:
+            while self.epoch < cfg.epochs:
+                record = self.run_epoch()
+                self.save()
+                records.append(record)
+                write_metrics(self.out, records)
+                from fastddpm.images import plot_loss
+
+                plot_loss(records, self.out / "loss.png", title=title)
+                val = f"{record['val_loss']:.4f}" if record["val_loss"] is not None else "n/a"
+                print(f"epoch {record['epoch']}/{cfg.epochs}  train {record['train_loss']:.4f}  val {val}  "
+                      f"{record['images_per_s']:.0f} img/s  lr {record['lr']:.1e}", flush=True)
+        except DivergenceError as e:
+            records.append({"event": "diverged", "epoch": self.epoch + 1, "step": self.step, "reason": str(e)})
+            write_metrics(self.out, records)
+            raise
+        return records
+
+    def write_samples(self) -> Path | None:
+        if not self.cfg.n_samples:
+            return None
+        from fastddpm.images import save_grid
+        from fastddpm.sample import sample
+
+        model = self.ema.copy_to(copy.deepcopy(self.model)) if self.ema else self.model
+        images = sample(model, self.cfg.n_samples, T=self.cfg.T, dtype=self.cfg.torch_dtype, seed=self.cfg.seed,
+                        progress=self.progress)
+        return save_grid(images, self.out / "samples.png")
+
+
+# --- command line ---------------------------------------------------------------------------
+
+def build_parser() -> ArgumentParser:
+    p = ArgumentParser(prog="python -m fastddpm.train", description=__doc__.split("\n\n")[0])
+    d = TrainConfig()
+    # Config flags default to None so that --resume can tell what was given from what was not.
+    p.add_argument("--data", help=f"cifar10 (default), cifar10-jpeg, shapes, or a path (default {d.data})")
+    p.add_argument("--T", type=int, help=f"diffusion steps (default {d.T})")
+    p.add_argument("--dtype", help=f"{', '.join(DTYPES)} (default {d.dtype})")
+    p.add_argument("--no-grad-scaler", dest="grad_scaler", action="store_const", const=False,
+                   help="fp16 without torch.amp's GradScaler (the paper's section 4.2.1 run)")
+    p.add_argument("--epochs", type=int, help=f"default {d.epochs}")
+    p.add_argument("--batch-size", type=int, help=f"default {d.batch_size}")
+    p.add_argument("--lr", type=float, help=f"default {d.lr}, divided by 10 for the last 20%% of epochs")
+    p.add_argument("--ema", type=float, help=f"EMA decay (default {d.ema}; 0 turns it off)")
+    p.add_argument("--preset", help=f"{', '.join(PRESETS)} (default {d.preset}: the paper's 12.9M-parameter U-Net)")
+    p.add_argument("--seed", type=int, help=f"default {d.seed}")
+    p.add_argument("--ckpt-every", type=int, help="also checkpoint every N steps (default: each epoch end only)")
+    p.add_argument("--n-samples", type=int, help=f"images in OUT/samples.png at the end (default {d.n_samples})")
+    p.add_argument("--val-size", type=int, help=f"validation images for the val loss (default {d.val_size})")
+    p.add_argument("--out", default="runs/default", help="output directory (default runs/default)")
+    p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
+    p.add_argument("--device", help="default: cuda if available, else cpu")
+    p.add_argument("--progress", dest="progress", action="store_true", default=None,
+                   help="progress bars (default: when stderr is a terminal)")
+    p.add_argument("--no-progress", dest="progress", action="store_false")
+    return p
+
+
+def config_from_args(args, base: TrainConfig, resumed: bool) -> TrainConfig:
+    given = {k: v for k, v in vars(args).items() if k in TrainConfig.__dataclass_fields__ and v is not None}
+    if resumed:
+        for key in FIXED_ON_RESUME:
+            if key in given and given[key] != getattr(base, key):
+                flag = "--no-grad-scaler" if key == "grad_scaler" else f"--{key.replace('_', '-')}"
+                raise UsageError(f"{flag} {given[key]} disagrees with the checkpoint's {getattr(base, key)}; "
+                                 f"drop {flag} to resume it, or train into a new --out")
+    cfg = TrainConfig.from_dict({**base.to_dict(), **given})
+    cfg.validate()
+    return cfg
+
+
+def prepare_out(out: Path, resume: bool) -> dict | None:
+    """Create OUT; refuse to overwrite a run; return the checkpoint to resume from."""
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / f".write-test.{os.getpid()}"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as e:
+        raise UsageError(f"--out {out}: cannot write there ({e.strerror}); choose a writable directory") from None
+    ckpt_path = out / CHECKPOINT
+    if resume:
+        if not ckpt_path.is_file():
+            raise UsageError(f"--resume: no {CHECKPOINT} in {out}; start without --resume")
+        return read_checkpoint(ckpt_path)
+    if ckpt_path.exists():
+        raise UsageError(f"--out {out} already holds a run ({CHECKPOINT}); add --resume to continue it or "
+                         "choose another --out")
+    return None
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    out = Path(args.out)
+    device = check_device(args.device)
+    ckpt = prepare_out(out, args.resume)
+    base = TrainConfig.from_dict(ckpt["config"]) if ckpt else TrainConfig()
+    cfg = config_from_args(args, base, resumed=ckpt is not None)
+    progress = sys.stderr.isatty() if args.progress is None else args.progress
+    trainer = Trainer(cfg, out, device, progress=progress)
+    if ckpt:
+        trainer.restore(ckpt)
+        print(f"resuming {out / CHECKPOINT} at epoch {trainer.epoch + 1}, step {trainer.step}")
+    n_params = sum(p.numel() for p in trainer.model.parameters())
+    print(f"training {cfg.preset} U-Net ({n_params:,} parameters) on {data_mod.describe(cfg.data)} "
+          f"({len(trainer.batches.data)} images), T={cfg.T}, {cfg.dtype}"
+          f"{' without grad scaler' if cfg.dtype == 'fp16' and not cfg.grad_scaler else ''}, {device}", flush=True)
+    try:
+        trainer.fit()
+    except DivergenceError as e:
+        where = (f"{out / CHECKPOINT} (epoch {trainer.last_good[0]}, batch {trainer.last_good[1]})"
+                 if trainer.last_good else "none (no checkpoint was written before)")
+        hint = ("; fp16 needs the gradient scaler (drop --no-grad-scaler) or use --dtype bf16"
+                if cfg.dtype == "fp16" and not cfg.grad_scaler else "; try a lower --lr")
+        sys.stderr.write(f"error: training diverged at step {trainer.step} (epoch {trainer.epoch + 1}): {e}; "
+                         f"last good checkpoint: {where}{hint}\n")
+        return 3
+    path = trainer.write_samples()
+    if path:
+        print(f"wrote {path} ({cfg.n_samples} images, {'EMA' if trainer.ema else 'raw'} weights)")
+    print(f"done: {out / CHECKPOINT}, {out / METRICS}, {out / 'loss.png'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(run_cli(main))

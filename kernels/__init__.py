@@ -1,0 +1,1 @@
+"""Fused Triton kernels for fastddpm (installed as ``fastddpm.kernels``); one file per fused op."""

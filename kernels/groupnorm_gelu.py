@@ -1,0 +1,478 @@
+"""Fused GroupNorm (+ residual) + GELU (+ time encoding), forward and backward.
+
+    y = GELU(residual + GN(x) * w + b) + time_encoding(t)        (each of the three extras optional)
+
+One pass over a group computes its statistics, a second applies them, so the forward reads x twice
+and writes y once; the (N, C, H, W) time-encoding broadcast (eq. 11) is computed in the epilogue and
+never materialised. The backward recomputes x_hat and GELU'(u) from the saved mean/rstd.
+
+A group is walked as a (channels, H*W) rectangle with a stride per axis, which covers NCHW and
+channels_last without a permute copy. The model uses one group per sample (up to 65,536 elements),
+so one program per (sample, group) would leave most of a GPU idle at sampling batch sizes: large
+groups are split over S programs, each reducing a sub-rectangle to partial statistics (count, mean,
+M2 merged with Chan et al.'s formula, as stable as Welford but made of plain ``tl.sum``) that a second
+kernel combines. Small groups keep one fused program. Weight/bias gradients are per-program partial
+sums reduced by ``torch.sum``: deterministic, no atomics.
+
+Registered with ``torch.library.custom_op`` (+ fake + autograd) so ``torch.compile(fullgraph=True)``
+traces through it.
+"""
+from __future__ import annotations
+
+import math
+import os
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+
+__all__ = ["group_norm_gelu", "group_norm_gelu_fwd", "group_norm_gelu_bwd"]
+
+# Groups of at most this many elements are handled by one program (stats + apply fused).
+SPLIT_THRESHOLD = int(os.environ.get("FASTDDPM_GN_SPLIT_THRESHOLD", 4096))
+# Elements per program on the split path; 0 = derive from _TARGET_PROGRAMS. Tests set it small.
+ELEMS_PER_PROGRAM = int(os.environ.get("FASTDDPM_GN_ELEMS_PER_PROGRAM", 0))
+_TARGET_PROGRAMS = 528  # ~4 programs per SM on an H100 (132 SMs): enough to fill it at batch 1
+_MIN_ELEMS_PER_PROGRAM = 1024
+_TILE = 2048  # elements per loaded tile (fp32: 8 KiB in registers)
+_LOG_10000 = math.log(10000.0)
+
+
+# --------------------------------------------------------------------------------------------------
+# @triton.jit helpers
+# --------------------------------------------------------------------------------------------------
+@triton.jit
+def _rect(pid, Cg, HW, C_CHUNK, HW_CHUNK, HW_SPLIT):
+    """Sub-rectangle [c_lo, c_hi) x [h_lo, h_hi) of the group owned by split program ``pid``."""
+    c_lo = (pid // HW_SPLIT) * C_CHUNK
+    h_lo = (pid % HW_SPLIT) * HW_CHUNK
+    return c_lo, tl.minimum(c_lo + C_CHUNK, Cg), h_lo, tl.minimum(h_lo + HW_CHUNK, HW)
+
+
+@triton.jit
+def _tile(base, c0, c_hi, h0, h_hi, stride_c, stride_hw, BLOCK_C: tl.constexpr, BLOCK_HW: tl.constexpr):
+    """Offsets and mask of the (BLOCK_C, BLOCK_HW) tile at group-local channel c0, pixel h0."""
+    cs = c0 + tl.arange(0, BLOCK_C)
+    hs = h0 + tl.arange(0, BLOCK_HW)
+    mask = (cs < c_hi)[:, None] & (hs < h_hi)[None, :]
+    offs = base + cs[:, None] * stride_c + hs[None, :] * stride_hw
+    return offs, mask
+
+
+@triton.jit
+def _rect_stats(X, base, c_lo, c_hi, h_lo, h_hi, stride_c, stride_hw,
+                BLOCK_C: tl.constexpr, BLOCK_HW: tl.constexpr):
+    """(count, mean, M2) of x over a rectangle, tile by tile, merged with Chan et al.'s formula."""
+    count = 0.0
+    mean = 0.0
+    m2 = 0.0
+    for c0 in range(c_lo, c_hi, BLOCK_C):
+        for h0 in range(h_lo, h_hi, BLOCK_HW):
+            offs, mask = _tile(base, c0, c_hi, h0, h_hi, stride_c, stride_hw, BLOCK_C, BLOCK_HW)
+            x = tl.load(X + offs, mask=mask, other=0.0).to(tl.float32)
+            n_b = (tl.minimum(c_hi - c0, BLOCK_C) * tl.minimum(h_hi - h0, BLOCK_HW)).to(tl.float32)
+            mean_b = tl.sum(x) / n_b
+            d = tl.where(mask, x - mean_b, 0.0)
+            n_ab = count + n_b
+            delta = mean_b - mean
+            mean = mean + delta * (n_b / n_ab)
+            m2 = m2 + tl.sum(d * d) + delta * delta * (count * n_b / n_ab)
+            count = n_ab
+    return count, mean, m2
+
+
+@triton.jit
+def _grad_u(x, dy, r, w, b, mean, rstd, mask, HAS_RESIDUAL: tl.constexpr, GELU: tl.constexpr):
+    """x_hat and dL/du, u = residual + x_hat * w + b the GELU input (the time encoding adds a
+    constant after the GELU, so it has no gradient to pass)."""
+    x_hat = tl.where(mask, (x - mean) * rstd, 0.0)
+    du = dy
+    if GELU:
+        u = x_hat * w[:, None] + b[:, None]
+        if HAS_RESIDUAL:
+            u += r
+        # d/du [u * Phi(u)] = Phi(u) + u * phi(u)
+        cdf = 0.5 * (1.0 + tl.erf(u * 0.7071067811865476))
+        pdf = tl.exp(-0.5 * u * u) * 0.3989422804014327
+        du = dy * (cdf + u * pdf)
+    return x_hat, du
+
+
+@triton.jit
+def _rect_apply(X, R, T, W, B, Y, base, n, c_off, c_lo, c_hi, h_lo, h_hi, stride_c, stride_hw,
+                mean, rstd, neg_log_over_c,
+                HAS_RESIDUAL: tl.constexpr, HAS_T: tl.constexpr, GELU: tl.constexpr,
+                BLOCK_C: tl.constexpr, BLOCK_HW: tl.constexpr):
+    """y = GELU(r + x_hat * w + b) + time_encoding(t) over a rectangle."""
+    if HAS_T:
+        t = tl.load(T + n).to(tl.float32)
+    for c0 in range(c_lo, c_hi, BLOCK_C):
+        c = c_off + c0 + tl.arange(0, BLOCK_C)  # global channel
+        cmask = c < c_off + c_hi
+        w = tl.load(W + c, mask=cmask, other=0.0).to(tl.float32)
+        b = tl.load(B + c, mask=cmask, other=0.0).to(tl.float32)
+        if HAS_T:
+            # eq. 11: frequency 10000^(-2*floor(c/2)/C), sin on even channels, cos on odd ones;
+            # one value per channel, broadcast over the pixels of the tile.
+            angle = t * tl.exp((c // 2 * 2).to(tl.float32) * neg_log_over_c)
+            te = tl.where(c % 2 == 0, tl.sin(angle), tl.cos(angle))
+        for h0 in range(h_lo, h_hi, BLOCK_HW):
+            offs, mask = _tile(base, c0, c_hi, h0, h_hi, stride_c, stride_hw, BLOCK_C, BLOCK_HW)
+            x = tl.load(X + offs, mask=mask, other=0.0).to(tl.float32)
+            y = (x - mean) * rstd * w[:, None] + b[:, None]
+            if HAS_RESIDUAL:
+                y += tl.load(R + offs, mask=mask, other=0.0).to(tl.float32)
+            if GELU:
+                y = 0.5 * y * (1.0 + tl.erf(y * 0.7071067811865476))  # exact (erf) GELU
+            if HAS_T:
+                y += te[:, None]
+            tl.store(Y + offs, y.to(Y.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _rect_bwd_reduce(DY, X, R, DR, W, B, PDW, PDB, base, pd_row, c_off, c_lo, c_hi, h_lo, h_hi,
+                     stride_c, stride_hw, mean, rstd,
+                     HAS_RESIDUAL: tl.constexpr, GELU: tl.constexpr,
+                     BLOCK_C: tl.constexpr, BLOCK_HW: tl.constexpr):
+    """Over a rectangle: write d_residual = du, store this program's dw/db partials (one row of
+    the partials table, its own channels only) and return sum(dx_hat), sum(dx_hat * x_hat)."""
+    s1 = 0.0
+    s2 = 0.0
+    for c0 in range(c_lo, c_hi, BLOCK_C):
+        c = c_off + c0 + tl.arange(0, BLOCK_C)
+        cmask = c < c_off + c_hi
+        w = tl.load(W + c, mask=cmask, other=0.0).to(tl.float32)
+        b = tl.load(B + c, mask=cmask, other=0.0).to(tl.float32)
+        dw = tl.zeros((BLOCK_C,), dtype=tl.float32)
+        db = tl.zeros((BLOCK_C,), dtype=tl.float32)
+        for h0 in range(h_lo, h_hi, BLOCK_HW):
+            offs, mask = _tile(base, c0, c_hi, h0, h_hi, stride_c, stride_hw, BLOCK_C, BLOCK_HW)
+            x = tl.load(X + offs, mask=mask, other=0.0).to(tl.float32)
+            dy = tl.load(DY + offs, mask=mask, other=0.0).to(tl.float32)
+            r = 0.0
+            if HAS_RESIDUAL:
+                r = tl.load(R + offs, mask=mask, other=0.0).to(tl.float32)
+            x_hat, du = _grad_u(x, dy, r, w, b, mean, rstd, mask, HAS_RESIDUAL, GELU)
+            if HAS_RESIDUAL:
+                tl.store(DR + offs, du.to(DR.dtype.element_ty), mask=mask)
+            dw += tl.sum(du * x_hat, axis=1)
+            db += tl.sum(du, axis=1)
+            dx_hat = du * w[:, None]
+            s1 += tl.sum(dx_hat)
+            s2 += tl.sum(dx_hat * x_hat)
+        tl.store(PDW + pd_row + c, dw, mask=cmask)
+        tl.store(PDB + pd_row + c, db, mask=cmask)
+    return s1, s2
+
+
+@triton.jit
+def _rect_bwd_dx(DY, X, R, W, B, DX, base, c_off, c_lo, c_hi, h_lo, h_hi, stride_c, stride_hw,
+                 mean, rstd, m1, m2,
+                 HAS_RESIDUAL: tl.constexpr, GELU: tl.constexpr,
+                 BLOCK_C: tl.constexpr, BLOCK_HW: tl.constexpr):
+    """dx = rstd * (dx_hat - mean(dx_hat) - x_hat * mean(dx_hat * x_hat)) over a rectangle."""
+    for c0 in range(c_lo, c_hi, BLOCK_C):
+        c = c_off + c0 + tl.arange(0, BLOCK_C)
+        cmask = c < c_off + c_hi
+        w = tl.load(W + c, mask=cmask, other=0.0).to(tl.float32)
+        b = tl.load(B + c, mask=cmask, other=0.0).to(tl.float32)
+        for h0 in range(h_lo, h_hi, BLOCK_HW):
+            offs, mask = _tile(base, c0, c_hi, h0, h_hi, stride_c, stride_hw, BLOCK_C, BLOCK_HW)
+            x = tl.load(X + offs, mask=mask, other=0.0).to(tl.float32)
+            dy = tl.load(DY + offs, mask=mask, other=0.0).to(tl.float32)
+            r = 0.0
+            if HAS_RESIDUAL:
+                r = tl.load(R + offs, mask=mask, other=0.0).to(tl.float32)
+            x_hat, du = _grad_u(x, dy, r, w, b, mean, rstd, mask, HAS_RESIDUAL, GELU)
+            dx = (du * w[:, None] - (m1 + x_hat * m2)) * rstd
+            tl.store(DX + offs, dx.to(DX.dtype.element_ty), mask=mask)
+
+
+# --------------------------------------------------------------------------------------------------
+# kernels: grid (N * G, S); axis 0 is the (sample, group) row, axis 1 the split program
+# --------------------------------------------------------------------------------------------------
+@triton.jit
+def _gn_stats_kernel(X, PART, G, Cg, HW, stride_n, stride_c, stride_hw, C_CHUNK, HW_CHUNK, HW_SPLIT, S,
+                     BLOCK_C: tl.constexpr, BLOCK_HW: tl.constexpr):
+    """Split path, pass 1: partial (count, mean, M2) of one sub-rectangle."""
+    row = tl.program_id(0)
+    pid = tl.program_id(1)
+    n = row // G
+    base = n.to(tl.int64) * stride_n + (row % G) * Cg * stride_c
+    c_lo, c_hi, h_lo, h_hi = _rect(pid, Cg, HW, C_CHUNK, HW_CHUNK, HW_SPLIT)
+    count, mean, m2 = _rect_stats(X, base, c_lo, c_hi, h_lo, h_hi, stride_c, stride_hw, BLOCK_C, BLOCK_HW)
+    p = PART + (row * S + pid) * 3
+    tl.store(p, count)
+    tl.store(p + 1, mean)
+    tl.store(p + 2, m2)
+
+
+@triton.jit
+def _gn_fwd_kernel(X, R, T, W, B, Y, MEAN, RSTD, PART, G, C, Cg, HW, stride_n, stride_c, stride_hw,
+                   C_CHUNK, HW_CHUNK, HW_SPLIT, S, eps, neg_log_over_c,
+                   SINGLE: tl.constexpr, HAS_RESIDUAL: tl.constexpr, HAS_T: tl.constexpr,
+                   GELU: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_HW: tl.constexpr,
+                   BLOCK_S: tl.constexpr):
+    """Normalise and apply one sub-rectangle. SINGLE: one program per group computes the stats
+    itself; otherwise it combines the S partials left by ``_gn_stats_kernel``."""
+    row = tl.program_id(0)
+    pid = tl.program_id(1)
+    n = row // G
+    c_off = (row % G) * Cg
+    base = n.to(tl.int64) * stride_n
+    if SINGLE:
+        count, mean, m2 = _rect_stats(X, base + c_off * stride_c, 0, Cg, 0, HW, stride_c, stride_hw,
+                                      BLOCK_C, BLOCK_HW)
+        var = m2 / count
+    else:
+        s = tl.arange(0, BLOCK_S)
+        smask = s < S
+        p = PART + (row * S + s) * 3
+        cnt = tl.load(p, mask=smask, other=0.0)
+        mu = tl.load(p + 1, mask=smask, other=0.0)
+        total = tl.sum(cnt)
+        mean = tl.sum(cnt * mu) / total
+        d = mu - mean
+        var = (tl.sum(tl.load(p + 2, mask=smask, other=0.0)) + tl.sum(cnt * d * d)) / total
+    rstd = 1.0 / tl.sqrt(var + eps)
+    if pid == 0:
+        tl.store(MEAN + row, mean)
+        tl.store(RSTD + row, rstd)
+    c_lo, c_hi, h_lo, h_hi = _rect(pid, Cg, HW, C_CHUNK, HW_CHUNK, HW_SPLIT)
+    _rect_apply(X, R, T, W, B, Y, base + c_off * stride_c, n, c_off, c_lo, c_hi, h_lo, h_hi,
+                stride_c, stride_hw, mean, rstd, neg_log_over_c,
+                HAS_RESIDUAL, HAS_T, GELU, BLOCK_C, BLOCK_HW)
+
+
+@triton.jit
+def _gn_bwd_reduce_kernel(DY, X, R, DR, W, B, MEAN, RSTD, PDW, PDB, PART, G, C, Cg, HW,
+                          stride_n, stride_c, stride_hw, C_CHUNK, HW_CHUNK, HW_SPLIT, S,
+                          HAS_RESIDUAL: tl.constexpr, GELU: tl.constexpr,
+                          BLOCK_C: tl.constexpr, BLOCK_HW: tl.constexpr):
+    """Split path, pass 1: d_residual, dw/db partials and the partial group sums for dx."""
+    row = tl.program_id(0)
+    pid = tl.program_id(1)
+    n = row // G
+    c_off = (row % G) * Cg
+    base = n.to(tl.int64) * stride_n + c_off * stride_c
+    c_lo, c_hi, h_lo, h_hi = _rect(pid, Cg, HW, C_CHUNK, HW_CHUNK, HW_SPLIT)
+    pd_row = (n * HW_SPLIT + pid % HW_SPLIT) * C
+    s1, s2 = _rect_bwd_reduce(DY, X, R, DR, W, B, PDW, PDB, base, pd_row, c_off, c_lo, c_hi, h_lo, h_hi,
+                              stride_c, stride_hw, tl.load(MEAN + row), tl.load(RSTD + row),
+                              HAS_RESIDUAL, GELU, BLOCK_C, BLOCK_HW)
+    tl.store(PART + (row * S + pid) * 2, s1)
+    tl.store(PART + (row * S + pid) * 2 + 1, s2)
+
+
+@triton.jit
+def _gn_bwd_dx_kernel(DY, X, R, DR, W, B, MEAN, RSTD, PDW, PDB, PART, DX, G, C, Cg, HW,
+                      stride_n, stride_c, stride_hw, C_CHUNK, HW_CHUNK, HW_SPLIT, S,
+                      SINGLE: tl.constexpr, HAS_RESIDUAL: tl.constexpr, GELU: tl.constexpr,
+                      BLOCK_C: tl.constexpr, BLOCK_HW: tl.constexpr, BLOCK_S: tl.constexpr):
+    """dx of one sub-rectangle. SINGLE: one program per group also does the reduction pass;
+    otherwise it sums the S partials left by ``_gn_bwd_reduce_kernel``."""
+    row = tl.program_id(0)
+    pid = tl.program_id(1)
+    n = row // G
+    c_off = (row % G) * Cg
+    base = n.to(tl.int64) * stride_n + c_off * stride_c
+    mean = tl.load(MEAN + row)
+    rstd = tl.load(RSTD + row)
+    if SINGLE:
+        s1, s2 = _rect_bwd_reduce(DY, X, R, DR, W, B, PDW, PDB, base, n * C, c_off, 0, Cg, 0, HW,
+                                  stride_c, stride_hw, mean, rstd, HAS_RESIDUAL, GELU, BLOCK_C, BLOCK_HW)
+    else:
+        s = tl.arange(0, BLOCK_S)
+        p = PART + (row * S + s) * 2
+        s1 = tl.sum(tl.load(p, mask=s < S, other=0.0))
+        s2 = tl.sum(tl.load(p + 1, mask=s < S, other=0.0))
+    inv_m = 1.0 / (Cg * HW).to(tl.float32)
+    c_lo, c_hi, h_lo, h_hi = _rect(pid, Cg, HW, C_CHUNK, HW_CHUNK, HW_SPLIT)
+    _rect_bwd_dx(DY, X, R, W, B, DX, base, c_off, c_lo, c_hi, h_lo, h_hi, stride_c, stride_hw,
+                 mean, rstd, s1 * inv_m, s2 * inv_m, HAS_RESIDUAL, GELU, BLOCK_C, BLOCK_HW)
+
+
+# --------------------------------------------------------------------------------------------------
+# host side
+# --------------------------------------------------------------------------------------------------
+def _layout(x: torch.Tensor) -> torch.Tensor:
+    """x itself when its H and W flatten to one strided pixel axis (NCHW, channels_last and most
+    dense layouts), else a contiguous copy."""
+    n, c, h, w = x.shape
+    if h > 1 and w > 1 and x.stride(2) != w * x.stride(3):
+        return x.contiguous()
+    return x
+
+
+def _like(a: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
+    """``a`` with ``ref``'s strides (kernels index every tensor of a call with the same offsets)."""
+    if a.stride() == ref.stride():
+        return a
+    return torch.empty_like(ref, dtype=a.dtype).copy_(a)
+
+
+def _strides(x: torch.Tensor):
+    """(stride_n, stride_c, stride_hw) where pixel p = h * W + w sits at p * stride_hw."""
+    _, _, h, w = x.shape
+    return x.stride(0), x.stride(1), (x.stride(3) if w > 1 else x.stride(2))
+
+
+def _config(Cg: int, HW: int, rows: int, stride_c: int, stride_hw: int):
+    """Tile sizes and split of a (Cg, HW) group over S = C_SPLIT * HW_SPLIT programs."""
+    m = Cg * HW
+    if m <= SPLIT_THRESHOLD:
+        per_prog = m
+    elif ELEMS_PER_PROGRAM > 0:
+        per_prog = ELEMS_PER_PROGRAM
+    else:
+        per_prog = max(_MIN_ELEMS_PER_PROGRAM, triton.cdiv(m * rows, _TARGET_PROGRAMS))
+    budget = min(_TILE, triton.next_power_of_2(per_prog))
+    # The contiguous axis takes the tile budget first so loads coalesce in either layout.
+    if stride_c == 1 and stride_hw != 1:
+        block_c = min(triton.next_power_of_2(Cg), budget)
+        block_hw = min(triton.next_power_of_2(HW), max(1, budget // block_c))
+    else:
+        block_hw = min(triton.next_power_of_2(HW), budget)
+        block_c = min(triton.next_power_of_2(Cg), max(1, budget // block_hw))
+    if per_prog >= m:
+        c_chunk, hw_chunk = Cg, HW
+    else:
+        tiles = max(1, per_prog // (block_c * block_hw))
+        kh = min(tiles, triton.cdiv(HW, block_hw))
+        kc = min(max(1, tiles // kh), triton.cdiv(Cg, block_c))
+        c_chunk, hw_chunk = kc * block_c, kh * block_hw
+    c_split, hw_split = triton.cdiv(Cg, c_chunk), triton.cdiv(HW, hw_chunk)
+    s = c_split * hw_split
+    return dict(C_CHUNK=c_chunk, HW_CHUNK=hw_chunk, HW_SPLIT=hw_split, S=s,
+                BLOCK_C=block_c, BLOCK_HW=block_hw, BLOCK_S=triton.next_power_of_2(s),
+                num_warps=8 if block_c * block_hw >= 2048 else 4)
+
+
+def _forward(x, weight, bias, num_groups, eps, residual, t, gelu):
+    x = _layout(x)
+    n, c, h, w = x.shape
+    cg, hw = c // num_groups, h * w
+    stride_n, stride_c, stride_hw = _strides(x)
+    cfg = _config(cg, hw, n * num_groups, stride_c, stride_hw)
+    s = cfg.pop("S")
+    block_s = cfg.pop("BLOCK_S")
+    y = torch.empty_like(x)
+    mean = torch.empty((n, num_groups), device=x.device, dtype=torch.float32)
+    rstd = torch.empty_like(mean)
+    part = torch.empty((n * num_groups * s * 3,), device=x.device, dtype=torch.float32)
+    if residual is not None:
+        residual = _like(residual, x)
+    grid = (n * num_groups, s)
+    geom = (cg, hw, stride_n, stride_c, stride_hw)
+    if s > 1:
+        _gn_stats_kernel[grid](x, part, num_groups, *geom, cfg["C_CHUNK"], cfg["HW_CHUNK"], cfg["HW_SPLIT"], s,
+                               BLOCK_C=cfg["BLOCK_C"], BLOCK_HW=cfg["BLOCK_HW"], num_warps=cfg["num_warps"])
+    _gn_fwd_kernel[grid](
+        x, residual if residual is not None else x, t if t is not None else mean, weight, bias, y, mean, rstd,
+        part, num_groups, c, *geom, cfg.pop("C_CHUNK"), cfg.pop("HW_CHUNK"), cfg.pop("HW_SPLIT"), s,
+        eps, -_LOG_10000 / c,
+        SINGLE=s == 1, HAS_RESIDUAL=residual is not None, HAS_T=t is not None, GELU=gelu,
+        BLOCK_S=block_s, **cfg)
+    return y, mean, rstd
+
+
+def _backward(dy, x, weight, bias, residual, mean, rstd, num_groups, gelu):
+    x = _layout(x)
+    dy = _like(dy, x)
+    n, c, h, w = x.shape
+    cg, hw = c // num_groups, h * w
+    stride_n, stride_c, stride_hw = _strides(x)
+    cfg = _config(cg, hw, n * num_groups, stride_c, stride_hw)
+    s = cfg.pop("S")
+    block_s = cfg.pop("BLOCK_S")
+    chunks = (cfg.pop("C_CHUNK"), cfg.pop("HW_CHUNK"), cfg["HW_SPLIT"])
+    hw_split = cfg.pop("HW_SPLIT")
+    dx = torch.empty_like(x)
+    # Every (row, channel) of the partials tables is written by exactly one program.
+    pdw = torch.empty((n * hw_split, c), device=x.device, dtype=torch.float32)
+    pdb = torch.empty_like(pdw)
+    part = torch.empty((n * num_groups * s * 2,), device=x.device, dtype=torch.float32)
+    if residual is not None:
+        residual = _like(residual, x)
+        dres = torch.empty_like(residual)
+    else:
+        residual = dres = x  # unused (HAS_RESIDUAL=False)
+    args = (dy, x, residual, dres, weight, bias, mean, rstd, pdw, pdb, part)
+    geom = (num_groups, c, cg, hw, stride_n, stride_c, stride_hw, *chunks, s)
+    flags = dict(HAS_RESIDUAL=residual is not x, GELU=gelu)
+    grid = (n * num_groups, s)
+    if s > 1:
+        _gn_bwd_reduce_kernel[grid](*args, *geom, **flags, **cfg)
+    _gn_bwd_dx_kernel[grid](*args, dx, *geom, SINGLE=s == 1, BLOCK_S=block_s, **flags, **cfg)
+    dw = pdw.sum(0).to(weight.dtype)
+    db = pdb.sum(0).to(bias.dtype)
+    return dx, dw, db, (dres if residual is not x else x.new_empty(0))
+
+
+# --------------------------------------------------------------------------------------------------
+# torch.library registration
+# --------------------------------------------------------------------------------------------------
+@torch.library.custom_op("fastddpm::group_norm_gelu", mutates_args=())
+def group_norm_gelu_fwd(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, num_groups: int,
+                        eps: float, residual: Optional[torch.Tensor], t: Optional[torch.Tensor],
+                        gelu: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(y, mean, rstd); mean/rstd are fp32 of shape (N, num_groups)."""
+    return _forward(x, weight, bias, num_groups, eps, residual, t, gelu)
+
+
+@group_norm_gelu_fwd.register_fake
+def _(x, weight, bias, num_groups, eps, residual, t, gelu):
+    x = _layout(x)
+    mean = x.new_empty((x.shape[0], num_groups), dtype=torch.float32)
+    return torch.empty_like(x), mean, torch.empty_like(mean)
+
+
+@torch.library.custom_op("fastddpm::group_norm_gelu_backward", mutates_args=())
+def group_norm_gelu_bwd(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
+                        residual: Optional[torch.Tensor], mean: torch.Tensor, rstd: torch.Tensor,
+                        num_groups: int, gelu: bool
+                        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(dx, dweight, dbias, dresidual); dresidual is empty when there is no residual."""
+    return _backward(dy, x, weight, bias, residual, mean, rstd, num_groups, gelu)
+
+
+@group_norm_gelu_bwd.register_fake
+def _(dy, x, weight, bias, residual, mean, rstd, num_groups, gelu):
+    x = _layout(x)
+    dres = torch.empty_like(_like_fake(residual, x)) if residual is not None else x.new_empty(0)
+    return torch.empty_like(x), torch.empty_like(weight), torch.empty_like(bias), dres
+
+
+def _like_fake(a, ref):
+    return a if a.stride() == ref.stride() else torch.empty_like(ref, dtype=a.dtype)
+
+
+def _setup_context(ctx, inputs, output):
+    x, weight, bias, num_groups, _eps, residual, _t, gelu = inputs
+    _, mean, rstd = output
+    ctx.save_for_backward(x, weight, bias, residual, mean, rstd)
+    ctx.num_groups, ctx.gelu, ctx.has_residual = num_groups, gelu, residual is not None
+
+
+def _backward_rule(ctx, dy, _dmean, _drstd):
+    x, weight, bias, residual, mean, rstd = ctx.saved_tensors
+    dx, dw, db, dres = group_norm_gelu_bwd(dy, x, weight, bias, residual, mean, rstd, ctx.num_groups, ctx.gelu)
+    return dx, dw, db, None, None, (dres if ctx.has_residual else None), None, None
+
+
+group_norm_gelu_fwd.register_autograd(_backward_rule, setup_context=_setup_context)
+
+
+def group_norm_gelu(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, num_groups: int,
+                    eps: float = 1e-5, residual: Optional[torch.Tensor] = None,
+                    t: Optional[torch.Tensor] = None, gelu: bool = True) -> torch.Tensor:
+    """``GELU(residual + GroupNorm(x) * weight + bias) + time_encoding(t)[:, :, None, None]``.
+
+    x: (N, C, H, W) fp32/fp16/bf16, NCHW or channels_last; weight, bias: (C,) in any float dtype
+    (fp32 under autocast); residual: like x; t: (N,) integer steps (eq. 11 encoding computed
+    in-kernel); gelu=False skips the GELU. Returns y in x's dtype and layout.
+    """
+    if x.dim() != 4 or x.shape[1] % num_groups:
+        raise ValueError(f"expected (N, C, H, W) with C divisible by num_groups={num_groups}, got {tuple(x.shape)}")
+    return group_norm_gelu_fwd(x, weight, bias, num_groups, float(eps), residual, t, bool(gelu))[0]
