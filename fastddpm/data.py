@@ -7,6 +7,7 @@ directory holding ``train.zip``/``test.zip``) laid out ``train/<class>/*.png|jpg
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import io
 import os
@@ -53,7 +54,7 @@ def load_images(spec: str, split: str = "train") -> np.ndarray | None:
     if split not in SPLITS:
         raise ValueError(f"split must be one of {SPLITS}")
     if spec == "shapes":
-        return make_shapes(SHAPES_SIZES[split], seed=SPLITS.index(split))
+        return _cached_shapes(SHAPES_SIZES[split], SPLITS.index(split)).copy()
     if spec == "cifar10":
         return _load_cifar_batches(_cifar10_folder(), split)
     path = data_root() / "cifar10-jpeg" if spec == "cifar10-jpeg" else Path(spec).expanduser()
@@ -67,6 +68,11 @@ def load_images(spec: str, split: str = "train") -> np.ndarray | None:
 
 
 # --- shapes: the embedded default -------------------------------------------------------------
+
+@functools.lru_cache(maxsize=4)
+def _cached_shapes(n: int, seed: int) -> np.ndarray:
+    return make_shapes(n, seed)
+
 
 def make_shapes(n: int, seed: int = 0) -> np.ndarray:
     """Deterministic 32x32 RGB images: one or two coloured circles/squares/triangles on a two-colour
@@ -224,6 +230,14 @@ def _decode_all(kind: str, loc: Path, prefix: str) -> np.ndarray:
                                  "trains on 32x32 RGB images: resize/convert the dataset first")
             out[i] = np.asarray(im)
     return out
+
+
+def subset(images: np.ndarray | None, n: int) -> np.ndarray | None:
+    """A fixed random subset of n images (0 or n >= len: all). Random, not the first n: some sources
+    (the JPEG copy) are ordered by class."""
+    if images is None or not n or n >= len(images):
+        return images
+    return images[np.sort(np.random.default_rng(0).permutation(len(images))[:n])]
 
 
 # --- the training-time batch source -----------------------------------------------------------

@@ -30,7 +30,8 @@ CHECKPOINT = "checkpoint.pt"
 METRICS = "metrics.jsonl"
 CHECK_EVERY = 10  # steps between loss read-backs (divergence check, progress bar): no sync per step
 # Changing these on --resume would silently train a different model.
-FIXED_ON_RESUME = ("data", "T", "dtype", "grad_scaler", "preset", "beta_start", "beta_end", "batch_size", "seed")
+FIXED_ON_RESUME = ("data", "T", "dtype", "grad_scaler", "preset", "beta_start", "beta_end", "batch_size", "seed",
+                   "train_size")
 
 
 class EMA:
@@ -97,7 +98,8 @@ def write_metrics(out: Path, records: list[dict]) -> None:
 
 class Trainer:
     def __init__(self, cfg: TrainConfig, out: Path, device: torch.device, progress: bool = True):
-        self.cfg, self.out, self.device, self.progress = cfg, out, device, progress
+        self.cfg, self.out, self.device, self.progress = cfg, Path(out), device, progress
+        self.out.mkdir(parents=True, exist_ok=True)
         torch.manual_seed(cfg.seed)
         self.model = UNet(cfg.base_channels).to(device)
         self.diffusion = Diffusion(cfg.T, cfg.beta_start, cfg.beta_end, device=device)
@@ -106,10 +108,10 @@ class Trainer:
         self.scaler = torch.amp.GradScaler(device.type, enabled=use_scaler)
         self.ema = EMA(self.model, cfg.ema) if cfg.ema > 0 else None
         self.gen = torch.Generator(device).manual_seed(cfg.seed)
-        train = data_mod.load_images(cfg.data, "train")
+        train = data_mod.subset(data_mod.load_images(cfg.data, "train"), cfg.train_size)
         self.batches = data_mod.DeviceBatches(train, cfg.batch_size, device, seed=cfg.seed)
-        val = data_mod.load_images(cfg.data, "test") if cfg.val_size else None
-        self.val = None if val is None else torch.from_numpy(val[:cfg.val_size]).to(device).permute(0, 3, 1, 2)
+        val = data_mod.subset(data_mod.load_images(cfg.data, "test"), cfg.val_size) if cfg.val_size else None
+        self.val = None if val is None else torch.from_numpy(val).to(device).permute(0, 3, 1, 2)
         self.epoch, self.batch_in_epoch, self.step = 0, 0, 0
         self.epoch_sum, self.epoch_count, self.epoch_seconds = 0.0, 0, 0.0
         self.last_good = None
@@ -265,6 +267,7 @@ def build_parser() -> ArgumentParser:
     p.add_argument("--ckpt-every", type=int, help="also checkpoint every N steps (default: each epoch end only)")
     p.add_argument("--n-samples", type=int, help=f"images in OUT/samples.png at the end (default {d.n_samples})")
     p.add_argument("--val-size", type=int, help=f"validation images for the val loss (default {d.val_size})")
+    p.add_argument("--train-size", type=int, help="train on a fixed random subset of N images (default: all)")
     p.add_argument("--out", default="runs/default", help="output directory (default runs/default)")
     p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
     p.add_argument("--device", help="default: cuda if available, else cpu")

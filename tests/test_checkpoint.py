@@ -1,0 +1,55 @@
+import pytest
+import torch
+
+from fastddpm.checkpoint import load_checkpoint, read_checkpoint, save_checkpoint
+from fastddpm.errors import UsageError
+from fastddpm.train import Trainer
+from tests.conftest import tiny_config
+
+
+@pytest.fixture
+def trainer(tmp_path):
+    t = Trainer(tiny_config(), tmp_path, torch.device("cpu"), progress=False)
+    t.fit()
+    return t
+
+
+def test_round_trip_with_weights_only_and_ema(trainer, tmp_path):
+    raw = torch.load(tmp_path / "checkpoint.pt", weights_only=True)  # plain tensors and data only
+    assert raw["format"] == "fastddpm-checkpoint" and raw["config"]["T"] == 20
+    model, diffusion, config = load_checkpoint(tmp_path / "checkpoint.pt")
+    assert not model.training and config.preset == "tiny"
+    x, t = torch.randn(2, 3, 32, 32), torch.tensor([1, 7])
+    ema_model = trainer.ema.copy_to(type(trainer.model)(trainer.cfg.base_channels))
+    with torch.no_grad():
+        torch.testing.assert_close(model(x, t), ema_model(x, t))
+    raw_model = load_checkpoint(tmp_path / "checkpoint.pt", ema=False).model
+    for a, b in zip(raw_model.parameters(), trainer.model.parameters()):
+        assert torch.equal(a, b)
+    torch.testing.assert_close(diffusion.alpha_bars, trainer.diffusion.alpha_bars)
+
+
+def test_a_failed_write_leaves_the_previous_checkpoint_intact(trainer, tmp_path, monkeypatch):
+    path = tmp_path / "checkpoint.pt"
+    before = path.read_bytes()
+
+    def crash(obj, f):
+        f.write(b"half a checkpoint")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(torch, "save", crash)
+    with pytest.raises(OSError, match="disk full"):
+        save_checkpoint({"config": {}}, path)
+    assert path.read_bytes() == before
+    assert [p.name for p in tmp_path.iterdir() if p.name.endswith(".tmp")] == []
+    read_checkpoint(path)
+
+
+def test_version_and_header_are_checked(trainer, tmp_path):
+    raw = torch.load(tmp_path / "checkpoint.pt", weights_only=True)
+    raw["version"] = 99
+    torch.save(raw, tmp_path / "future.pt")
+    with pytest.raises(UsageError, match="format version 99"):
+        read_checkpoint(tmp_path / "future.pt")
+    with pytest.raises(UsageError, match="no such file"):
+        read_checkpoint(tmp_path / "missing.pt")
