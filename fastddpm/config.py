@@ -29,6 +29,8 @@ class TrainConfig:
     beta_end: float = 0.02
     n_samples: int = 64  # images in OUT/samples.png at the end
     val_size: int = 10000  # validation images (the test split) used for the per-epoch val loss
+    compile: bool | None = None  # torch.compile the model; None: on CUDA only
+    kernels: str = "auto"  # GroupNormGELU path: auto (Triton on CUDA), triton, torch
     train_size: int = 0  # a fixed random subset of N training images (0: all); quick experiments and tests
 
     @property
@@ -62,6 +64,7 @@ class TrainConfig:
             (0 < self.beta_start <= self.beta_end < 1, "need 0 < beta_start <= beta_end < 1"),
             (self.n_samples >= 0, f"--n-samples {self.n_samples}: must be 0 or positive"),
             (self.val_size >= 0, f"--val-size {self.val_size}: must be 0 or positive"),
+            (self.kernels in ("auto", "triton", "torch"), f"--kernels {self.kernels}: choose auto, triton or torch"),
             (self.train_size >= 0, f"--train-size {self.train_size}: must be 0 (all) or positive"),
         ]
         for ok, message in checks:

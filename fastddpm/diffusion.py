@@ -65,3 +65,33 @@ class Diffusion:
         if t == 0 or noise is None:
             return mean
         return mean + beta ** 0.5 * noise
+
+    def reverse_tables(self, device=None) -> dict[str, torch.Tensor]:
+        """Eq. 5's per-step coefficients as fp32 tables for the fused reverse-step kernel."""
+        tables = {"inv_sqrt_alpha": self.alphas.rsqrt(), "eps_coef": self.betas / (1.0 - self.alpha_bars).sqrt(),
+                  "sigma": self.betas.sqrt()}
+        return {k: v.to(device=device, dtype=torch.float32) for k, v in tables.items()}
+
+    # --- DDIM (Song et al., 2021), beyond the paper: fewer steps for a DDPM-trained model -----------
+
+    def ddim_timesteps(self, steps: int) -> list[int]:
+        """``steps`` indices evenly spaced over [0, T), T-1 (and 0 when steps > 1) included, descending."""
+        if not 1 <= steps <= self.T:
+            raise ValueError(f"DDIM steps must be in [1, T={self.T}], got {steps}")
+        if steps == 1:
+            return [self.T - 1]
+        return torch.linspace(0, self.T - 1, steps, dtype=torch.float64).round().long().unique().flip(0).tolist()
+
+    def ddim_step(self, x_t: torch.Tensor, t: int, t_prev: int, eps: torch.Tensor, eta: float,
+                  noise: torch.Tensor | None) -> torch.Tensor:
+        """x_{t_prev} from x_t (Song et al. eq. 12); t_prev = -1 is the clean image (alpha_bar = 1).
+        eta = 1 with t_prev = t - 1 is DDPM's posterior with variance beta~_t; eta = 0 is deterministic."""
+        ab = self._host[2][t]
+        ab_prev = self._host[2][t_prev] if t_prev >= 0 else 1.0
+        eps = eps.float()
+        x0 = (x_t - (1.0 - ab) ** 0.5 * eps) / ab ** 0.5
+        sigma = eta * ((1.0 - ab_prev) / (1.0 - ab) * (1.0 - ab / ab_prev)) ** 0.5
+        x = ab_prev ** 0.5 * x0 + max(1.0 - ab_prev - sigma ** 2, 0.0) ** 0.5 * eps
+        if sigma > 0 and noise is not None:
+            x = x + sigma * noise
+        return x

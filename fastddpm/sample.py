@@ -63,41 +63,174 @@ def _resolve(model_or_path, T, device, dtype):
     return model.to(device), diffusion, resolve_dtype(dtype or config.dtype)
 
 
+ENGINES = ("auto", "eager", "compiled", "fast")
+SAMPLERS = ("ddpm", "ddim")
+
+
+def default_batch_size(device: torch.device, n: int) -> int:
+    """Enough images per network call to fill the device (the CUDA default fills an H100 with the
+    seed model in bf16 within a few GB)."""
+    return min(n, 2048 if device.type == "cuda" else 256)
+
+
+@contextlib.contextmanager
+def engine_model(model, engine: str, device: torch.device):
+    """The network as ``engine`` runs it: "eager" as given; "compiled" torch kernels under
+    torch.compile; "fast" Triton kernels (+ torch.compile on CUDA). The caller's model keeps its
+    kernel setting afterwards."""
+    previous = getattr(model, "kernels", None)
+    if previous is not None and engine in ("compiled", "fast"):
+        model.set_kernels("torch" if engine == "compiled" else "triton")
+    try:
+        yield torch.compile(model) if engine == "compiled" or (engine == "fast" and device.type == "cuda") else model
+    finally:
+        if previous is not None:
+            model.set_kernels(previous)
+
+
+class NoiseStream:
+    """z for each step. "torch": a torch.Generator on the device, continuing after x_T.
+    "philox": the fused kernel's counter-based Philox, a function of (seed, t, element) only."""
+
+    def __init__(self, kind: str, gen: torch.Generator, seed: int):
+        self.kind, self.gen, self.seed = kind, gen, seed
+
+    def __call__(self, t: int, like: torch.Tensor) -> torch.Tensor | None:
+        if t == 0:
+            return None
+        if self.kind == "philox":
+            from fastddpm.kernels.reverse_step import reverse_step_noise
+
+            return reverse_step_noise(like.shape, t, self.seed, device=like.device)
+        return torch.randn(like.shape, generator=self.gen, device=like.device)
+
+
+def predict_eps(net, x: torch.Tensor, t: int, batch_size: int, dtype: torch.dtype) -> torch.Tensor:
+    """eps_theta(x_t, t) for all images, batch by batch, in fp32."""
+    eps = torch.empty_like(x)
+    for s in range(0, len(x), batch_size):
+        xb = x[s:s + batch_size]
+        with autocast(x.device, dtype):
+            eps[s:s + batch_size] = net(xb, torch.full((len(xb),), t, device=x.device, dtype=torch.long)).float()
+    return eps
+
+
+def cuda_graph_chain(net, diffusion: Diffusion, x: torch.Tensor, seed: int, batch_size: int, dtype: torch.dtype,
+                     progress: bool) -> torch.Tensor:
+    """The DDPM chain with one network call + fused reverse step captured once as a CUDA graph and
+    replayed for all T steps; t, the seed and the chunk offset live in device tensors, so there is no
+    host sync inside the loop. Noise: the kernel's Philox stream (batch-size independent)."""
+    from fastddpm.kernels.reverse_step import reverse_step
+
+    device, n = x.device, len(x)
+    b = min(batch_size, n)
+    tables = diffusion.reverse_tables(device)
+    steps = torch.arange(diffusion.T - 1, -1, -1, device=device)
+    t_dev = steps[:1].clone()
+    seed_dev = torch.tensor([seed], device=device)
+    offset_dev = torch.zeros(1, dtype=torch.long, device=device)
+    xs = torch.zeros((b, *x.shape[1:]), device=device)
+
+    def step():
+        with autocast(device, dtype):
+            eps = net(xs, t_dev.expand(b))
+        reverse_step(xs, eps, t_dev, seed_dev, **tables, offset=offset_dev, out=xs)
+
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # warm-up: compilation, autotuning, allocator
+        for _ in range(3):
+            step()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        step()
+    out = torch.empty_like(x)
+    bar = tqdm(total=diffusion.T * -(-n // b), desc="sampling (CUDA graph)", unit="step", disable=not progress,
+               file=sys.stderr, leave=False)
+    for s in range(0, n, b):
+        m = min(b, n - s)
+        xs[:m].copy_(x[s:s + m])
+        offset_dev.fill_(s * x[0].numel())
+        for i in range(diffusion.T):
+            t_dev.copy_(steps[i:i + 1])
+            graph.replay()
+            bar.update(1)
+        out[s:s + m] = xs[:m]
+    bar.close()
+    return out
+
+
 @torch.no_grad()
 def sample(model_or_checkpoint_path, n: int, *, T: int | None = None, batch_size: int | None = None,
-           device=None, dtype=None, seed: int = 0, progress: bool = True, trajectory_at=None):
+           device=None, dtype=None, seed: int = 0, progress: bool = True, trajectory_at=None,
+           sampler: str = "ddpm", steps: int | None = None, eta: float = 0.0, engine: str = "auto",
+           noise: str = "auto"):
     """Generate ``n`` images: a uint8 tensor (n, 3, 32, 32) on the CPU.
 
     With a checkpoint path, T and the default dtype come from the checkpoint (EMA weights are used
-    where it has them); with a bare model, T must be given. ``trajectory_at``: step indices at which
-    to also keep x_t (the paper's Figs. 19-20); then returns (images, {t: uint8 images}).
+    where it has them); with a bare model, T must be given. ``sampler``: "ddpm" (eq. 5, all T steps)
+    or "ddim" (``steps`` strided steps, ``eta`` 0 = deterministic). ``engine``: "eager", "compiled",
+    "fast" (Triton kernels, fused reverse step, CUDA graph on CUDA) or "auto" (fast on CUDA).
+    ``noise``: "torch" (a torch.Generator: the eager engines' default) or "philox" (the fused
+    kernel's stream: the fast engine's); x_T always comes from the torch.Generator. Deterministic
+    for (seed, engine) and independent of batch_size. ``trajectory_at``: step indices at which to
+    also keep x_t (the paper's Figs. 19-20); then returns (images, {t: uint8 images}).
     """
     if n < 1:
         raise ValueError(f"n must be at least 1, got {n}")
+    if sampler not in SAMPLERS:
+        raise ValueError(f"sampler must be one of {SAMPLERS}, got {sampler!r}")
+    if engine not in ENGINES:
+        raise ValueError(f"engine must be one of {ENGINES}, got {engine!r}")
     model, diffusion, dtype = _resolve(model_or_checkpoint_path, T, device, dtype)
     device = next(model.parameters()).device
-    batch_size = batch_size or (1024 if device.type == "cuda" else 256)
+    engine = ("fast" if device.type == "cuda" else "eager") if engine == "auto" else engine
+    if engine == "fast" or noise == "philox":
+        from fastddpm.kernels import unavailable_reason
+
+        if unavailable_reason(device):
+            raise UsageError(f"engine {engine!r} / noise {noise!r}: {unavailable_reason(device)}")
+    noise = ("philox" if engine == "fast" else "torch") if noise == "auto" else noise
+    batch_size = batch_size or default_batch_size(device, n)
     if batch_size < 1:
         raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+    if sampler == "ddim":
+        steps = steps or 50
+        if not 1 <= steps <= diffusion.T:
+            raise UsageError(f"DDIM steps {steps}: must be between 1 and the model's T={diffusion.T} (--steps)")
+        ts = diffusion.ddim_timesteps(steps)
+        pairs = list(zip(ts, ts[1:] + [-1]))
+    else:
+        pairs = [(t, t - 1) for t in range(diffusion.T - 1, -1, -1)]
     keep = set(trajectory_at or ())
     trajectory = {}
     gen = torch.Generator(device).manual_seed(seed)
     x = torch.randn((n, 3, 32, 32), generator=gen, device=device)
+    draw = NoiseStream(noise, gen, seed)
+    fused = engine == "fast" and sampler == "ddpm" and noise == "philox"
     was_training = model.training
     model.eval()
     try:
-        for t in tqdm(range(diffusion.T - 1, -1, -1), desc="sampling", unit="step", disable=not progress,
-                      file=sys.stderr, leave=False):
-            if t in keep:
-                trajectory[t] = to_uint8(x).cpu()
-            eps = torch.empty_like(x)
-            for s in range(0, n, batch_size):
-                xb = x[s:s + batch_size]
-                tb = torch.full((xb.shape[0],), t, device=device, dtype=torch.long)
-                with autocast(device, dtype):
-                    eps[s:s + batch_size] = model(xb, tb).float()
-            z = torch.randn(x.shape, generator=gen, device=device) if t > 0 else None
-            x = diffusion.reverse_step(x, t, eps, z)
+        with engine_model(model, engine, device) as net:
+            if fused and device.type == "cuda" and not keep:
+                x = cuda_graph_chain(net, diffusion, x, seed, batch_size, dtype, progress)
+            else:
+                if fused:
+                    from fastddpm.kernels.reverse_step import reverse_step
+
+                    tables = diffusion.reverse_tables(device)
+                for t, t_prev in tqdm(pairs, desc="sampling", unit="step", disable=not progress, file=sys.stderr,
+                                      leave=False):
+                    if t in keep:
+                        trajectory[t] = to_uint8(x).cpu()
+                    eps = predict_eps(net, x, t, batch_size, dtype)
+                    if fused:
+                        x = reverse_step(x, eps, t, seed, **tables)
+                    elif sampler == "ddim":
+                        x = diffusion.ddim_step(x, t, t_prev, eps, eta, draw(t, x) if eta > 0 else None)
+                    else:
+                        x = diffusion.reverse_step(x, t, eps, draw(t, x))
     finally:
         model.train(was_training)
     images = to_uint8(x).cpu()
@@ -125,6 +258,12 @@ def main(argv=None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--dtype", choices=list(DTYPES), help="default: the checkpoint's training dtype")
     p.add_argument("--device", help="default: cuda if available, else cpu")
+    p.add_argument("--sampler", choices=SAMPLERS, default="ddpm",
+                   help="ddpm: the paper's eq. 5 over all T steps (default); ddim: --steps strided steps")
+    p.add_argument("--steps", type=int, default=50, help="DDIM steps (default 50)")
+    p.add_argument("--eta", type=float, default=0.0, help="DDIM eta: 0 deterministic (default), 1 DDPM-like")
+    p.add_argument("--engine", choices=ENGINES, default="auto",
+                   help="auto (fast on CUDA, eager elsewhere), eager, compiled, fast")
     p.add_argument("--no-progress", action="store_true")
     a = p.parse_args(argv)
     if a.n < 1:
@@ -137,11 +276,14 @@ def main(argv=None) -> int:
     from fastddpm.images import save_grid
 
     start = time.perf_counter()
+    if a.sampler == "ddim" and a.steps < 1:
+        raise UsageError(f"--steps {a.steps}: must be at least 1")
     images = sample(a.checkpoint, a.n, batch_size=a.batch_size, device=device, dtype=a.dtype, seed=a.seed,
-                    progress=not a.no_progress)
+                    progress=not a.no_progress, sampler=a.sampler, steps=a.steps, eta=a.eta, engine=a.engine)
     seconds = time.perf_counter() - start
     save_grid(images, a.out)
-    print(f"wrote {a.out} ({a.n} images, {seconds:.1f} s on {device})")
+    what = f"DDIM {a.steps} steps" if a.sampler == "ddim" else "DDPM"
+    print(f"wrote {a.out} ({a.n} images, {what}, {seconds:.1f} s on {device})")
     if a.npz:
         save_npz(images, a.npz)
         print(f"wrote {a.npz}")

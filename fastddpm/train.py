@@ -8,6 +8,7 @@ atomic resumable checkpoints in OUT/checkpoint.pt, and OUT/samples.png at the en
 from __future__ import annotations
 
 import copy
+import datetime
 import json
 import math
 import os
@@ -97,19 +98,37 @@ def write_metrics(out: Path, records: list[dict]) -> None:
 
 
 class Trainer:
-    def __init__(self, cfg: TrainConfig, out: Path, device: torch.device, progress: bool = True):
-        self.cfg, self.out, self.device, self.progress = cfg, Path(out), device, progress
+    """One training run. With ``world > 1`` (under torchrun) the model is wrapped in PyTorch's
+    DistributedDataParallel, each rank draws a disjoint shard of every epoch, and rank 0 alone
+    writes checkpoints, logs and samples."""
+
+    def __init__(self, cfg: TrainConfig, out: Path, device: torch.device, progress: bool = True,
+                 rank: int = 0, world: int = 1):
+        self.cfg, self.out, self.device, self.rank, self.world = cfg, Path(out), device, rank, world
+        self.progress = progress and rank == 0
         self.out.mkdir(parents=True, exist_ok=True)
         torch.manual_seed(cfg.seed)
-        self.model = UNet(cfg.base_channels).to(device)
+        self.model = UNet(cfg.base_channels, kernels=cfg.kernels).to(device)
+        if cfg.kernels == "triton":
+            from fastddpm.kernels import unavailable_reason
+
+            if unavailable_reason(device):
+                raise UsageError(f"--kernels triton: {unavailable_reason(device)}")
+        self.net = self.model  # what the training step calls: DDP and/or compiled wrappers of the model
+        if world > 1:
+            from torch.nn.parallel import DistributedDataParallel
+
+            self.net = DistributedDataParallel(self.model, device_ids=[device.index] if device.type == "cuda" else None)
+        if cfg.compile if cfg.compile is not None else device.type == "cuda":
+            self.net = torch.compile(self.net)
         self.diffusion = Diffusion(cfg.T, cfg.beta_start, cfg.beta_end, device=device)
         self.opt = torch.optim.Adam(self.model.parameters(), lr=cfg.lr, fused=device.type == "cuda")
         use_scaler = cfg.dtype == "fp16" and cfg.grad_scaler
         self.scaler = torch.amp.GradScaler(device.type, enabled=use_scaler)
         self.ema = EMA(self.model, cfg.ema) if cfg.ema > 0 else None
-        self.gen = torch.Generator(device).manual_seed(cfg.seed)
+        self.gen = torch.Generator(device).manual_seed(cfg.seed + 1_000_003 * rank)
         train = data_mod.subset(data_mod.load_images(cfg.data, "train"), cfg.train_size)
-        self.batches = data_mod.DeviceBatches(train, cfg.batch_size, device, seed=cfg.seed)
+        self.batches = data_mod.DeviceBatches(train, cfg.batch_size, device, seed=cfg.seed, rank=rank, world=world)
         val = data_mod.subset(data_mod.load_images(cfg.data, "test"), cfg.val_size) if cfg.val_size else None
         self.val = None if val is None else torch.from_numpy(val).to(device).permute(0, 3, 1, 2)
         self.epoch, self.batch_in_epoch, self.step = 0, 0, 0
@@ -130,6 +149,8 @@ class Trainer:
         }
 
     def save(self) -> None:
+        if self.rank != 0:
+            return
         bad = [n for n, p in self.model.named_parameters() if not torch.isfinite(p).all()]
         if bad or not math.isfinite(self.epoch_sum):
             raise DivergenceError(f"non-finite {'weights (' + bad[0] + ')' if bad else 'loss'}")
@@ -146,14 +167,17 @@ class Trainer:
         self.epoch, self.batch_in_epoch, self.step = ckpt["epoch"], ckpt["batch_in_epoch"], ckpt["step"]
         self.epoch_sum, self.epoch_count = ckpt["epoch_sum"], ckpt["epoch_count"]
         self.epoch_seconds = ckpt["epoch_seconds"]
-        self.gen.set_state(ckpt["rng"]["train"])
+        if self.rank == 0:
+            self.gen.set_state(ckpt["rng"]["train"])  # exact resume (single process: all of it)
+        else:  # only rank 0's stream is saved; the others restart theirs, keyed by the step
+            self.gen.manual_seed(self.cfg.seed + 1_000_003 * self.rank + self.step)
         torch.set_rng_state(ckpt["rng"]["torch"])
         self.last_good = (self.epoch, self.batch_in_epoch)
 
     # --- the loop ---------------------------------------------------------------------------
     def train_step(self, x0: torch.Tensor) -> torch.Tensor:
         with autocast(self.device, self.cfg.torch_dtype):
-            loss = self.diffusion.loss(self.model, x0, generator=self.gen)
+            loss = self.diffusion.loss(self.net, x0, generator=self.gen)
         self.opt.zero_grad(set_to_none=True)
         self.scaler.scale(loss).backward()
         self.scaler.step(self.opt)
@@ -163,7 +187,11 @@ class Trainer:
         return loss.detach()
 
     def _check(self, window: torch.Tensor, n: int, bar) -> None:
-        """Read the loss back (one sync per CHECK_EVERY steps); stop on NaN/Inf."""
+        """Read the loss back (one sync per CHECK_EVERY steps); stop on NaN/Inf. Under DDP the
+        window is averaged over ranks, so all of them see the same value and stop together."""
+        if self.world > 1:
+            torch.distributed.all_reduce(window)
+            window /= self.world
         value = window.item()
         if not math.isfinite(value):
             raise DivergenceError(f"the loss became {value} within steps {self.step - n + 1}..{self.step}")
@@ -203,7 +231,7 @@ class Trainer:
             "val_loss": (validation_loss(self.model, self.diffusion, self.val, cfg.batch_size, cfg.torch_dtype,
                                          cfg.seed) if self.val is not None else None),
             "lr": lr_at(cfg, self.epoch),
-            "images_per_s": self.epoch_count * cfg.batch_size / max(self.epoch_seconds, 1e-9),
+            "images_per_s": self.epoch_count * cfg.batch_size * self.world / max(self.epoch_seconds, 1e-9),
             "epoch_seconds": self.epoch_seconds,
         }
         if record["val_loss"] is not None and not math.isfinite(record["val_loss"]):
@@ -215,28 +243,52 @@ class Trainer:
     def fit(self) -> list[dict]:
         cfg = self.cfg
         records = [r for r in read_metrics(self.out) if r.get("epoch", 0) <= self.epoch and "event" not in r]
-        write_metrics(self.out, records)  # drop epochs logged after the checkpoint we resumed from
+        self.write_metrics(records)  # drop epochs logged after the checkpoint we resumed from
         title = f"{data_mod.describe(cfg.data)}, T={cfg.T}, {cfg.dtype}, preset {cfg.preset}"
         try:
             while self.epoch < cfg.epochs:
                 record = self.run_epoch()
                 self.save()
                 records.append(record)
-                write_metrics(self.out, records)
-                from fastddpm.images import plot_loss
-
-                plot_loss(records, self.out / "loss.png", title=title)
+                self.write_metrics(records, plot_title=title)
                 val = f"{record['val_loss']:.4f}" if record["val_loss"] is not None else "n/a"
-                print(f"epoch {record['epoch']}/{cfg.epochs}  train {record['train_loss']:.4f}  val {val}  "
-                      f"{record['images_per_s']:.0f} img/s  lr {record['lr']:.1e}", flush=True)
+                self.log(f"epoch {record['epoch']}/{cfg.epochs}  train {record['train_loss']:.4f}  val {val}  "
+                         f"{record['images_per_s']:.0f} img/s  lr {record['lr']:.1e}")
         except DivergenceError as e:
             records.append({"event": "diverged", "epoch": self.epoch + 1, "step": self.step, "reason": str(e)})
-            write_metrics(self.out, records)
+            self.write_metrics(records)
             raise
+        if self.world > 1:
+            self.check_replicas()
         return records
 
+    def log(self, message: str) -> None:
+        if self.rank == 0:
+            print(message, flush=True)
+
+    def write_metrics(self, records: list[dict], plot_title: str | None = None) -> None:
+        if self.rank != 0:
+            return
+        write_metrics(self.out, records)
+        if plot_title is not None:
+            from fastddpm.images import plot_loss
+
+            plot_loss(records, self.out / "loss.png", title=plot_title)
+
+    def check_replicas(self) -> None:
+        """DDP keeps the ranks' weights identical; verify it (rank 0's broadcast vs each rank's own)."""
+        dist = torch.distributed
+        flat = torch.cat([p.detach().reshape(-1) for p in self.model.parameters()])
+        reference = flat.clone()
+        dist.broadcast(reference, src=0)
+        mismatch = torch.tensor([0.0 if torch.equal(flat, reference) else 1.0], device=flat.device)
+        dist.all_reduce(mismatch)
+        if mismatch.item():
+            raise RuntimeError(f"{int(mismatch.item())} of {self.world} ranks hold weights that differ from rank 0's")
+        self.log(f"replicas identical: all {self.world} ranks hold the same {flat.numel():,} weights")
+
     def write_samples(self) -> Path | None:
-        if not self.cfg.n_samples:
+        if not self.cfg.n_samples or self.rank != 0:
             return None
         from fastddpm.images import save_grid
         from fastddpm.sample import sample
@@ -270,7 +322,11 @@ def build_parser() -> ArgumentParser:
     p.add_argument("--train-size", type=int, help="train on a fixed random subset of N images (default: all)")
     p.add_argument("--out", default="runs/default", help="output directory (default runs/default)")
     p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
-    p.add_argument("--device", help="default: cuda if available, else cpu")
+    p.add_argument("--device", help="default: cuda if available, else cpu (under torchrun: cuda:LOCAL_RANK)")
+    p.add_argument("--compile", dest="compile", action="store_const", const=True,
+                   help="torch.compile the model (default: on CUDA)")
+    p.add_argument("--no-compile", dest="compile", action="store_const", const=False)
+    p.add_argument("--kernels", help="GroupNorm+GELU path: auto (Triton on CUDA; default), triton, torch")
     p.add_argument("--progress", dest="progress", action="store_true", default=None,
                    help="progress bars (default: when stderr is a terminal)")
     p.add_argument("--no-progress", dest="progress", action="store_false")
@@ -310,22 +366,55 @@ def prepare_out(out: Path, resume: bool) -> dict | None:
     return None
 
 
+def init_distributed(device_arg) -> tuple[int, int, torch.device]:
+    """(rank, world, device). Under torchrun (WORLD_SIZE > 1) join the process group: NCCL on GPUs,
+    gloo on CPUs, with a timeout so that a rank that dies makes the others fail instead of hang."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1:
+        return 0, 1, check_device(device_arg)
+    rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
+    device = check_device(device_arg)
+    if device.type == "cuda":
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+    timeout = datetime.timedelta(seconds=float(os.environ.get("FASTDDPM_DIST_TIMEOUT", "600")))
+    torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=timeout)
+    return rank, world, device
+
+
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     out = Path(args.out)
-    device = check_device(args.device)
+    rank, world, device = init_distributed(args.device)
+    try:
+        return _train(args, out, rank, world, device)
+    except (RuntimeError, torch.distributed.DistBackendError) as e:
+        if world == 1:
+            raise
+        sys.stderr.write(f"error: rank {rank}: lost the other training processes ({str(e).splitlines()[0][:160]}); "
+                         f"see the failing rank's output, then continue with --resume\n")
+        return 1
+    finally:
+        if world > 1 and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+
+
+def _train(args, out: Path, rank: int, world: int, device: torch.device) -> int:
     ckpt = prepare_out(out, args.resume)
     base = TrainConfig.from_dict(ckpt["config"]) if ckpt else TrainConfig()
     cfg = config_from_args(args, base, resumed=ckpt is not None)
     progress = sys.stderr.isatty() if args.progress is None else args.progress
-    trainer = Trainer(cfg, out, device, progress=progress)
+    if world > 1 and ckpt is None:
+        torch.distributed.barrier()  # every rank has checked OUT before rank 0 writes into it
+    trainer = Trainer(cfg, out, device, progress=progress, rank=rank, world=world)
     if ckpt:
         trainer.restore(ckpt)
-        print(f"resuming {out / CHECKPOINT} at epoch {trainer.epoch + 1}, step {trainer.step}")
+        trainer.log(f"resuming {out / CHECKPOINT} at epoch {trainer.epoch + 1}, step {trainer.step}")
     n_params = sum(p.numel() for p in trainer.model.parameters())
-    print(f"training {cfg.preset} U-Net ({n_params:,} parameters) on {data_mod.describe(cfg.data)} "
-          f"({len(trainer.batches.data)} images), T={cfg.T}, {cfg.dtype}"
-          f"{' without grad scaler' if cfg.dtype == 'fp16' and not cfg.grad_scaler else ''}, {device}", flush=True)
+    trainer.log(f"training {cfg.preset} U-Net ({n_params:,} parameters) on {data_mod.describe(cfg.data)} "
+                f"({len(trainer.batches.data)} images), T={cfg.T}, {cfg.dtype}"
+                f"{' without grad scaler' if cfg.dtype == 'fp16' and not cfg.grad_scaler else ''}, {device}"
+                f"{f' x {world} processes (DDP)' if world > 1 else ''}")
     try:
         trainer.fit()
     except DivergenceError as e:
@@ -333,13 +422,14 @@ def main(argv=None) -> int:
                  if trainer.last_good else "none (no checkpoint was written before)")
         hint = ("; fp16 needs the gradient scaler (drop --no-grad-scaler) or use --dtype bf16"
                 if cfg.dtype == "fp16" and not cfg.grad_scaler else "; try a lower --lr")
-        sys.stderr.write(f"error: training diverged at step {trainer.step} (epoch {trainer.epoch + 1}): {e}; "
-                         f"last good checkpoint: {where}{hint}\n")
+        if rank == 0:
+            sys.stderr.write(f"error: training diverged at step {trainer.step} (epoch {trainer.epoch + 1}): {e}; "
+                             f"last good checkpoint: {where}{hint}\n")
         return 3
     path = trainer.write_samples()
     if path:
-        print(f"wrote {path} ({cfg.n_samples} images, {'EMA' if trainer.ema else 'raw'} weights)")
-    print(f"done: {out / CHECKPOINT}, {out / METRICS}, {out / 'loss.png'}")
+        trainer.log(f"wrote {path} ({cfg.n_samples} images, {'EMA' if trainer.ema else 'raw'} weights)")
+    trainer.log(f"done: {out / CHECKPOINT}, {out / METRICS}, {out / 'loss.png'}")
     return 0
 
 

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import math
 import os
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import torch
 import triton
@@ -193,7 +193,7 @@ def _rect_bwd_dx(DY, X, R, W, B, DX, base, c_off, c_lo, c_hi, h_lo, h_hi, stride
 # kernels: grid (N * G, S); axis 0 is the (sample, group) row, axis 1 the split program
 # --------------------------------------------------------------------------------------------------
 @triton.jit
-def _gn_stats_kernel(X, PART, G, Cg, HW, stride_n, stride_c, stride_hw, C_CHUNK, HW_CHUNK, HW_SPLIT, S,
+def _gn_stats_kernel(X, PART, G, C, Cg, HW, stride_n, stride_c, stride_hw, C_CHUNK, HW_CHUNK, HW_SPLIT, S,
                      BLOCK_C: tl.constexpr, BLOCK_HW: tl.constexpr):
     """Split path, pass 1: partial (count, mean, M2) of one sub-rectangle."""
     row = tl.program_id(0)
@@ -287,7 +287,7 @@ def _gn_bwd_dx_kernel(DY, X, R, DR, W, B, MEAN, RSTD, PDW, PDB, PART, DX, G, C, 
         p = PART + (row * S + s) * 2
         s1 = tl.sum(tl.load(p, mask=s < S, other=0.0))
         s2 = tl.sum(tl.load(p + 1, mask=s < S, other=0.0))
-    inv_m = 1.0 / (Cg * HW).to(tl.float32)
+    inv_m = 1.0 / (Cg * HW * 1.0)
     c_lo, c_hi, h_lo, h_hi = _rect(pid, Cg, HW, C_CHUNK, HW_CHUNK, HW_SPLIT)
     _rect_bwd_dx(DY, X, R, W, B, DX, base, c_off, c_lo, c_hi, h_lo, h_hi, stride_c, stride_hw,
                  mean, rstd, s1 * inv_m, s2 * inv_m, HAS_RESIDUAL, GELU, BLOCK_C, BLOCK_HW)
@@ -297,12 +297,11 @@ def _gn_bwd_dx_kernel(DY, X, R, DR, W, B, MEAN, RSTD, PDW, PDB, PART, DX, G, C, 
 # host side
 # --------------------------------------------------------------------------------------------------
 def _layout(x: torch.Tensor) -> torch.Tensor:
-    """x itself when its H and W flatten to one strided pixel axis (NCHW, channels_last and most
-    dense layouts), else a contiguous copy."""
-    n, c, h, w = x.shape
-    if h > 1 and w > 1 and x.stride(2) != w * x.stride(3):
-        return x.contiguous()
-    return x
+    """x itself if NCHW- or channels_last-contiguous (kernels walk both through strides, and
+    ``empty_like`` gives outputs the same strides), else an NCHW copy."""
+    if x.is_contiguous() or x.is_contiguous(memory_format=torch.channels_last):
+        return x
+    return x.contiguous()
 
 
 def _like(a: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
@@ -312,20 +311,33 @@ def _like(a: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
     return torch.empty_like(ref, dtype=a.dtype).copy_(a)
 
 
-def _strides(x: torch.Tensor):
-    """(stride_n, stride_c, stride_hw) where pixel p = h * W + w sits at p * stride_hw."""
-    _, _, h, w = x.shape
-    return x.stride(0), x.stride(1), (x.stride(3) if w > 1 else x.stride(2))
+class _Launch(NamedTuple):
+    """How a (Cg, HW) group is cut: S = C_SPLIT * HW_SPLIT programs, each owning a
+    C_CHUNK x HW_CHUNK sub-rectangle walked in BLOCK_C x BLOCK_HW tiles."""
+    c_chunk: int
+    hw_chunk: int
+    hw_split: int
+    s: int
+    block_c: int
+    block_hw: int
+    num_warps: int
+
+    @property
+    def chunks(self):
+        return self.c_chunk, self.hw_chunk, self.hw_split, self.s
+
+    @property
+    def meta(self):
+        return dict(BLOCK_C=self.block_c, BLOCK_HW=self.block_hw, num_warps=self.num_warps)
 
 
-def _config(Cg: int, HW: int, rows: int, stride_c: int, stride_hw: int):
-    """Tile sizes and split of a (Cg, HW) group over S = C_SPLIT * HW_SPLIT programs."""
+def _launch_config(Cg: int, HW: int, rows: int, stride_c: int, stride_hw: int) -> _Launch:
     m = Cg * HW
     if m <= SPLIT_THRESHOLD:
         per_prog = m
     elif ELEMS_PER_PROGRAM > 0:
         per_prog = ELEMS_PER_PROGRAM
-    else:
+    else:  # enough programs to fill the GPU at small batch, but not tiny ones
         per_prog = max(_MIN_ELEMS_PER_PROGRAM, triton.cdiv(m * rows, _TARGET_PROGRAMS))
     budget = min(_TILE, triton.next_power_of_2(per_prog))
     # The contiguous axis takes the tile budget first so loads coalesce in either layout.
@@ -342,72 +354,65 @@ def _config(Cg: int, HW: int, rows: int, stride_c: int, stride_hw: int):
         kh = min(tiles, triton.cdiv(HW, block_hw))
         kc = min(max(1, tiles // kh), triton.cdiv(Cg, block_c))
         c_chunk, hw_chunk = kc * block_c, kh * block_hw
-    c_split, hw_split = triton.cdiv(Cg, c_chunk), triton.cdiv(HW, hw_chunk)
-    s = c_split * hw_split
-    return dict(C_CHUNK=c_chunk, HW_CHUNK=hw_chunk, HW_SPLIT=hw_split, S=s,
-                BLOCK_C=block_c, BLOCK_HW=block_hw, BLOCK_S=triton.next_power_of_2(s),
-                num_warps=8 if block_c * block_hw >= 2048 else 4)
+    hw_split = triton.cdiv(HW, hw_chunk)
+    return _Launch(c_chunk, hw_chunk, hw_split, triton.cdiv(Cg, c_chunk) * hw_split, block_c, block_hw,
+                   num_warps=max(1, min(8, block_c * block_hw // 256)))  # ~8 elements per thread
 
 
-def _forward(x, weight, bias, num_groups, eps, residual, t, gelu):
+def _geometry(x: torch.Tensor, num_groups: int):
+    """(x in a walkable layout, group geometry tuple for the kernels, launch config)."""
     x = _layout(x)
     n, c, h, w = x.shape
     cg, hw = c // num_groups, h * w
-    stride_n, stride_c, stride_hw = _strides(x)
-    cfg = _config(cg, hw, n * num_groups, stride_c, stride_hw)
-    s = cfg.pop("S")
-    block_s = cfg.pop("BLOCK_S")
+    stride_n, stride_c, stride_hw = x.stride(0), x.stride(1), (x.stride(3) if w > 1 else x.stride(2))
+    cfg = _launch_config(cg, hw, n * num_groups, stride_c, stride_hw)
+    return x, (num_groups, c, cg, hw, stride_n, stride_c, stride_hw, *cfg.chunks), cfg
+
+
+def _forward(x, weight, bias, num_groups, eps, residual, t, gelu):
+    x, geom, cfg = _geometry(x, num_groups)
+    n, c = x.shape[:2]
     y = torch.empty_like(x)
     mean = torch.empty((n, num_groups), device=x.device, dtype=torch.float32)
     rstd = torch.empty_like(mean)
-    part = torch.empty((n * num_groups * s * 3,), device=x.device, dtype=torch.float32)
+    part = torch.empty((n * num_groups * cfg.s * 3,), device=x.device, dtype=torch.float32)
     if residual is not None:
         residual = _like(residual, x)
-    grid = (n * num_groups, s)
-    geom = (cg, hw, stride_n, stride_c, stride_hw)
-    if s > 1:
-        _gn_stats_kernel[grid](x, part, num_groups, *geom, cfg["C_CHUNK"], cfg["HW_CHUNK"], cfg["HW_SPLIT"], s,
-                               BLOCK_C=cfg["BLOCK_C"], BLOCK_HW=cfg["BLOCK_HW"], num_warps=cfg["num_warps"])
+    grid = (n * num_groups, cfg.s)
+    if cfg.s > 1:
+        _gn_stats_kernel[grid](x, part, *geom, **cfg.meta)
     _gn_fwd_kernel[grid](
         x, residual if residual is not None else x, t if t is not None else mean, weight, bias, y, mean, rstd,
-        part, num_groups, c, *geom, cfg.pop("C_CHUNK"), cfg.pop("HW_CHUNK"), cfg.pop("HW_SPLIT"), s,
-        eps, -_LOG_10000 / c,
-        SINGLE=s == 1, HAS_RESIDUAL=residual is not None, HAS_T=t is not None, GELU=gelu,
-        BLOCK_S=block_s, **cfg)
+        part, *geom, eps, -_LOG_10000 / c,
+        SINGLE=cfg.s == 1, HAS_RESIDUAL=residual is not None, HAS_T=t is not None, GELU=gelu,
+        BLOCK_S=triton.next_power_of_2(cfg.s), **cfg.meta)
     return y, mean, rstd
 
 
 def _backward(dy, x, weight, bias, residual, mean, rstd, num_groups, gelu):
-    x = _layout(x)
+    x, geom, cfg = _geometry(x, num_groups)
+    n, c = x.shape[:2]
     dy = _like(dy, x)
-    n, c, h, w = x.shape
-    cg, hw = c // num_groups, h * w
-    stride_n, stride_c, stride_hw = _strides(x)
-    cfg = _config(cg, hw, n * num_groups, stride_c, stride_hw)
-    s = cfg.pop("S")
-    block_s = cfg.pop("BLOCK_S")
-    chunks = (cfg.pop("C_CHUNK"), cfg.pop("HW_CHUNK"), cfg["HW_SPLIT"])
-    hw_split = cfg.pop("HW_SPLIT")
     dx = torch.empty_like(x)
-    # Every (row, channel) of the partials tables is written by exactly one program.
-    pdw = torch.empty((n * hw_split, c), device=x.device, dtype=torch.float32)
+    # Every (row, channel) of the dw/db partials is written by exactly one program: no zero-fill.
+    pdw = torch.empty((n * cfg.hw_split, c), device=x.device, dtype=torch.float32)
     pdb = torch.empty_like(pdw)
-    part = torch.empty((n * num_groups * s * 2,), device=x.device, dtype=torch.float32)
-    if residual is not None:
+    part = torch.empty((n * num_groups * cfg.s * 2,), device=x.device, dtype=torch.float32)
+    has_residual = residual is not None
+    if has_residual:
         residual = _like(residual, x)
         dres = torch.empty_like(residual)
     else:
-        residual = dres = x  # unused (HAS_RESIDUAL=False)
+        residual = dres = x  # placeholders, never touched (HAS_RESIDUAL=False)
     args = (dy, x, residual, dres, weight, bias, mean, rstd, pdw, pdb, part)
-    geom = (num_groups, c, cg, hw, stride_n, stride_c, stride_hw, *chunks, s)
-    flags = dict(HAS_RESIDUAL=residual is not x, GELU=gelu)
-    grid = (n * num_groups, s)
-    if s > 1:
-        _gn_bwd_reduce_kernel[grid](*args, *geom, **flags, **cfg)
-    _gn_bwd_dx_kernel[grid](*args, dx, *geom, SINGLE=s == 1, BLOCK_S=block_s, **flags, **cfg)
+    grid = (n * num_groups, cfg.s)
+    if cfg.s > 1:
+        _gn_bwd_reduce_kernel[grid](*args, *geom, HAS_RESIDUAL=has_residual, GELU=gelu, **cfg.meta)
+    _gn_bwd_dx_kernel[grid](*args, dx, *geom, SINGLE=cfg.s == 1, HAS_RESIDUAL=has_residual, GELU=gelu,
+                            BLOCK_S=triton.next_power_of_2(cfg.s), **cfg.meta)
     dw = pdw.sum(0).to(weight.dtype)
     db = pdb.sum(0).to(bias.dtype)
-    return dx, dw, db, (dres if residual is not x else x.new_empty(0))
+    return dx, dw, db, (dres if has_residual else x.new_empty(0))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -475,4 +480,9 @@ def group_norm_gelu(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, n
     """
     if x.dim() != 4 or x.shape[1] % num_groups:
         raise ValueError(f"expected (N, C, H, W) with C divisible by num_groups={num_groups}, got {tuple(x.shape)}")
-    return group_norm_gelu_fwd(x, weight, bias, num_groups, float(eps), residual, t, bool(gelu))[0]
+    if t is not None:
+        if t.numel() != x.shape[0]:
+            raise ValueError(f"expected one time step per sample ({x.shape[0]}), got t of shape {tuple(t.shape)}")
+        t = t.reshape(-1).contiguous()
+    return group_norm_gelu_fwd(x, weight.contiguous(), bias.contiguous(), num_groups, float(eps), residual, t,
+                               bool(gelu))[0]

@@ -1,0 +1,108 @@
+"""The fast paths agree with the eager reference: compiled training, fused/graph sampling, DDIM."""
+import math
+
+import pytest
+import torch
+
+from fastddpm.diffusion import Diffusion
+from fastddpm.model import UNet
+from fastddpm.sample import sample
+from fastddpm.train import Trainer
+from tests.conftest import run_main, tiny_config
+
+
+def _trajectory(tmp_path, compile_, steps=4):
+    trainer = Trainer(tiny_config(compile=compile_, batch_size=8), tmp_path, torch.device("cpu"), progress=False)
+    indices = trainer.batches.epoch_indices(0)
+    losses = []
+    for i in range(steps):
+        losses.append(trainer.train_step(trainer.batches.batch(indices[i], trainer.gen)).item())
+        trainer.step += 1
+    return losses
+
+
+def test_compiled_training_follows_the_eager_loss_trajectory(tmp_path):
+    eager = _trajectory(tmp_path / "eager", False)
+    compiled = _trajectory(tmp_path / "compiled", True)
+    assert compiled == pytest.approx(eager, rel=2e-3)
+
+
+@pytest.fixture(scope="module")
+def model():
+    torch.manual_seed(0)
+    return UNet(base_channels=8)
+
+
+def test_fast_engine_matches_eager_given_the_same_noise(model):
+    """The fast engine (Triton GroupNorm+GELU, fused reverse step with in-kernel Philox) against the
+    eager loop fed the same Philox noise: the same images up to rounding."""
+    fast = sample(model, 5, T=6, seed=3, engine="fast", batch_size=2, progress=False)
+    eager = sample(model, 5, T=6, seed=3, engine="eager", noise="philox", batch_size=5, progress=False)
+    assert (fast.int() - eager.int()).abs().max() <= 1
+    assert model.kernels == "auto"  # the caller's switch is restored
+
+
+def test_compiled_engine_matches_eager(model):
+    small = UNet(base_channels=4)
+    compiled = sample(small, 2, T=3, seed=1, engine="compiled", progress=False)
+    eager = sample(small, 2, T=3, seed=1, engine="eager", progress=False)
+    assert (compiled.int() - eager.int()).abs().max() <= 1
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA-graph sampling needs a CUDA GPU")
+def test_cuda_graph_sampling_matches_the_eager_loop():
+    torch.manual_seed(0)
+    gpu_model = UNet(base_channels=16).cuda()
+    graph = sample(gpu_model, 6, T=20, seed=4, engine="fast", batch_size=4, progress=False)  # captured + replayed
+    eager = sample(gpu_model, 6, T=20, seed=4, engine="eager", noise="philox", batch_size=6, progress=False)
+    assert (graph.int() - eager.int()).abs().float().mean() < 1.0
+    again = sample(gpu_model, 6, T=20, seed=4, engine="fast", batch_size=3, progress=False)
+    assert (graph.int() - again.int()).abs().max() <= 1  # batch-size independent noise
+
+
+def test_ddim_with_all_steps_and_eta_1_is_ddpm_posterior():
+    d = Diffusion(40)
+    g = torch.Generator().manual_seed(0)
+    x, eps, z = (torch.randn(3, 3, 4, 4, generator=g, dtype=torch.float64) for _ in range(3))
+    assert d.ddim_timesteps(40) == list(range(39, -1, -1))
+    ab, betas = d.alpha_bars.tolist(), d.betas.tolist()
+    for t in (39, 17, 1):
+        x0 = (x - math.sqrt(1 - ab[t]) * eps) / math.sqrt(ab[t])
+        # q(x_{t-1} | x_t, x_0): Ho et al. eq. 7
+        mean = (math.sqrt(ab[t - 1]) * betas[t] / (1 - ab[t])) * x0 + \
+               (math.sqrt(1 - betas[t]) * (1 - ab[t - 1]) / (1 - ab[t])) * x
+        var = (1 - ab[t - 1]) / (1 - ab[t]) * betas[t]
+        got = d.ddim_step(x.float(), t, t - 1, eps.float(), 1.0, z.float())
+        torch.testing.assert_close(got, (mean + math.sqrt(var) * z).float(), rtol=1e-4, atol=1e-4)
+        # its mean is eq. 9's mu_theta, i.e. DDPM's step without noise
+        torch.testing.assert_close(d.ddim_step(x.float(), t, t - 1, eps.float(), 1.0, None),
+                                   d.reverse_step(x.float(), t, eps.float(), None), rtol=1e-4, atol=1e-4)
+
+
+def test_ddim_eta_0_is_deterministic_given_x_T(model):
+    d = Diffusion(10)
+    x, eps = torch.randn(2, 3, 4, 4), torch.randn(2, 3, 4, 4)
+    assert torch.equal(d.ddim_step(x, 5, 2, eps, 0.0, torch.randn(2, 3, 4, 4)), d.ddim_step(x, 5, 2, eps, 0.0, None))
+    a = sample(model, 3, T=30, sampler="ddim", steps=5, eta=0.0, seed=2, noise="torch", progress=False)
+    b = sample(model, 3, T=30, sampler="ddim", steps=5, eta=0.0, seed=2, noise="philox", progress=False)
+    assert torch.equal(a, b)  # same x_T, different noise streams, no noise used
+    c = sample(model, 3, T=30, sampler="ddim", steps=5, eta=1.0, seed=2, noise="torch", progress=False)
+    assert not torch.equal(a, c)
+    assert d.ddim_timesteps(1) == [9] and d.ddim_timesteps(4) == [9, 6, 3, 0]
+
+
+def test_ddim_from_the_cli(tmp_path):
+    from fastddpm import sample as sample_mod
+    from fastddpm import train as train_mod
+
+    argv = ["--data", "shapes", "--preset", "tiny", "--T", "60", "--epochs", "1", "--batch-size", "16",
+            "--train-size", "16", "--val-size", "0", "--n-samples", "0", "--no-progress", "--out", str(tmp_path)]
+    assert run_main(train_mod.main, argv)[0] == 0
+    code, out, err = run_main(sample_mod.main, ["--checkpoint", str(tmp_path / "checkpoint.pt"), "--sampler", "ddim",
+                                                "--steps", "50", "--n", "4", "--out", str(tmp_path / "ddim.png"),
+                                                "--no-progress"])
+    assert code == 0, err
+    assert "DDIM 50 steps" in out and (tmp_path / "ddim.png").is_file()
+    code, _, err = run_main(sample_mod.main, ["--checkpoint", str(tmp_path / "checkpoint.pt"), "--sampler", "ddim",
+                                              "--steps", "100"])
+    assert code == 2 and "T=60" in err and err.count("\n") == 1

@@ -1,0 +1,197 @@
+"""Fused GroupNorm (+ residual) + GELU (+ time encoding) vs the eager ``GroupNormGELU`` (kernels="torch").
+
+The reference runs in float64 on the same (upcast) inputs; forward and every gradient (x, weight,
+bias, residual) are compared with a per-dtype tolerance. Shapes are not powers of two. Runs under
+TRITON_INTERPRET=1 on a CPU-only machine, natively on a GPU otherwise.
+"""
+import os
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+
+from fastddpm.kernels import groupnorm_gelu as gng  # noqa: E402
+from fastddpm.kernels.groupnorm_gelu import group_norm_gelu  # noqa: E402
+from fastddpm.model import GroupNormGELU  # noqa: E402
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+# max |kernel - reference| <= TOL * (1 + max |reference|), per dtype of x
+TOL = {torch.float32: 5e-5, torch.float16: 2e-3, torch.bfloat16: 1.5e-2}
+F32, F16, BF16 = torch.float32, torch.float16, torch.bfloat16
+
+
+@pytest.fixture
+def force_split(monkeypatch):
+    """Take the split-reduction path even for tiny groups: 64 elements per program."""
+    monkeypatch.setattr(gng, "SPLIT_THRESHOLD", 0)
+    monkeypatch.setattr(gng, "ELEMS_PER_PROGRAM", 64)
+
+
+def _reference(x, weight, bias, num_groups, residual, t, gelu, dy):
+    """Eager GroupNormGELU in float64: output and grads of (x, weight, bias, residual)."""
+    mod = GroupNormGELU(num_groups, x.shape[1], gelu=gelu).to(device=x.device, dtype=torch.float64)
+    with torch.no_grad():
+        mod.weight.copy_(weight)
+        mod.bias.copy_(bias)
+    x = x.detach().double().requires_grad_()
+    r = residual.detach().double().requires_grad_() if residual is not None else None
+    y = mod(x, residual=r, t=t)
+    y.backward(dy.double())
+    return y.detach(), x.grad, mod.weight.grad, mod.bias.grad, (r.grad if r is not None else None)
+
+
+def _assert_close(actual, expected, tol, what):
+    assert actual.shape == expected.shape, what
+    err = (actual.double() - expected).abs().max().item()
+    bound = tol * (1 + expected.abs().max().item())
+    assert err <= bound, f"{what}: max error {err:.3g} > {bound:.3g}"
+
+
+def _check(shape, num_groups, *, dtype=F32, w_dtype=None, channels_last=False, residual=True, t=True,
+           gelu=True, seed=0):
+    """Run the kernel forward + backward and compare everything with the float64 reference."""
+    g = torch.Generator().manual_seed(seed)
+    n, c, h, w = shape
+    w_dtype = w_dtype or dtype
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+
+    def make(*s, scale=1.0, shift=0.0, dt=dtype):
+        return (torch.randn(*s, generator=g) * scale + shift).to(device=DEVICE, dtype=dt)
+
+    x = make(n, c, h, w, scale=2.0, shift=0.5).contiguous(memory_format=fmt).requires_grad_()
+    weight = make(c, scale=0.5, shift=1.0, dt=w_dtype).requires_grad_()
+    bias = make(c, scale=0.5, dt=w_dtype).requires_grad_()
+    res = make(n, c, h, w).contiguous(memory_format=fmt).requires_grad_() if residual else None
+    steps = torch.randint(0, 1000, (n,), generator=g).to(DEVICE) if t else None
+    dy = make(n, c, h, w).contiguous(memory_format=fmt)
+
+    y = group_norm_gelu(x, weight, bias, num_groups, 1e-5, residual=res, t=steps, gelu=gelu)
+    assert y.dtype == dtype and y.shape == x.shape
+    assert y.is_contiguous(memory_format=fmt), "output keeps the input's memory layout"
+    y.backward(dy)
+    ref = _reference(x, weight, bias, num_groups, res, steps, gelu, dy)
+
+    tol = TOL[dtype]
+    _assert_close(y, ref[0], tol, "y")
+    _assert_close(x.grad, ref[1], tol, "dx")
+    # dweight/dbias sum over N*H*W products of rounded values: relative error grows like sqrt(count)
+    _assert_close(weight.grad, ref[2], 4 * tol, "dweight")
+    _assert_close(bias.grad, ref[3], 4 * tol, "dbias")
+    assert x.grad.dtype == dtype and weight.grad.dtype == w_dtype and bias.grad.dtype == w_dtype
+    if residual:
+        _assert_close(res.grad, ref[4], tol, "dresidual")
+        assert res.grad.dtype == dtype
+
+
+# Every input dtype x both layouts on one shape (fp16/bf16 also with the fp32 weights of autocast).
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
+@pytest.mark.parametrize("dtype,w_dtype", [(F32, F32), (F16, F16), (BF16, BF16), (F16, F32), (BF16, F32)],
+                         ids=["fp32", "fp16", "bf16", "fp16-w32", "bf16-w32"])
+def test_dtypes_and_layouts(dtype, w_dtype, channels_last):
+    _check((3, 12, 7, 7), 4, dtype=dtype, w_dtype=w_dtype, channels_last=channels_last)
+
+
+# The four uses in the U-Net (and their mix) for every group count, fp32.
+VARIANTS = {  # (residual, gelu, t)
+    "gn-gelu": (False, True, False),  # inside a DoubleConv
+    "res-gelu": (True, True, False),  # end of a residual DoubleConv
+    "gn": (False, False, False),  # end of a DoubleConv
+    "gn-time": (False, False, True),  # end of a Down/Up block
+    "res-time": (True, False, True),
+}
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+@pytest.mark.parametrize("num_groups", [1, 4, 20])
+def test_variants_and_groups(num_groups, variant):
+    residual, gelu, t = VARIANTS[variant]
+    _check((2, 20, 5, 5), num_groups, residual=residual, gelu=gelu, t=t)
+
+
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
+@pytest.mark.parametrize("num_groups", [1, 4])
+def test_forced_split(force_split, num_groups, channels_last):
+    n, c, h, w = 3, 12, 7, 7
+    cfg = gng._launch_config(c // num_groups, h * w, n * num_groups, *( (1, c) if channels_last else (h * w, 1)))
+    assert cfg.s > 1
+    _check((n, c, h, w), num_groups, channels_last=channels_last)
+
+
+def test_forced_split_multi_tile(force_split, monkeypatch):
+    """Split programs that each walk several tiles along both axes."""
+    monkeypatch.setattr(gng, "_TILE", 16)
+    monkeypatch.setattr(gng, "ELEMS_PER_PROGRAM", 256)
+    cfg = gng._launch_config(12, 49, 3, 49, 1)
+    assert cfg.s > 1 and cfg.c_chunk > cfg.block_c and cfg.hw_chunk > cfg.block_hw
+    _check((3, 12, 7, 7), 1)
+    _check((3, 12, 7, 7), 1, channels_last=True, gelu=False)
+
+
+@pytest.mark.parametrize("dtype", [F32, BF16], ids=["fp32", "bf16"])
+def test_large_group_takes_split_path(dtype):
+    """With the default settings a 12x24x24 = 6912-element group is split over several programs."""
+    assert gng._launch_config(12, 24 * 24, 2, 24 * 24, 1).s > 1
+    _check((2, 12, 24, 24), 1, dtype=dtype, w_dtype=F32)
+
+
+@pytest.mark.parametrize("shape,num_groups", [((2, 3, 33, 33), 1), ((1, 2, 45, 47), 2)], ids=["c-loop", "hw-loop"])
+def test_single_program_several_tiles(shape, num_groups):
+    """Groups under the split threshold but over one tile: one program loops over channel blocks
+    (3 x 1089) or pixel blocks (1 x 2115)."""
+    n, c, h, w = shape
+    cfg = gng._launch_config(c // num_groups, h * w, n * num_groups, h * w, 1)
+    assert cfg.s == 1 and (cfg.block_c < c // num_groups or cfg.block_hw < h * w)
+    _check(shape, num_groups, residual=False)
+
+
+def test_deterministic_backward(force_split):
+    """No atomics: two backward passes give bit-identical gradients."""
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(2, 12, 7, 7, generator=g).to(DEVICE).requires_grad_()
+    w = torch.randn(12, generator=g).to(DEVICE).requires_grad_()
+    b = torch.randn(12, generator=g).to(DEVICE).requires_grad_()
+    dy = torch.randn(2, 12, 7, 7, generator=g).to(DEVICE)
+    grads = []
+    for _ in range(2):
+        y = group_norm_gelu(x, w, b, 1)
+        grads.append(torch.autograd.grad(y, (x, w, b), dy))
+    for a, b_ in zip(*grads):
+        assert torch.equal(a, b_)
+
+
+@pytest.mark.parametrize("view", ["w-strided", "c-strided"])
+def test_other_strides(view):
+    """Non-dense inputs, a residual in the other layout and an expanded (stride-0) grad."""
+    g = torch.Generator().manual_seed(2)
+    if view == "w-strided":  # no flat pixel axis: copied
+        x = torch.randn(2, 6, 5, 10, generator=g).to(DEVICE)[..., ::2]
+    else:  # a flat pixel axis, but outputs cannot share these strides: copied too
+        x = torch.randn(2, 12, 5, 5, generator=g).to(DEVICE)[:, ::2]
+    x.requires_grad_()
+    w = torch.rand(6, generator=g).to(DEVICE).requires_grad_()
+    b = torch.rand(6, generator=g).to(DEVICE).requires_grad_()
+    r = torch.randn(2, 6, 5, 5, generator=g).to(DEVICE).contiguous(memory_format=torch.channels_last)
+    r.requires_grad_()
+    y = group_norm_gelu(x, w, b, 2, residual=r)
+    y.sum().backward()  # dy is an expanded scalar
+    ref = _reference(x, w, b, 2, r, None, True, torch.ones_like(y))
+    for got, want, what in zip((y, x.grad, w.grad, b.grad, r.grad), ref, ("y", "dx", "dw", "db", "dres")):
+        _assert_close(got, want, TOL[F32], what)
+
+
+def test_module_switch_and_opcheck():
+    """GroupNormGELU(kernels="triton") calls the op; the op's fake/autograd registrations pass
+    torch.library.opcheck."""
+    mod = GroupNormGELU(2, 6).to(DEVICE)
+    x = torch.randn(2, 6, 3, 5, device=DEVICE)
+    t = torch.tensor([3, 999], device=DEVICE)
+    r = torch.randn_like(x)
+    ref = mod(x, residual=r, t=t)
+    mod.kernels = "triton"
+    torch.testing.assert_close(mod(x, residual=r, t=t), ref, atol=1e-5, rtol=1e-5)
+    args = (x.requires_grad_(), mod.weight, mod.bias, 2, 1e-5, r.requires_grad_(), t, True)
+    torch.library.opcheck(torch.ops.fastddpm.group_norm_gelu.default, args,
+                          test_utils=("test_schema", "test_faketensor", "test_autograd_registration"))
