@@ -302,7 +302,7 @@ class Trainer:
 # --- command line ---------------------------------------------------------------------------
 
 def build_parser() -> ArgumentParser:
-    p = ArgumentParser(prog="python -m fastddpm.train", description=__doc__.split("\n\n")[0])
+    p = ArgumentParser(prog="python -m fastddpm.train", description="Train the paper's DDPM (section 3.3).")
     d = TrainConfig()
     # Config flags default to None so that --resume can tell what was given from what was not.
     p.add_argument("--data", help=f"cifar10 (default), cifar10-jpeg, shapes, or a path (default {d.data})")
