@@ -160,16 +160,26 @@ class UNet(nn.Module):
         if kernels not in KERNEL_CHOICES:
             raise ValueError(f"kernels must be one of {KERNEL_CHOICES}, got {kernels!r}")
         self.kernels = kernels
-        self._apply_kernels("torch" if kernels == "auto" else kernels)
+        auto = "triton" if self.outc.weight.is_cuda else "torch"
+        self._apply_kernels(auto if kernels == "auto" else kernels)
         return self
 
     def _apply_kernels(self, path: str):
+        self._path = path
         for m in self.modules():
             if isinstance(m, GroupNormGELU):
                 m.kernels = path
 
-    def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    def _apply(self, fn, recurse=True):
+        # "auto" follows the device when the model moves (.to/.cuda), so that a compiled forward
+        # never has to switch paths itself.
+        module = super()._apply(fn, recurse)
         if self.kernels == "auto":
+            self._apply_kernels("triton" if self.outc.weight.is_cuda else "torch")
+        return module
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        if self.kernels == "auto" and self._path != ("triton" if x.is_cuda else "torch"):
             self._apply_kernels("triton" if x.is_cuda else "torch")
         x1 = self.inc(x)
         x2 = self.down1(x1, t)

@@ -100,6 +100,21 @@ def _grad_u(x, dy, r, w, b, mean, rstd, mask, HAS_RESIDUAL: tl.constexpr, GELU: 
 
 
 @triton.jit
+def _tile_grad(DY, X, R, base, c0, c_hi, h0, h_hi, stride_c, stride_hw, w, b, mean, rstd,
+               HAS_RESIDUAL: tl.constexpr, GELU: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_HW: tl.constexpr):
+    """Load one tile of x, dy (and the residual) and return (offs, mask, x_hat, dL/du): the shared
+    front half of both backward passes."""
+    offs, mask = _tile(base, c0, c_hi, h0, h_hi, stride_c, stride_hw, BLOCK_C, BLOCK_HW)
+    x = tl.load(X + offs, mask=mask, other=0.0).to(tl.float32)
+    dy = tl.load(DY + offs, mask=mask, other=0.0).to(tl.float32)
+    r = 0.0
+    if HAS_RESIDUAL:
+        r = tl.load(R + offs, mask=mask, other=0.0).to(tl.float32)
+    x_hat, du = _grad_u(x, dy, r, w, b, mean, rstd, mask, HAS_RESIDUAL, GELU)
+    return offs, mask, x_hat, du
+
+
+@triton.jit
 def _rect_apply(X, R, T, W, B, Y, base, n, c_off, c_lo, c_hi, h_lo, h_hi, stride_c, stride_hw,
                 mean, rstd, neg_log_over_c,
                 HAS_RESIDUAL: tl.constexpr, HAS_T: tl.constexpr, GELU: tl.constexpr,
@@ -147,13 +162,8 @@ def _rect_bwd_reduce(DY, X, R, DR, W, B, PDW, PDB, base, pd_row, c_off, c_lo, c_
         dw = tl.zeros((BLOCK_C,), dtype=tl.float32)
         db = tl.zeros((BLOCK_C,), dtype=tl.float32)
         for h0 in range(h_lo, h_hi, BLOCK_HW):
-            offs, mask = _tile(base, c0, c_hi, h0, h_hi, stride_c, stride_hw, BLOCK_C, BLOCK_HW)
-            x = tl.load(X + offs, mask=mask, other=0.0).to(tl.float32)
-            dy = tl.load(DY + offs, mask=mask, other=0.0).to(tl.float32)
-            r = 0.0
-            if HAS_RESIDUAL:
-                r = tl.load(R + offs, mask=mask, other=0.0).to(tl.float32)
-            x_hat, du = _grad_u(x, dy, r, w, b, mean, rstd, mask, HAS_RESIDUAL, GELU)
+            offs, mask, x_hat, du = _tile_grad(DY, X, R, base, c0, c_hi, h0, h_hi, stride_c, stride_hw, w, b,
+                                               mean, rstd, HAS_RESIDUAL, GELU, BLOCK_C, BLOCK_HW)
             if HAS_RESIDUAL:
                 tl.store(DR + offs, du.to(DR.dtype.element_ty), mask=mask)
             dw += tl.sum(du * x_hat, axis=1)
@@ -178,13 +188,8 @@ def _rect_bwd_dx(DY, X, R, W, B, DX, base, c_off, c_lo, c_hi, h_lo, h_hi, stride
         w = tl.load(W + c, mask=cmask, other=0.0).to(tl.float32)
         b = tl.load(B + c, mask=cmask, other=0.0).to(tl.float32)
         for h0 in range(h_lo, h_hi, BLOCK_HW):
-            offs, mask = _tile(base, c0, c_hi, h0, h_hi, stride_c, stride_hw, BLOCK_C, BLOCK_HW)
-            x = tl.load(X + offs, mask=mask, other=0.0).to(tl.float32)
-            dy = tl.load(DY + offs, mask=mask, other=0.0).to(tl.float32)
-            r = 0.0
-            if HAS_RESIDUAL:
-                r = tl.load(R + offs, mask=mask, other=0.0).to(tl.float32)
-            x_hat, du = _grad_u(x, dy, r, w, b, mean, rstd, mask, HAS_RESIDUAL, GELU)
+            offs, mask, x_hat, du = _tile_grad(DY, X, R, base, c0, c_hi, h0, h_hi, stride_c, stride_hw, w, b,
+                                               mean, rstd, HAS_RESIDUAL, GELU, BLOCK_C, BLOCK_HW)
             dx = (du * w[:, None] - (m1 + x_hat * m2)) * rstd
             tl.store(DX + offs, dx.to(DX.dtype.element_ty), mask=mask)
 
