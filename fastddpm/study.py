@@ -28,7 +28,7 @@ PAPER_T = [100, 500, 1000, 2000]
 PAPER_DTYPES = ["fp32", "fp16", "fp16-noscaler", "bf16"]
 DTYPE_LABELS = {"fp32": "float32", "fp16": "float16", "fp16-noscaler": "float16, no grad scaler", "bf16": "bfloat16"}
 # With --preset tiny, the flags left unset take these values: a study that runs in minutes on a CPU.
-TINY = {"T": [10, 25, 50, 100], "T_precision": 100, "n": 64, "train_size": 2048, "batch_size": 64, "val_size": 256,
+TINY = {"T": [10, 25, 50, 100], "T_precision": 100, "n": 64, "train_size": 8192, "batch_size": 64, "val_size": 256,
         "lr": 1e-3, "n_samples": 16}
 TINY_FLAGS = ("n", "train_size", "batch_size", "val_size", "lr", "n_samples")
 # Flags handed to fastddpm.train unchanged, where given.
