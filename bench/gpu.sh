@@ -1,0 +1,90 @@
+#!/usr/bin/env bash
+# The GPU bench in one command, sized for one lent-GPU call (under 8 minutes of wall clock):
+#   1. the kernel/engine tests natively on the GPU,
+#   2. the bench suite at full size (seed preset, batch 256 training, batch 2560 sampling, the
+#      U-Net's kernel shapes), stage by stage, each under its own time cap: bf16 cases run first, so
+#      a stage cut off by its cap still has the headline dtype; every finished result is also
+#      appended at once to a JSON-lines log, so nothing finished is lost,
+#   3. the merged JSON and the markdown report.
+# Writes into $OUT when set (the device tool's output folder), else bench/results/:
+#   <date>-<card>.json        (commit it as bench/results/<date>-<card>.json)
+#   report.md                 (python -m bench.report on that JSON)
+#   bench.log (everything printed, the native test run included), nvidia-smi.txt
+# Usage, from the repository root (the GPU machine's copy has no .git, so pass the commit in):
+#   FASTDDPM_GIT_COMMIT=$(git rev-parse HEAD) bash bench/gpu.sh
+# Knobs: BENCH_BUDGET_S (default 450: the whole script), BENCH_STAGES (default "tests train sample
+# kernels"), PYTHON (default python3).
+set -uo pipefail
+cd "$(dirname "$0")/.."
+export PYTHONPATH=".${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
+PY=${PYTHON:-python3}
+DEST=${OUT:-bench/results}
+WORK=$(mktemp -d)
+BUDGET=${BENCH_BUDGET_S:-450}
+STAGES=${BENCH_STAGES:-tests train sample kernels}
+START=$(date +%s)
+mkdir -p "$DEST"
+LOG="$DEST/bench.log"
+: >"$LOG"
+
+say() { echo "== $*" | tee -a "$LOG"; }
+# stage NAME CAP_SECONDS CMD...: runs CMD under min(CAP, what the budget leaves minus 25 s for the report)
+stage() {
+  local name=$1 cap=$2; shift 2
+  local left=$(( BUDGET - ($(date +%s) - START) - 25 ))
+  local t=$(( left < cap ? left : cap ))
+  if (( t < 20 )); then say "$name: skipped, the time budget is spent"; return 0; fi
+  say "$name: up to ${t}s"
+  timeout -s INT -k 20 "$t" "$@" 2>&1 | tee -a "$LOG"
+  local rc=${PIPESTATUS[0]}
+  say "$name: exit $rc$( (( rc == 124 )) && echo ' (cut off by its time cap)') after $(( $(date +%s) - START ))s in all"
+}
+
+# pytest-benchmark and nvidia-ml-py are in the GPU image; install either only if it is missing
+# and pip can reach an index (no retries: the lent machine has no network).
+for pair in pytest_benchmark:pytest-benchmark pynvml:nvidia-ml-py; do
+  "$PY" -c "import ${pair%%:*}" 2>/dev/null ||
+    "$PY" -m pip install -q --retries 0 --timeout 5 "${pair##*:}" >/dev/null 2>&1 ||
+    say "note: ${pair##*:} is not installed and cannot be (the results say so)"
+done
+nvidia-smi >"$DEST/nvidia-smi.txt" 2>&1 || true
+CARD=$("$PY" -c "import re, torch; print(re.sub(r'[^a-z0-9]+', '-', torch.cuda.get_device_name().lower().replace('nvidia', '')).strip('-'))" 2>/dev/null || echo cpu)
+NAME="$(date -u +%Y-%m-%d)-$CARD"
+say "device $CARD, commit ${FASTDDPM_GIT_COMMIT:-unknown}, stages: $STAGES, budget ${BUDGET}s"
+
+bench() {  # bench NAME CAP: one bench module, through pytest-benchmark or, without it, bench.run
+  local name=$1 cap=$2 file
+  case $name in train) file=test_train_step.py ;; sample) file=test_sampling.py ;; kernels) file=test_kernels.py ;; esac
+  if "$PY" -c "import pytest_benchmark" 2>/dev/null; then
+    FASTDDPM_BENCH_LOG="$WORK/$name.jsonl" stage "bench $name" "$cap" "$PY" -m pytest -q -p no:cacheprovider \
+      "bench/$file" --benchmark-only --benchmark-json="$WORK/$name.json" --benchmark-columns=median,ops,rounds
+  else
+    FASTDDPM_BENCH_LOG="$WORK/$name.jsonl" stage "bench $name (bench.run)" "$cap" "$PY" -m bench.run \
+      --only "$name" --json "$WORK/$name.json"
+  fi
+}
+
+for s in $STAGES; do
+  case $s in
+    tests)
+      stage "kernel and engine tests (native)" 90 "$PY" -m pytest -q -x -p no:cacheprovider \
+        tests/test_kernels_groupnorm_gelu.py tests/test_kernels_reverse_step.py tests/test_unet_triton.py \
+        tests/test_engine.py -k "not test_engine or cuda" ;;
+    train) bench train 120 ;;
+    sample) bench sample 110 ;;
+    kernels) bench kernels 100 ;;
+    *) say "unknown stage $s" ;;
+  esac
+done
+
+# JSON lines first, the pytest-benchmark JSON after (the same results; the later file wins).
+shopt -s nullglob
+inputs=("$WORK"/*.jsonl "$WORK"/*.json)
+if (( ${#inputs[@]} )); then
+  "$PY" -m bench.report "${inputs[@]}" --merge "$DEST/$NAME.json" >"$DEST/report.md" 2>>"$LOG"
+  cat "$DEST/report.md"
+  say "wrote $DEST/$NAME.json and $DEST/report.md in $(( $(date +%s) - START ))s"
+else
+  say "no bench results were produced"
+fi
+rm -rf "$WORK"

@@ -1,0 +1,269 @@
+"""``python -m bench.report RESULTS.json [MORE ...] [--merge OUT.json]``: the markdown tables.
+
+Reads pytest-benchmark JSON (``--benchmark-json``), ``bench.run``'s JSON (same shape) or the
+JSON-lines log of ``$FASTDDPM_BENCH_LOG``; several inputs are merged (a later result for the same
+case replaces an earlier one), and ``--merge`` writes them as one JSON. Per workload and dtype:
+each implementation's figure, fast/eager and fast/compiled, MFU or the share of the memory
+roofline, and the projections: seconds to sample 5,120 images at T = 1000 and 2000, hours for the
+paper's 500 epochs of 50,000 images, next to what the paper's RTX 4070 took.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from pathlib import Path
+
+IMPLS = ("eager", "compiled", "fast", "diffusers")
+DTYPES = ("fp32", "fp16", "bf16")
+N_IMAGES, EPOCHS, TRAIN_IMAGES = 5120, 500, 50_000
+# The paper's RTX 4070 (its Tables: T, dtype -> seconds for 5,120 images / hours for 500 epochs).
+PAPER_SAMPLE_S = {(1000, "fp32"): 1861, (2000, "fp32"): 3595, (2000, "fp16"): 3101, (2000, "bf16"): 3126}
+PAPER_TRAIN_H = {("T=1000", "fp32"): 7.71, ("T=2000", "fp32"): 8.51, ("T=2000", "fp16"): 7.35,
+                 ("T=2000", "bf16"): 6.70}
+
+
+# --- loading ------------------------------------------------------------------------------------
+def load(paths) -> tuple[list[dict], dict]:
+    """(benchmark entries, the first document's header fields) from JSON or JSON-lines files."""
+    entries, header = [], {}
+    for path in paths:
+        text = Path(path).read_text()
+        try:
+            doc = json.loads(text)
+        except json.JSONDecodeError:
+            doc = None
+        if isinstance(doc, dict) and "benchmarks" in doc:
+            rows = doc["benchmarks"]
+            header = header or {k: v for k, v in doc.items() if k != "benchmarks"}
+        else:  # JSON lines (one result a line)
+            rows = [json.loads(line) for line in text.splitlines() if line.strip()]
+        entries += [r for r in rows if r.get("extra_info", {}).get("workload")]
+    merged = {}
+    for e in entries:  # the last result of a case wins
+        merged[key(e["extra_info"])] = e
+    return list(merged.values()), header
+
+
+def key(i: dict) -> tuple:
+    return (i["workload"], i.get("variant"), str(i.get("shape")), i.get("batch"), i["dtype"], i["impl"])
+
+
+# --- formatting ---------------------------------------------------------------------------------
+def num(v, digits=3) -> str:
+    if v is None or (isinstance(v, float) and not math.isfinite(v)):
+        return "—"
+    if abs(v) >= 100:
+        return f"{v:,.0f}"
+    return f"{v:.{digits}g}"
+
+
+def ratio(a, b) -> str:
+    return f"{a / b:.2f}×" if a and b else "—"
+
+
+def pct(v) -> str:
+    return f"{100 * v:.1f}%" if v is not None else "—"
+
+
+def table(head: list[str], rows: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]
+    return "\n".join(lines + ["| " + " | ".join(r) + " |" for r in rows])
+
+
+def train_hours(i: dict):
+    ips = i.get("items_per_s")
+    return EPOCHS * TRAIN_IMAGES / ips / 3600 if ips else None
+
+
+def sample_seconds(i: dict, T: int):
+    """5,120 images at T steps with the measured per-step rate at the measured batch (5,120 in
+    ceil(5120 / batch) chunks) plus the measured fixed cost of one call."""
+    ips = i.get("items_per_s")
+    if not ips:
+        return None
+    b = i["batch"]
+    return (i.get("fixed_s") or 0.0) + math.ceil(N_IMAGES / b) * T * b / ips
+
+
+# --- sections -----------------------------------------------------------------------------------
+def by_impl(rows):
+    out = {}
+    for e in rows:
+        out[e["extra_info"]["impl"]] = e["extra_info"]
+    return out
+
+
+def groups(entries, workload, fields):
+    """{(field values...): {impl: info}} in a stable order."""
+    out = {}
+    for e in entries:
+        i = e["extra_info"]
+        if i["workload"] == workload:
+            out.setdefault(tuple(str(i.get(f)) for f in fields), []).append(e)
+    order = {d: n for n, d in enumerate(DTYPES)}
+    return {k: by_impl(v) for k, v in sorted(out.items(), key=lambda kv: (kv[0][:-1], order.get(kv[0][-1], 9)))}
+
+
+def header_text(entries, header) -> str:
+    i = entries[0]["extra_info"]
+    dev, v, git = i.get("device", {}), i.get("versions", {}), i.get("git", {})
+    name = dev.get("nvml_name") or dev.get("name")
+    bits = [f"**device** {name}" + (f" (driver {dev['driver']})" if dev.get("driver") else "")]
+    if dev.get("memory_bytes"):
+        bits.append(f"{dev['memory_bytes'] / 2**30:.0f} GiB")
+    bits.append(f"torch {v.get('torch')}, triton {v.get('triton')}")
+    if git.get("id"):
+        bits.append(f"commit {git['id'][:12]}{' (dirty)' if git.get('dirty') else ''}")
+    if header.get("datetime"):
+        bits.append(header["datetime"][:19])
+    lines = ["# fastddpm benchmarks", "", " · ".join(bits), ""]
+    if i.get("peak_bf16_tflops"):
+        lines.append(f"Measured in the same session: bf16 matmul peak **{i['peak_bf16_tflops']:.0f} TFLOP/s**, "
+                     f"device-to-device copy **{i['copy_gb_per_s']:.0f} GB/s** (read + write). MFU and roofline "
+                     "below are fractions of these.")
+    else:
+        lines.append("CPU run: no roofline is claimed (peaks, MFU and roofline are null), the Triton kernels ran "
+                     "in Triton's interpreter, and the figures show that the suite runs, not how fast the "
+                     f"project is. Sizes: `{i.get('size')}`.")
+    if i.get("compile_backend") not in (None, "inductor"):
+        lines.append(f"torch.compile backend: {i['compile_backend']} (a smoke run).")
+    return "\n".join(lines)
+
+
+def train_section(entries) -> str:
+    g = groups(entries, "train_step", ("batch", "preset", "dtype"))
+    if not g:
+        return ""
+    eager32 = next((v["eager"]["items_per_s"] for k, v in g.items() if k[-1] == "fp32" and "eager" in v), None)
+    rows = []
+    for (batch, preset, dtype), d in g.items():
+        ips = {m: d[m].get("items_per_s") if m in d else None for m in IMPLS[:3]}
+        fast = d.get("fast", {})
+        rows.append([dtype, f"{batch} ({preset})", *(num(ips[m]) for m in IMPLS[:3]),
+                     ratio(ips["fast"], ips["eager"]), ratio(ips["fast"], ips["compiled"]),
+                     ratio(ips["fast"], eager32), " / ".join(pct(d[m].get("mfu")) if m in d else "—"
+                                                             for m in IMPLS[:3]),
+                     " / ".join(num(train_hours(d[m])) if m in d else "—" for m in IMPLS[:3])])
+    return "## Training step (images/s)\n\n" + table(
+        ["dtype", "batch", "eager", "compiled", "fast", "fast/eager", "fast/compiled", "fast/eager fp32",
+         "MFU eager / compiled / fast", "500 epochs (h) eager / compiled / fast"], rows) + \
+        "\n\nThe paper's RTX 4070, 500 epochs: " + ", ".join(
+            f"{h} h ({t}, {dt})" for (t, dt), h in PAPER_TRAIN_H.items()) + " (the step's cost does not depend on T)."
+
+
+def sample_section(entries) -> str:
+    g = groups(entries, "sampling", ("batch", "steps", "dtype"))
+    if not g:
+        return ""
+    rows, proj = [], []
+    for (batch, steps, dtype), d in g.items():
+        ips = {m: d[m].get("items_per_s") if m in d else None for m in IMPLS}
+        rows.append([dtype, batch, *(num(ips[m]) for m in IMPLS), ratio(ips["fast"], ips["eager"]),
+                     ratio(ips["fast"], ips["compiled"]), ratio(ips["fast"], ips["diffusers"]),
+                     pct(d.get("fast", {}).get("mfu"))])
+        for m in IMPLS:
+            if m in d:
+                proj.append([m, dtype, num(sample_seconds(d[m], 1000)), num(sample_seconds(d[m], 2000)),
+                             num(d[m].get("fixed_s"))])
+    paper = ", ".join(f"{s} s (T={t}, {dt})" for (t, dt), s in PAPER_SAMPLE_S.items())
+    return ("## Sampling (image-steps/s: network + reverse step, marginal rate)\n\n" + table(
+        ["dtype", "batch", "eager", "compiled", "fast", "diffusers", "fast/eager", "fast/compiled",
+         "fast/diffusers", "MFU fast"], rows) +
+        "\n\n### Projection: 5,120 images\n\n" + table(
+            ["impl", "dtype", "T = 1000 (s)", "T = 2000 (s)", "fixed cost per call (s)"], proj) +
+        f"\n\nThe paper's RTX 4070: {paper}.")
+
+
+def kernel_section(entries) -> str:
+    g = groups(entries, "groupnorm_gelu", ("variant", "shape", "dtype"))
+    g.update(groups(entries, "reverse_step", ("variant", "shape", "dtype")))
+    if not g:
+        return ""
+    rows = []
+    for (variant, shape, dtype), d in g.items():
+        us = {m: d[m]["seconds"] * 1e6 if m in d and d[m].get("seconds") else None for m in IMPLS[:3]}
+        fast = d.get("fast", {})
+        kernel = next(iter(d.values()))["workload"]
+        rows.append([kernel, variant, shape.replace(" ", ""), dtype, *(num(us[m]) for m in IMPLS[:3]),
+                     ratio(us["eager"], us["fast"]), ratio(us["compiled"], us["fast"]), num(fast.get("gb_per_s")),
+                     pct(fast.get("roofline")), pct(d.get("compiled", {}).get("roofline"))])
+    return "## Kernels (µs per call; speed-ups; fast's GB/s and share of the copy roofline)\n\n" + table(
+        ["kernel", "variant", "shape", "dtype", "eager µs", "compiled µs", "fast µs", "fast/eager", "fast/compiled",
+         "fast GB/s", "roofline fast", "roofline compiled"], rows)
+
+
+def targets_section(entries) -> str:
+    """The issue's targets (H100/H200, bf16), read from the results; not asserted anywhere."""
+    if not entries or entries[0]["extra_info"].get("device_type") != "cuda":
+        return "## Targets\n\nThe targets are for an H100/H200 in bf16; this run is not on a GPU: not assessed."
+    find = {key(e["extra_info"]): e["extra_info"] for e in entries}
+    info = [e["extra_info"] for e in entries]
+
+    def one(workload, dtype, impl):
+        return next((i for i in info if i["workload"] == workload and i["dtype"] == dtype and i["impl"] == impl), None)
+
+    lines = []
+    fast, eager32 = one("train_step", "bf16", "fast"), one("train_step", "fp32", "eager")
+    if fast and eager32 and fast.get("items_per_s") and eager32.get("items_per_s"):
+        r = fast["items_per_s"] / eager32["items_per_s"]
+        lines.append(f"- training bf16 fast ≥ 4× eager fp32: **{r:.2f}×** — {'met' if r >= 4 else 'not met'}")
+    if fast and fast.get("mfu") is not None:
+        lines.append(f"- training bf16 fast ≥ 30% of the bf16 peak: **{pct(fast['mfu'])}** — "
+                     f"{'met' if fast['mfu'] >= 0.3 else 'not met'}")
+    s = one("sampling", "bf16", "fast")
+    if s and s.get("items_per_s"):
+        secs = sample_seconds(s, 1000)
+        lines.append(f"- 5,120 images at T = 1000 in ≤ 45 s (bf16 fast): **{secs:.1f} s** — "
+                     f"{'met' if secs <= 45 else 'not met'}")
+    gn = [i for i in info if i["workload"] == "groupnorm_gelu" and i.get("variant", "").startswith("fwd+bwd")
+          and i["dtype"] == "bf16" and i["impl"] == "fast" and i.get("roofline") is not None]
+    if gn:
+        lo, hi = min(i["roofline"] for i in gn), max(i["roofline"] for i in gn)
+        lines.append(f"- GroupNorm+GELU fwd+bwd ≥ 80% of copy bandwidth (bf16): **{pct(lo)} – {pct(hi)}** over "
+                     f"{len(gn)} shapes — {'met' if lo >= 0.8 else 'met for some shapes' if hi >= 0.8 else 'not met'}")
+        sp = []
+        for i in gn:
+            c = find.get((i["workload"], i.get("variant"), str(i.get("shape")), i.get("batch"), "bf16", "compiled"))
+            if c and c.get("seconds") and i.get("seconds"):
+                sp.append(c["seconds"] / i["seconds"])
+        if sp:
+            lines.append(f"- GroupNorm+GELU fwd+bwd ≥ 1.5× compiled (bf16): **{min(sp):.2f}× – {max(sp):.2f}×** — "
+                         f"{'met' if min(sp) >= 1.5 else 'met for some shapes' if max(sp) >= 1.5 else 'not met'}")
+    return "## Targets (issue 5; read from this JSON)\n\n" + ("\n".join(lines) or "No result for a target.")
+
+
+def render(entries, header=None) -> str:
+    if not entries:
+        return "# fastddpm benchmarks\n\nNo results.\n"
+    parts = [header_text(entries, header or {}), train_section(entries), sample_section(entries),
+             kernel_section(entries), targets_section(entries)]
+    guards = [e["extra_info"] for e in entries if e["extra_info"].get("guard", {}).get("metric") not in
+              (None, "reference")]
+    parts.append(f"Every non-eager figure passed its guard against eager ({len(guards)} checks; each result's "
+                 "`extra_info.guard` holds the measured disagreement and its tolerance).")
+    return "\n\n".join(p for p in parts if p) + "\n"
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m bench.report", description=__doc__.split("\n\n")[0])
+    p.add_argument("results", nargs="+", help="pytest-benchmark / bench.run JSON, or JSON lines")
+    p.add_argument("--merge", help="also write the merged results as one JSON here")
+    a = p.parse_args(argv)
+    existing = [r for r in a.results if Path(r).is_file()]
+    if not existing:
+        sys.stderr.write(f"error: none of {', '.join(a.results)} exists\n")
+        return 2
+    entries, header = load(existing)
+    if a.merge:
+        from bench.common import results_json  # imports torch: only when writing
+
+        doc = {**results_json(entries), **{k: v for k, v in header.items() if k != "benchmarks"}}
+        Path(a.merge).write_text(json.dumps(doc, indent=1, default=str))
+    sys.stdout.write(render(entries, header))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

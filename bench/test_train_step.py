@@ -1,0 +1,67 @@
+"""One training step: ``Trainer.train_step`` (forward, eq. 13 loss, backward, Adam, EMA) on a fixed
+batch, per dtype. eager = torch kernels, no compile; compiled = torch kernels under torch.compile;
+fast = Triton kernels + torch.compile. Guard: the first step's loss and gradients against eager's,
+from the same weights, t and noise (Trainer seeds all of them from cfg.seed)."""
+import shutil
+import tempfile
+
+import pytest
+import torch
+
+from bench import common as C
+
+CASES = C.grid()
+PATHS = {"eager": ("torch", False), "compiled": ("torch", True), "fast": ("triton", True)}
+
+
+def trainer(dtype, impl):
+    from fastddpm.config import TrainConfig
+    from fastddpm.train import Trainer
+
+    kernels, compile_ = PATHS[impl]
+    b = C.S["train_batch"]
+    cfg = TrainConfig(data="shapes", preset=C.S["preset"], dtype=dtype, batch_size=b, train_size=b, val_size=0,
+                      n_samples=0, compile=compile_, kernels=kernels)
+    out = tempfile.mkdtemp(prefix="fastddpm-bench-")
+    try:
+        return Trainer(cfg, out, C.DEVICE, progress=False)
+    finally:
+        shutil.rmtree(out, ignore_errors=True)  # train_step writes nothing there
+
+
+def first_step(tr, x0):
+    """(loss, all gradients) of one step; the scaler has unscaled the gradients by then."""
+    loss = tr.train_step(x0).float()
+    return loss, torch.cat([p.grad.detach().float().flatten() for p in tr.model.parameters()])
+
+
+def build(dtype, impl):
+    b = C.S["train_batch"]
+    x0 = (torch.rand(b, 3, 32, 32, generator=torch.Generator().manual_seed(0)) * 2 - 1).to(C.DEVICE)
+    tr = trainer(dtype, impl)
+    key = ("train", dtype)
+    if impl == "eager":
+        C.reference(key, lambda: first_step(tr, x0))
+        check = None
+    else:
+        def check():
+            ref_loss, ref_grads = C.reference(key, lambda: first_step(trainer(dtype, "eager"), x0))
+            loss, grads = first_step(tr, x0)
+            tol_loss, tol_grad = C.TOL[dtype]
+            out = C.guard(f"loss vs eager ({dtype})", C.rel(loss, ref_loss), tol_loss)
+            # fp16: the scaler's first scale overflows some gradients (a skipped step, in both paths)
+            if torch.isfinite(ref_grads).all() and torch.isfinite(grads).all():
+                out = {**C.guard(f"gradients vs eager ({dtype})", C.rel(grads, ref_grads), tol_grad), "loss": out}
+            else:
+                out["gradients"] = "not compared: non-finite at the grad scaler's first scale"
+            return out
+    return C.Case(
+        "train_step", impl, dtype, fn=C.synced(lambda: tr.train_step(x0)), items=b, unit="images",
+        flops=C.model_flops(tr.model.base_channels, True) * b, check=check, rounds=C.S["train_rounds"],
+        warmup=C.S["warmup"],
+        info=dict(batch=b, preset=C.S["preset"], params=sum(p.numel() for p in tr.model.parameters())))
+
+
+@pytest.mark.parametrize("params", CASES, ids=C.case_id)
+def test_train_step(benchmark, params):
+    C.run(benchmark, lambda: build(**params))

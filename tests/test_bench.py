@@ -1,0 +1,118 @@
+"""The bench suite cannot rot: its files run once (``--benchmark-disable``, smoke sizes, the tiny
+preset, a cheap torch.compile backend) with every guard active, the fallback runner writes the same
+JSON, and bench.report turns a known JSON into the expected table."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from bench import report
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _env(tmp_path, **extra):
+    env = dict(os.environ, FASTDDPM_BENCH_SIZE="smoke", FASTDDPM_BENCH_COMPILE_BACKEND="aot_eager",
+               FASTDDPM_BENCH_LOG=str(tmp_path / "log.jsonl"), OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT),
+               FASTDDPM_CACHE=str(tmp_path / "cache"), **extra)
+    env.pop("FASTDDPM_GIT_COMMIT", None)
+    return env
+
+
+def _logged(tmp_path):
+    return [json.loads(line)["extra_info"] for line in (tmp_path / "log.jsonl").read_text().splitlines()]
+
+
+def test_bench_files_run_with_the_guard(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "pytest", "bench", "-q", "-p", "no:cacheprovider",
+                           "--benchmark-disable"], cwd=ROOT, env=_env(tmp_path), capture_output=True, text=True,
+                          timeout=900)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    infos = _logged(tmp_path)
+    seen = {(i["workload"], i["impl"], i["dtype"]) for i in infos}
+    for workload in ("train_step", "sampling", "groupnorm_gelu", "reverse_step"):
+        for impl in ("eager", "compiled", "fast"):
+            for dtype in ("fp32", "fp16", "bf16"):
+                assert (workload, impl, dtype) in seen
+    guarded = [i for i in infos if i["impl"] != "eager"]
+    assert guarded and all(i["guard"]["value"] <= i["guard"]["tol"] for i in guarded)
+    assert all(i["seconds"] is None and i["peak_bf16_tflops"] is None for i in infos)  # untimed, CPU
+
+
+def test_fallback_runner_writes_the_same_schema(tmp_path):
+    out = tmp_path / "results.json"
+    proc = subprocess.run([sys.executable, "-m", "bench.run", "--only", "kernels", "-k", "fp32", "-k", "fwd+res",
+                           "--json", str(out)], cwd=ROOT, env=_env(tmp_path), capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    doc = json.loads(out.read_text())
+    assert {b["extra_info"]["impl"] for b in doc["benchmarks"]} == {"eager", "compiled", "fast"}
+    for b in doc["benchmarks"]:
+        assert b["stats"]["median"] > 0 and b["extra_info"]["seconds"] > 0 and b["extra_info"]["items_per_s"] > 0
+    assert "## Kernels" in proc.stdout and "3 passed, 0 failed" in proc.stdout
+
+
+def test_guard_refuses_a_wrong_implementation():
+    from bench import common
+
+    with pytest.raises(common.GuardError):
+        common.guard("loss vs eager", 0.5, 1e-2)
+    with pytest.raises(common.GuardError):
+        common.guard("nan", float("nan"), 1e-2)
+
+
+# --- bench.report on a synthetic JSON --------------------------------------------------------------
+PEAKS = dict(peak_bf16_tflops=800.0, copy_gb_per_s=3000.0, device_type="cuda",
+             device={"name": "NVIDIA H100 80GB HBM3", "driver": "580.1", "memory_bytes": 80 * 2**30},
+             versions={"torch": "2.11", "triton": "3.6"}, git={"id": "abcdef1234567890", "dirty": False})
+
+
+def _entry(workload, impl, dtype, **info):
+    return {"name": f"{workload}-{impl}-{dtype}",
+            "extra_info": {"workload": workload, "impl": impl, "dtype": dtype, **PEAKS, **info}}
+
+
+def _synthetic():
+    e = [_entry("train_step", "eager", "fp32", batch=256, preset="seed", items_per_s=1000.0, mfu=0.05),
+         _entry("train_step", "eager", "bf16", batch=256, preset="seed", items_per_s=2000.0, mfu=0.1),
+         _entry("train_step", "compiled", "bf16", batch=256, preset="seed", items_per_s=4000.0, mfu=0.2),
+         _entry("train_step", "fast", "bf16", batch=256, preset="seed", items_per_s=5000.0, mfu=0.35)]
+    for impl, ips in (("eager", 25_600.0), ("compiled", 51_200.0), ("fast", 128_000.0)):
+        e.append(_entry("sampling", impl, "bf16", batch=2560, steps=10, items_per_s=ips, fixed_s=1.0, mfu=0.3))
+    for impl, sec in (("eager", 300e-6), ("compiled", 150e-6), ("fast", 100e-6)):
+        e.append(_entry("groupnorm_gelu", impl, "bf16", variant="fwd+bwd", shape=[256, 64, 32, 32], batch=256,
+                        seconds=sec, gb_per_s=2700.0 if impl == "fast" else 900.0,
+                        roofline=0.9 if impl == "fast" else 0.3))
+    return e
+
+
+def test_report_table_ratios_and_projections(tmp_path):
+    path = tmp_path / "r.json"
+    path.write_text(json.dumps({"benchmarks": _synthetic(), "datetime": "2026-11-26T00:00:00"}))
+    entries, header = report.load([path])
+    text = report.render(entries, header)
+    assert "NVIDIA H100 80GB HBM3" in text and "800 TFLOP/s" in text and "commit abcdef123456" in text
+    train = next(line for line in text.splitlines() if line.startswith("| bf16 | 256 (seed)"))
+    assert "| 2.50× | 1.25× | 5.00× |" in train  # fast/eager, fast/compiled, fast/eager fp32
+    # 500 epochs x 50,000 images at 5,000 images/s
+    assert f"{500 * 50_000 / 5000 / 3600:.3g}" in train
+    # 5,120 images = 2 chunks of 2,560; T=1000: 1 s + 2 * 1000 * 2560 / 128,000 = 41 s
+    assert "| fast | bf16 | 41 | 81 | 1 |" in text
+    assert "| 5.00× | 2.50× | — | 30.0% |" in text  # sampling fast/eager, fast/compiled, no diffusers
+    kern = next(line for line in text.splitlines() if line.startswith("| groupnorm_gelu"))
+    assert "| 3.00× | 1.50× | 2,700 | 90.0% | 30.0% |" in kern
+    assert "**5.00×** — met" in text and "**35.0%** — met" in text and "**41.0 s** — met" in text
+    assert "1861 s (T=1000, fp32)" in text and "7.71 h (T=1000, fp32)" in text
+
+
+def test_report_merges_jsonl_and_says_cpu(tmp_path, capsys):
+    lines = [_entry("train_step", "eager", "fp32", batch=2, preset="tiny", items_per_s=10.0)]
+    lines[0]["extra_info"].update(device_type="cpu", peak_bf16_tflops=None, copy_gb_per_s=None, device={"name": "x86"})
+    (tmp_path / "a.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
+    assert report.main([str(tmp_path / "a.jsonl"), "--merge", str(tmp_path / "m.json")]) == 0
+    out = capsys.readouterr().out
+    assert "CPU run: no roofline is claimed" in out and "not assessed" in out
+    assert len(json.loads((tmp_path / "m.json").read_text())["benchmarks"]) == 1
