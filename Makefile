@@ -20,7 +20,7 @@ $(VENV)/.installed: setup.py
 
 # Re-running continues (or just re-samples) the same run instead of refusing to overwrite it.
 demo: setup
-	$(PY) -m fastddpm.train --data shapes --preset tiny --T 500 --epochs 6 --batch-size 64 --lr 1e-3 \
+	$(PY) -m fastddpm.train --data shapes --preset tiny --T 500 --epochs 6 --batch-size 16 --lr 1e-3 \
 		--val-size 1024 --n-samples 64 --out $(DEMO) $$([ -f $(DEMO)/checkpoint.pt ] && echo --resume)
 	@echo "open $(DEMO)/samples.png and $(DEMO)/loss.png"
 
