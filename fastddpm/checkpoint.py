@@ -61,6 +61,13 @@ def read_checkpoint(path) -> dict:
     if ckpt.get("version") != VERSION:
         raise UsageError(f"checkpoint {path}: format version {ckpt.get('version')} is not {VERSION}; use the "
                          "fastddpm release that wrote it")
+    try:
+        TrainConfig.from_dict(ckpt["config"]).validate()  # e.g. an unknown preset
+        if not isinstance(ckpt["model"], dict):
+            raise TypeError("'model'")
+    except (KeyError, TypeError, AttributeError, UsageError) as e:
+        raise UsageError(f"checkpoint {path}: damaged fastddpm checkpoint (bad or missing {e}); point at a file "
+                         "written by fastddpm.train") from None
     return ckpt
 
 

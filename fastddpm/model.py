@@ -7,6 +7,8 @@ is the single switch.
 """
 from __future__ import annotations
 
+import functools
+import importlib.util
 import math
 
 import torch
@@ -14,6 +16,16 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 KERNEL_CHOICES = ("auto", "triton", "torch")
+
+
+@functools.cache
+def _triton_installed() -> bool:
+    return importlib.util.find_spec("triton") is not None
+
+
+def auto_kernels(is_cuda: bool) -> str:
+    """What kernels="auto" means on a device: Triton on CUDA (where Triton is installed), torch elsewhere."""
+    return "triton" if is_cuda and _triton_installed() else "torch"
 
 
 def time_encoding(t: torch.Tensor, channels: int) -> torch.Tensor:
@@ -160,8 +172,7 @@ class UNet(nn.Module):
         if kernels not in KERNEL_CHOICES:
             raise ValueError(f"kernels must be one of {KERNEL_CHOICES}, got {kernels!r}")
         self.kernels = kernels
-        auto = "triton" if self.outc.weight.is_cuda else "torch"
-        self._apply_kernels(auto if kernels == "auto" else kernels)
+        self._apply_kernels(auto_kernels(self.outc.weight.is_cuda) if kernels == "auto" else kernels)
         return self
 
     def _apply_kernels(self, path: str):
@@ -175,12 +186,12 @@ class UNet(nn.Module):
         # never has to switch paths itself.
         module = super()._apply(fn, recurse)
         if self.kernels == "auto":
-            self._apply_kernels("triton" if self.outc.weight.is_cuda else "torch")
+            self._apply_kernels(auto_kernels(self.outc.weight.is_cuda))
         return module
 
     def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        if self.kernels == "auto" and self._path != ("triton" if x.is_cuda else "torch"):
-            self._apply_kernels("triton" if x.is_cuda else "torch")
+        if self.kernels == "auto" and self._path != auto_kernels(x.is_cuda):
+            self._apply_kernels(auto_kernels(x.is_cuda))
         x1 = self.inc(x)
         x2 = self.down1(x1, t)
         x3 = self.sa1(self.down2(x2, t))

@@ -185,10 +185,11 @@ def sample(model_or_checkpoint_path, n: int, *, T: int | None = None, batch_size
         raise ValueError(f"engine must be one of {ENGINES}, got {engine!r}")
     model, diffusion, dtype = _resolve(model_or_checkpoint_path, T, device, dtype)
     device = next(model.parameters()).device
-    engine = ("fast" if device.type == "cuda" else "eager") if engine == "auto" else engine
-    if engine == "fast" or noise == "philox":
-        from fastddpm.kernels import unavailable_reason
+    from fastddpm.kernels import unavailable_reason
 
+    if engine == "auto":
+        engine = "fast" if device.type == "cuda" and not unavailable_reason(device) else "eager"
+    if engine == "fast" or noise == "philox":
         if unavailable_reason(device):
             raise UsageError(f"engine {engine!r} / noise {noise!r}: {unavailable_reason(device)}")
     noise = ("philox" if engine == "fast" else "torch") if noise == "auto" else noise
@@ -214,7 +215,8 @@ def sample(model_or_checkpoint_path, n: int, *, T: int | None = None, batch_size
     try:
         with engine_model(model, engine, device) as net:
             if fused and device.type == "cuda" and not keep:
-                x = cuda_graph_chain(net, diffusion, x, seed, batch_size, dtype, progress)
+                with torch.cuda.device(device):  # streams, graphs and Triton launches use the current device
+                    x = cuda_graph_chain(net, diffusion, x, seed, batch_size, dtype, progress)
             else:
                 if fused:
                     from fastddpm.kernels.reverse_step import reverse_step
@@ -300,6 +302,10 @@ def check_device(name) -> torch.device:
         raise UsageError(f"--device {name}: not a device name; use cpu, cuda or cuda:N") from None
     if device.type == "cuda" and not torch.cuda.is_available():
         raise UsageError(f"--device {name}: CUDA is not available here; use --device cpu")
+    if device.type == "cuda" and device.index is not None:
+        if device.index >= torch.cuda.device_count():
+            raise UsageError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+        torch.cuda.set_device(device)  # Triton launches and CUDA graphs use the current device
     return device
 
 

@@ -143,24 +143,30 @@ class Trainer:
             "ema": self.ema.state_dict() if self.ema else None,
             "optimizer": self.opt.state_dict(),
             "scaler": self.scaler.state_dict() if self.scaler.is_enabled() else None,
-            "epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch, "step": self.step,
+            "epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch, "step": self.step, "world": self.world,
             "epoch_sum": self.epoch_sum, "epoch_count": self.epoch_count, "epoch_seconds": self.epoch_seconds,
             "rng": {"train": self.gen.get_state(), "torch": torch.get_rng_state()},
         }
 
     def save(self) -> None:
-        if self.rank != 0:
-            return
+        # Every rank checks (the replicas are identical, so they agree) and stops together.
         bad = [n for n, p in self.model.named_parameters() if not torch.isfinite(p).all()]
         if bad or not math.isfinite(self.epoch_sum):
             raise DivergenceError(f"non-finite {'weights (' + bad[0] + ')' if bad else 'loss'}")
+        if self.rank != 0:
+            return
         save_checkpoint(self.payload(), self.out / CHECKPOINT)
         self.last_good = (self.epoch, self.batch_in_epoch)
 
     def restore(self, ckpt: dict) -> None:
+        if ckpt["batch_in_epoch"] and ckpt.get("world", 1) != self.world:
+            raise UsageError(f"the checkpoint was written mid-epoch by {ckpt.get('world', 1)} process(es): resume it "
+                             f"with {ckpt.get('world', 1)}, or from an epoch-end checkpoint with any number")
         self.model.load_state_dict(ckpt["model"])
         if self.ema and ckpt.get("ema"):
             self.ema.load_state_dict(ckpt["ema"])
+        elif self.ema:  # EMA turned on at resume: start it from the trained weights, not the initial ones
+            self.ema = EMA(self.model, self.cfg.ema)
         self.opt.load_state_dict(ckpt["optimizer"])
         if self.scaler.is_enabled() and ckpt.get("scaler"):
             self.scaler.load_state_dict(ckpt["scaler"])
@@ -341,7 +347,9 @@ def config_from_args(args, base: TrainConfig, resumed: bool) -> TrainConfig:
                 flag = "--no-grad-scaler" if key == "grad_scaler" else f"--{key.replace('_', '-')}"
                 raise UsageError(f"{flag} {given[key]} disagrees with the checkpoint's {getattr(base, key)}; "
                                  f"drop {flag} to resume it, or train into a new --out")
-    cfg = TrainConfig.from_dict({**base.to_dict(), **given})
+    # How to run fast (compile, kernels) is this run's choice, not the checkpoint's.
+    speed = {k: getattr(TrainConfig(), k) for k in ("compile", "kernels")}
+    cfg = TrainConfig.from_dict({**base.to_dict(), **speed, **given})
     cfg.validate()
     return cfg
 
@@ -404,8 +412,12 @@ def _train(args, out: Path, rank: int, world: int, device: torch.device) -> int:
     base = TrainConfig.from_dict(ckpt["config"]) if ckpt else TrainConfig()
     cfg = config_from_args(args, base, resumed=ckpt is not None)
     progress = sys.stderr.isatty() if args.progress is None else args.progress
-    if world > 1 and ckpt is None:
-        torch.distributed.barrier()  # every rank has checked OUT before rank 0 writes into it
+    if world > 1:
+        if rank == 0:  # download / decode once, into the shared cache, before the others read it
+            data_mod.load_images(cfg.data, "train")
+            if cfg.val_size:
+                data_mod.load_images(cfg.data, "test")
+        torch.distributed.barrier()  # also: every rank has checked OUT before rank 0 writes into it
     trainer = Trainer(cfg, out, device, progress=progress, rank=rank, world=world)
     if ckpt:
         trainer.restore(ckpt)

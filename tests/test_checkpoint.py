@@ -53,3 +53,18 @@ def test_version_and_header_are_checked(trainer, tmp_path):
         read_checkpoint(tmp_path / "future.pt")
     with pytest.raises(UsageError, match="no such file"):
         read_checkpoint(tmp_path / "missing.pt")
+
+
+@pytest.mark.parametrize("damage", ["no-model", "unknown-preset", "no-config"])
+def test_damaged_checkpoints_are_one_line_errors(trainer, tmp_path, damage):
+    raw = torch.load(tmp_path / "checkpoint.pt", weights_only=True)
+    if damage == "no-model":
+        del raw["model"]
+    elif damage == "no-config":
+        del raw["config"]
+    else:
+        raw["config"]["preset"] = "huge"
+    torch.save(raw, tmp_path / "damaged.pt")
+    with pytest.raises(UsageError, match="damaged fastddpm checkpoint") as err:
+        load_checkpoint(tmp_path / "damaged.pt")
+    assert "\n" not in str(err.value)

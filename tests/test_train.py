@@ -159,3 +159,25 @@ def test_ema_lerp_matches_the_formula():
     ema.update(model, step=100)  # decay min(0.9, 101/110) = 0.9
     for e, b, p in zip(ema.params, before, model.parameters()):
         torch.testing.assert_close(e, 0.9 * b + 0.1 * p.detach())
+
+
+def test_ema_turned_on_at_resume_starts_from_the_trained_weights(tmp_path):
+    assert _train_cli(tmp_path, "--epochs", "1", "--ema", "0")[0] == 0
+    assert read_checkpoint(tmp_path / "checkpoint.pt")["ema"] is None
+    trainer = Trainer(tiny_config(epochs=2, ema=0.9999), tmp_path, torch.device("cpu"), progress=False)
+    ckpt = read_checkpoint(tmp_path / "checkpoint.pt")
+    trainer.restore(ckpt)
+    for name, e in zip(trainer.ema.names, trainer.ema.params):
+        assert torch.equal(e, ckpt["model"][name])
+
+
+def test_mid_epoch_checkpoint_resumes_only_with_the_same_number_of_processes(tmp_path):
+    from fastddpm.errors import UsageError
+
+    trainer = Trainer(tiny_config(), tmp_path, torch.device("cpu"), progress=False)
+    trainer.batch_in_epoch = 1
+    trainer.save()
+    ckpt = read_checkpoint(tmp_path / "checkpoint.pt")
+    ckpt["world"] = 2
+    with pytest.raises(UsageError, match="mid-epoch by 2 process"):
+        Trainer(tiny_config(), tmp_path, torch.device("cpu"), progress=False).restore(ckpt)
