@@ -140,7 +140,6 @@ def train_section(entries) -> str:
     rows = []
     for (batch, preset, dtype), d in g.items():
         ips = {m: d[m].get("items_per_s") if m in d else None for m in IMPLS[:3]}
-        fast = d.get("fast", {})
         rows.append([dtype, f"{batch} ({preset})", *(num(ips[m]) for m in IMPLS[:3]),
                      ratio(ips["fast"], ips["eager"]), ratio(ips["fast"], ips["compiled"]),
                      ratio(ips["fast"], eager32), " / ".join(pct(d[m].get("mfu")) if m in d else "—"

@@ -3,7 +3,6 @@ file cannot run code), written to a temporary file and renamed, so a kill at any
 the previous checkpoint intact."""
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import NamedTuple
 
@@ -12,6 +11,7 @@ import torch
 from fastddpm.config import TrainConfig
 from fastddpm.diffusion import Diffusion
 from fastddpm.errors import UsageError
+from fastddpm.files import atomic_write
 from fastddpm.model import UNet
 
 FORMAT = "fastddpm-checkpoint"
@@ -25,23 +25,9 @@ class Loaded(NamedTuple):
 
 
 def save_checkpoint(payload: dict, path) -> Path:
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        with open(tmp, "wb") as f:
-            torch.save({"format": FORMAT, "version": VERSION, **payload}, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)  # make the rename itself durable
-    finally:
-        os.close(dir_fd)
-    return path
+    with atomic_write(path, durable=True) as f:
+        torch.save({"format": FORMAT, "version": VERSION, **payload}, f)
+    return Path(path)
 
 
 def read_checkpoint(path) -> dict:

@@ -20,6 +20,7 @@ import numpy as np
 import torch
 
 from fastddpm.errors import UsageError
+from fastddpm.files import atomic_write
 
 CIFAR10_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
 CIFAR10_MD5 = "c58f30108f718f92721af3b95e74349a"
@@ -200,11 +201,8 @@ def _load_image_folder(path: Path, split: str) -> np.ndarray | None:
     if cached.is_file():
         return np.load(cached)
     images = decode_images(kind, loc, prefix)
-    cached.parent.mkdir(parents=True, exist_ok=True)
-    tmp = cached.with_suffix(f".{os.getpid()}.tmp")
-    with open(tmp, "wb") as f:
+    with atomic_write(cached) as f:
         np.save(f, images)
-    os.replace(tmp, cached)
     return images
 
 

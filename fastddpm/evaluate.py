@@ -302,12 +302,10 @@ def _check_writable(path: Path, flag: str) -> None:
 
 def write_json(obj, path) -> None:
     """Written to a temporary file and renamed: a reader never sees half a file."""
-    import os
+    from fastddpm.files import atomic_write
 
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(obj, indent=2) + "\n")
-    os.replace(tmp, path)
+    with atomic_write(path) as f:
+        f.write((json.dumps(obj, indent=2) + "\n").encode())
 
 
 if __name__ == "__main__":

@@ -2,17 +2,12 @@
 from __future__ import annotations
 
 import math
-import os
 from pathlib import Path
 
 import numpy as np
 import torch
 
-
-def _atomic_target(path) -> tuple[Path, Path]:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    return path, path.with_name(f".{path.name}.{os.getpid()}.tmp")
+from fastddpm.files import atomic_write
 
 
 def grid_array(images, nrow: int | None = None, pad: int = 2, scale: int = 2) -> np.ndarray:
@@ -38,10 +33,9 @@ def save_grid(images, path, nrow: int | None = None, scale: int = 2) -> Path:
     """Write uint8 images (as ``fastddpm.sample`` returns them) as one PNG grid."""
     from PIL import Image
 
-    path, tmp = _atomic_target(path)
-    Image.fromarray(grid_array(images, nrow=nrow, scale=scale)).save(tmp, format="PNG")
-    os.replace(tmp, path)
-    return path
+    with atomic_write(path) as f:
+        Image.fromarray(grid_array(images, nrow=nrow, scale=scale)).save(f, format="PNG")
+    return Path(path)
 
 
 def plot_curves(series: dict[str, tuple[list, list]], path, title: str = "", ylabel: str = "loss",
@@ -52,7 +46,6 @@ def plot_curves(series: dict[str, tuple[list, list]], path, title: str = "", yla
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    path, tmp = _atomic_target(path)
     fig, ax = plt.subplots(figsize=(6.4, 4.2), dpi=110)
     for label, (xs, ys) in series.items():
         pts = [(x, y) for x, y in zip(xs, ys) if y is not None and math.isfinite(y) and y > 0]
@@ -65,10 +58,10 @@ def plot_curves(series: dict[str, tuple[list, list]], path, title: str = "", yla
     ax.grid(True, which="both", alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    fig.savefig(tmp, format="png")
+    with atomic_write(path) as f:
+        fig.savefig(f, format="png")
     plt.close(fig)
-    os.replace(tmp, path)
-    return path
+    return Path(path)
 
 
 def plot_loss(records: list[dict], path, title: str = "") -> Path:

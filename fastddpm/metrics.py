@@ -43,6 +43,7 @@ from torch_fidelity.registry import FEATURE_EXTRACTORS_REGISTRY, register_featur
 from torch_fidelity.utils import create_feature_extractor, get_featuresdict_from_dataset
 
 from fastddpm.errors import UsageError
+from fastddpm.files import atomic_write
 
 TORCHSCRIPT_EXTRACTOR = "fastddpm-inception-2015-12-05-torchscript"
 TORCH_FIDELITY_EXTRACTOR = "inception-v3-compat"  # torch-fidelity's own, needs its weights file
@@ -256,10 +257,8 @@ def reference(images: np.ndarray, label: str, inception: Inception, progress: bo
             return Reference(torch.from_numpy(z["features"]), {"mu": z["mu"], "sigma": z["sigma"]}, label, path, True)
     features = inception.features(images, progress=progress)[FEATURES]
     stats = fid_stats(features)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp.npz")
-    np.savez(tmp, features=features.numpy(), mu=stats["mu"], sigma=stats["sigma"])
-    os.replace(tmp, path)
+    with atomic_write(path) as f:
+        np.savez(f, features=features.numpy(), mu=stats["mu"], sigma=stats["sigma"])
     return Reference(features, stats, label, path, False)
 
 

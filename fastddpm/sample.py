@@ -241,13 +241,12 @@ def sample(model_or_checkpoint_path, n: int, *, T: int | None = None, batch_size
 
 def save_npz(images: torch.Tensor, path) -> None:
     """uint8 (N, 3, 32, 32) -> .npz holding one array 'images' (N, 32, 32, 3), the evaluator's format."""
-    import os
-
     import numpy as np
 
-    tmp = f"{path}.{os.getpid()}.tmp.npz"
-    np.savez(tmp, images=images.permute(0, 2, 3, 1).numpy())
-    os.replace(tmp, path)
+    from fastddpm.files import atomic_write
+
+    with atomic_write(path) as f:
+        np.savez(f, images=images.permute(0, 2, 3, 1).numpy())
 
 
 def main(argv=None) -> int:

@@ -24,6 +24,7 @@ from fastddpm.checkpoint import read_checkpoint, save_checkpoint
 from fastddpm.config import DTYPES, PRESETS, TrainConfig
 from fastddpm.diffusion import Diffusion
 from fastddpm.errors import ArgumentParser, DivergenceError, UsageError, run_cli
+from fastddpm.files import atomic_write
 from fastddpm.model import UNet
 from fastddpm.sample import autocast, check_device
 
@@ -92,9 +93,8 @@ def read_metrics(out: Path) -> list[dict]:
 
 
 def write_metrics(out: Path, records: list[dict]) -> None:
-    tmp = out / f".{METRICS}.tmp"
-    tmp.write_text("".join(json.dumps(r) + "\n" for r in records))
-    os.replace(tmp, out / METRICS)
+    with atomic_write(out / METRICS) as f:
+        f.write("".join(json.dumps(r) + "\n" for r in records).encode())
 
 
 class Trainer:
