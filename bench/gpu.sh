@@ -1,26 +1,29 @@
 #!/usr/bin/env bash
-# The GPU bench in one command, sized for one lent-GPU call (under 8 minutes of wall clock):
-#   1. the kernel/engine tests natively on the GPU,
+# The GPU bench in one command, sized for one lent-GPU call (under 9 minutes of wall clock):
+#   1. native correctness first: the kernel tests (pytest-xdist workers where installed) side by side
+#      with the CUDA-graph sampling test. If the kernel tests fail, the script stops there (a fast
+#      but wrong kernel posts no number) and the rest of the lease is left for a rerun after a fix;
 #   2. the bench suite at full size (seed preset, batch 256 training, batch 2560 sampling, the
-#      U-Net's kernel shapes), stage by stage, each under its own time cap: bf16 cases run first, so
-#      a stage cut off by its cap still has the headline dtype; every finished result is also
-#      appended at once to a JSON-lines log, so nothing finished is lost,
+#      U-Net's kernel shapes), stage by stage, each under its own time cap and with its own dtypes:
+#      eager baselines first, then bf16 (the headline), so a stage cut off by its cap still has
+#      what matters; every finished result is also appended at once to a JSON-lines log;
 #   3. the merged JSON and the markdown report.
 # Writes into $OUT when set (the device tool's output folder), else bench/results/:
 #   <date>-<card>.json        (commit it as bench/results/<date>-<card>.json)
 #   report.md                 (python -m bench.report on that JSON)
-#   bench.log (everything printed, the native test run included), nvidia-smi.txt
+#   bench.log (everything printed), graph-test.log (the CUDA-graph test), nvidia-smi.txt
 # Usage, from the repository root (the GPU machine's copy has no .git, so pass the commit in):
 #   FASTDDPM_GIT_COMMIT=$(git rev-parse HEAD) bash bench/gpu.sh
-# Knobs: BENCH_BUDGET_S (default 450: the whole script), BENCH_STAGES (default "tests train sample
-# kernels"), PYTHON (default python3).
+# Knobs: BENCH_BUDGET_S (default 530: the whole script), BENCH_STAGES (default "tests train sample
+# kernels"), TRAIN_DTYPES / SAMPLE_DTYPES (default bf16,fp32), KERNEL_DTYPES (default bf16),
+# PYTHON (default python3).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONPATH=".${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 PY=${PYTHON:-python3}
 DEST=${OUT:-bench/results}
 WORK=$(mktemp -d)
-BUDGET=${BENCH_BUDGET_S:-450}
+BUDGET=${BENCH_BUDGET_S:-530}
 STAGES=${BENCH_STAGES:-tests train sample kernels}
 START=$(date +%s)
 mkdir -p "$DEST"
@@ -33,11 +36,12 @@ stage() {
   local name=$1 cap=$2; shift 2
   local left=$(( BUDGET - ($(date +%s) - START) - 25 ))
   local t=$(( left < cap ? left : cap ))
-  if (( t < 20 )); then say "$name: skipped, the time budget is spent"; return 0; fi
+  if (( t < 20 )); then say "$name: skipped, the time budget is spent"; return 124; fi
   say "$name: up to ${t}s"
   timeout -s INT -k 20 "$t" "$@" 2>&1 | tee -a "$LOG"
   local rc=${PIPESTATUS[0]}
   say "$name: exit $rc$( (( rc == 124 )) && echo ' (cut off by its time cap)') after $(( $(date +%s) - START ))s in all"
+  return "$rc"
 }
 
 # pytest-benchmark and nvidia-ml-py are in the GPU image; install either only if it is missing
@@ -52,27 +56,45 @@ CARD=$("$PY" -c "import re, torch; print(re.sub(r'[^a-z0-9]+', '-', torch.cuda.g
 NAME="$(date -u +%Y-%m-%d)-$CARD"
 say "device $CARD, commit ${FASTDDPM_GIT_COMMIT:-unknown}, stages: $STAGES, budget ${BUDGET}s"
 
-bench() {  # bench NAME CAP: one bench module, through pytest-benchmark or, without it, bench.run
+bench() {  # bench NAME CAP DTYPES: one bench module, through pytest-benchmark or, without it, bench.run
   local name=$1 cap=$2 file
   case $name in train) file=test_train_step.py ;; sample) file=test_sampling.py ;; kernels) file=test_kernels.py ;; esac
+  export FASTDDPM_BENCH_DTYPES=$3 FASTDDPM_BENCH_LOG="$WORK/$name.jsonl"
   if "$PY" -c "import pytest_benchmark" 2>/dev/null; then
-    FASTDDPM_BENCH_LOG="$WORK/$name.jsonl" stage "bench $name" "$cap" "$PY" -m pytest -q -p no:cacheprovider \
+    stage "bench $name ($3)" "$cap" "$PY" -m pytest -q -p no:cacheprovider \
       "bench/$file" --benchmark-only --benchmark-json="$WORK/$name.json" --benchmark-columns=median,ops,rounds
   else
-    FASTDDPM_BENCH_LOG="$WORK/$name.jsonl" stage "bench $name (bench.run)" "$cap" "$PY" -m bench.run \
-      --only "$name" --json "$WORK/$name.json"
+    stage "bench $name ($3, bench.run)" "$cap" "$PY" -m bench.run --only "$name" --json "$WORK/$name.json"
   fi
+}
+
+native_tests() {
+  local workers=() rc
+  "$PY" -c "import xdist" 2>/dev/null && workers=(-n 8)
+  # Tests, not timings: the two runs may share the GPU. The graph test logs to its own file.
+  (LOG="$DEST/graph-test.log"; : >"$LOG"
+   stage "CUDA-graph sampling test (native)" 200 "$PY" -m pytest -q -rA -p no:cacheprovider tests/test_engine.py \
+     -k cuda_graph >/dev/null 2>&1) &
+  local graph=$!
+  stage "kernel tests (native${workers:+, ${workers[1]} workers})" 200 "$PY" -m pytest -q -x -p no:cacheprovider \
+    "${workers[@]}" tests/test_kernels_groupnorm_gelu.py tests/test_kernels_reverse_step.py tests/test_unet_triton.py
+  rc=$?
+  wait "$graph"
+  say "CUDA-graph sampling test: exit $?"; tail -n 15 "$DEST/graph-test.log" | tee -a "$LOG"
+  return "$rc"
 }
 
 for s in $STAGES; do
   case $s in
     tests)
-      stage "kernel and engine tests (native)" 90 "$PY" -m pytest -q -x -p no:cacheprovider \
-        tests/test_kernels_groupnorm_gelu.py tests/test_kernels_reverse_step.py tests/test_unet_triton.py \
-        tests/test_engine.py -k "not test_engine or cuda" ;;
-    train) bench train 120 ;;
-    sample) bench sample 110 ;;
-    kernels) bench kernels 100 ;;
+      native_tests; rc=$?
+      if (( rc != 0 && rc != 124 )); then
+        say "the native kernel tests failed (exit $rc): no bench runs on wrong kernels; stopping here"
+        break
+      fi ;;
+    train) bench train 170 "${TRAIN_DTYPES:-bf16,fp32}" ;;
+    sample) bench sample 120 "${SAMPLE_DTYPES:-bf16,fp32}" ;;
+    kernels) bench kernels 110 "${KERNEL_DTYPES:-bf16}" ;;
     *) say "unknown stage $s" ;;
   esac
 done
