@@ -64,6 +64,9 @@ def _index_tensor(v: Union[int, torch.Tensor], device) -> torch.Tensor:
         if v.numel() != 1:
             raise ValueError(f"expected a 1-element tensor, got shape {tuple(v.shape)}")
         return v.reshape(1).to(device=device, dtype=torch.int64)
+    if torch.device(device).type == "cuda" and torch.cuda.is_current_stream_capturing():
+        raise ValueError("inside CUDA-graph capture, pass t, seed and offset as 1-element int64 device tensors "
+                         "(a Python int would be copied to the GPU at capture time and frozen into the graph)")
     return torch.tensor([int(v)], device=device, dtype=torch.int64)
 
 

@@ -134,13 +134,15 @@ def test_python_int_step_and_seed(tables):
 def test_cuda_graph_replay_draws_fresh_noise(tables):
     """One graph captured once, replayed with t updated in place, matches eager calls step by step."""
     x, eps = _inputs()
-    t, seed = _step_tensor(999), _step_tensor(11)
+    t, seed, offset = _step_tensor(999), _step_tensor(11), _step_tensor(0)
     out = torch.empty_like(x)
-    reverse_step(x, eps, t, seed, out=out, **tables)  # warm up (compiles the kernel)
+    reverse_step(x, eps, t, seed, offset=offset, out=out, **tables)  # warm up (compiles the kernel)
     torch.cuda.synchronize()
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        reverse_step(x, eps, t, seed, out=out, **tables)
+        with pytest.raises(ValueError, match="device tensors"):  # a Python int would be baked in
+            reverse_step(x, eps, t, seed, out=out, **tables)
+        reverse_step(x, eps, t, seed, offset=offset, out=out, **tables)
     outs = []
     for step in (999, 998, 0):
         t.fill_(step)
