@@ -15,7 +15,7 @@
 # Usage, from the repository root (the GPU machine's copy has no .git, so pass the commit in):
 #   FASTDDPM_GIT_COMMIT=$(git rev-parse HEAD) bash bench/gpu.sh
 # Knobs: BENCH_BUDGET_S (default 530: the whole script), BENCH_STAGES (default "tests train sample
-# kernels"), TRAIN_DTYPES / SAMPLE_DTYPES (default bf16,fp32), KERNEL_DTYPES (default bf16),
+# kernels"), TRAIN_CAP_S / SAMPLE_CAP_S / KERNEL_CAP_S (seconds per stage), TRAIN_DTYPES / SAMPLE_DTYPES (default bf16,fp32), KERNEL_DTYPES (default bf16),
 # PYTHON (default python3).
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -92,9 +92,9 @@ for s in $STAGES; do
         say "the native kernel tests failed (exit $rc): no bench runs on wrong kernels; stopping here"
         break
       fi ;;
-    train) bench train 170 "${TRAIN_DTYPES:-bf16,fp32}" ;;
-    sample) bench sample 120 "${SAMPLE_DTYPES:-bf16,fp32}" ;;
-    kernels) bench kernels 110 "${KERNEL_DTYPES:-bf16}" ;;
+    train) bench train "${TRAIN_CAP_S:-170}" "${TRAIN_DTYPES:-bf16,fp32}" ;;
+    sample) bench sample "${SAMPLE_CAP_S:-120}" "${SAMPLE_DTYPES:-bf16,fp32}" ;;
+    kernels) bench kernels "${KERNEL_CAP_S:-110}" "${KERNEL_DTYPES:-bf16}" ;;
     *) say "unknown stage $s" ;;
   esac
 done
