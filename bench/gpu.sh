@@ -103,7 +103,9 @@ done
 shopt -s nullglob
 inputs=("$WORK"/*.jsonl "$WORK"/*.json)
 if (( ${#inputs[@]} )); then
-  "$PY" -m bench.report "${inputs[@]}" --merge "$DEST/$NAME.json" >"$DEST/report.md" 2>>"$LOG"
+  knobs=$(env | grep -E '^(BENCH_|TRAIN_|SAMPLE_|KERNEL_|FASTDDPM_BENCH_(SIZE|COMPILE))' | sort | tr '\n' ' ')
+  "$PY" -m bench.report "${inputs[@]}" --merge "$DEST/$NAME.json" --command "${knobs}bash bench/gpu.sh" \
+    >"$DEST/report.md" 2>>"$LOG"
   cat "$DEST/report.md"
   say "wrote $DEST/$NAME.json and $DEST/report.md in $(( $(date +%s) - START ))s"
 else

@@ -245,10 +245,25 @@ def render(entries, header=None) -> str:
     return "\n\n".join(p for p in parts if p) + "\n"
 
 
+def record(entries: list[dict], commands: list[str]) -> dict:
+    """What a results file must say at the top: the card, the date, the commit measured and the
+    commands. The commit comes from the results (FASTDDPM_GIT_COMMIT on a machine whose copy of
+    the tree has no usable .git), not from pytest-benchmark's own look at the checkout."""
+    infos = [e["extra_info"] for e in entries]
+    ids = sorted({(i.get("git") or {}).get("id") for i in infos} - {None})
+    cards = sorted({(i.get("device") or {}).get("name") for i in infos} - {None})
+    out = {"card": ", ".join(cards) or None, "commands": commands}
+    if ids:
+        out["commit_info"] = {"id": ids[0] if len(ids) == 1 else ids, "source": "the results' extra_info.git"}
+    return out
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench.report", description=__doc__.split("\n\n")[0])
     p.add_argument("results", nargs="+", help="pytest-benchmark / bench.run JSON, or JSON lines")
     p.add_argument("--merge", help="also write the merged results as one JSON here")
+    p.add_argument("--command", action="append", default=[],
+                   help="the command that produced the results (repeat for several runs): kept in the merged JSON")
     a = p.parse_args(argv)
     existing = [r for r in a.results if Path(r).is_file()]
     if not existing:
@@ -258,7 +273,9 @@ def main(argv=None) -> int:
     if a.merge:
         from bench.common import results_json  # imports torch: only when writing
 
-        doc = {**results_json(entries), **{k: v for k, v in header.items() if k != "benchmarks"}}
+        doc = {**results_json(entries), **{k: v for k, v in header.items() if k != "benchmarks"},
+               **record(entries, a.command)}
+        doc["date"] = str(doc.get("datetime") or "")[:10] or None
         Path(a.merge).write_text(json.dumps(doc, indent=1, default=str))
     sys.stdout.write(render(entries, header))
     return 0
