@@ -14,9 +14,12 @@
 #   bench.log (everything printed), graph-test.log (the CUDA-graph test), nvidia-smi.txt
 # Usage, from the repository root (the GPU machine's copy has no .git, so pass the commit in):
 #   FASTDDPM_GIT_COMMIT=$(git rev-parse HEAD) bash bench/gpu.sh
+# Opt-in stages: profile (bench.profile_step -> profile.json) and tune (bench.tune_groupnorm ->
+# tune.json), e.g. BENCH_STAGES="tests tune profile".
 # Knobs: BENCH_BUDGET_S (default 530: the whole script), BENCH_STAGES (default "tests train sample
-# kernels"), TRAIN_CAP_S / SAMPLE_CAP_S / KERNEL_CAP_S (seconds per stage), TRAIN_DTYPES / SAMPLE_DTYPES (default bf16,fp32), KERNEL_DTYPES (default bf16),
-# PYTHON (default python3).
+# kernels"), TRAIN_DTYPES / SAMPLE_DTYPES (default bf16,fp32), KERNEL_DTYPES (default bf16),
+# TRAIN_CAP_S / SAMPLE_CAP_S / KERNEL_CAP_S / PROFILE_CAP_S / TUNE_CAP_S (seconds per stage),
+# PROFILE_IMPLS (default compiled,eager), PYTHON (default python3).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONPATH=".${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
@@ -95,6 +98,12 @@ for s in $STAGES; do
     train) bench train "${TRAIN_CAP_S:-170}" "${TRAIN_DTYPES:-bf16,fp32}" ;;
     sample) bench sample "${SAMPLE_CAP_S:-120}" "${SAMPLE_DTYPES:-bf16,fp32}" ;;
     kernels) bench kernels "${KERNEL_CAP_S:-110}" "${KERNEL_DTYPES:-bf16}" ;;
+    profile)  # where a training step's time goes, NCHW vs NHWC (ratios from one process)
+      stage "profile training step (bf16)" "${PROFILE_CAP_S:-200}" "$PY" -m bench.profile_step \
+        --impls "${PROFILE_IMPLS:-compiled,eager}" --dtype bf16 --json "$DEST/profile.json" ;;
+    tune)  # the GroupNorm kernels' launch parameters and reduction style, against Inductor
+      stage "GroupNorm launch sweep (bf16)" "${TUNE_CAP_S:-200}" "$PY" -m bench.tune_groupnorm \
+        --dtype bf16 --json "$DEST/tune.json" ;;
     *) say "unknown stage $s" ;;
   esac
 done

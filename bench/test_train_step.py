@@ -14,14 +14,14 @@ CASES = C.grid()
 PATHS = {"eager": ("torch", False), "compiled": ("torch", True), "fast": ("triton", True)}
 
 
-def trainer(dtype, impl):
+def trainer(dtype, impl, channels_last=False):
     from fastddpm.config import TrainConfig
     from fastddpm.train import Trainer
 
     kernels, compile_ = PATHS[impl]
     b = C.S["train_batch"]
     cfg = TrainConfig(data="shapes", preset=C.S["preset"], dtype=dtype, batch_size=b, train_size=b, val_size=0,
-                      n_samples=0, compile=compile_, kernels=kernels)
+                      n_samples=0, compile=compile_, kernels=kernels, channels_last=channels_last)
     out = tempfile.mkdtemp(prefix="fastddpm-bench-")
     try:
         return Trainer(cfg, out, C.DEVICE, progress=False)

@@ -30,7 +30,8 @@ class TrainConfig:
     n_samples: int = 64  # images in OUT/samples.png at the end
     val_size: int = 10000  # validation images (the test split) used for the per-epoch val loss
     compile: bool | None = None  # torch.compile the model; None: on CUDA only
-    kernels: str = "auto"  # GroupNormGELU path: auto (Triton on CUDA), triton, torch
+    kernels: str = "auto"  # GroupNormGELU path: auto (see train.training_kernels), triton, torch
+    channels_last: bool = False  # NHWC activations and weights; off until a GPU measures it faster
     train_size: int = 0  # a fixed random subset of N training images (0: all); quick experiments and tests
 
     @property

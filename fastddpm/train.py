@@ -118,6 +118,8 @@ class Trainer:
         torch.manual_seed(cfg.seed)
         compile_ = cfg.compile if cfg.compile is not None else device.type == "cuda"
         self.model = UNet(cfg.base_channels, kernels=training_kernels(cfg.kernels, device, compile_)).to(device)
+        self.memory_format = torch.channels_last if cfg.channels_last else torch.contiguous_format
+        self.model.to(memory_format=self.memory_format)
         if cfg.kernels == "triton":
             from fastddpm.kernels import unavailable_reason
 
@@ -191,6 +193,7 @@ class Trainer:
 
     # --- the loop ---------------------------------------------------------------------------
     def train_step(self, x0: torch.Tensor) -> torch.Tensor:
+        x0 = x0.contiguous(memory_format=self.memory_format)
         with autocast(self.device, self.cfg.torch_dtype):
             loss = self.diffusion.loss(self.net, x0, generator=self.gen)
         self.opt.zero_grad(set_to_none=True)
@@ -343,6 +346,8 @@ def build_parser() -> ArgumentParser:
     p.add_argument("--no-compile", dest="compile", action="store_const", const=False)
     p.add_argument("--kernels", help="GroupNorm+GELU path: auto (default: Inductor's fusion under --compile, "
                                      "Triton on CUDA without it), triton, torch")
+    p.add_argument("--channels-last", dest="channels_last", action="store_const", const=True,
+                   help="NHWC memory layout for the convolutions (default off: not yet measured faster)")
     p.add_argument("--progress", dest="progress", action="store_true", default=None,
                    help="progress bars (default: when stderr is a terminal)")
     p.add_argument("--no-progress", dest="progress", action="store_false")
@@ -357,8 +362,8 @@ def config_from_args(args, base: TrainConfig, resumed: bool) -> TrainConfig:
                 flag = "--no-grad-scaler" if key == "grad_scaler" else f"--{key.replace('_', '-')}"
                 raise UsageError(f"{flag} {given[key]} disagrees with the checkpoint's {getattr(base, key)}; "
                                  f"drop {flag} to resume it, or train into a new --out")
-    # How to run fast (compile, kernels) is this run's choice, not the checkpoint's.
-    speed = {k: getattr(TrainConfig(), k) for k in ("compile", "kernels")}
+    # How to run fast (compile, kernels, layout) is this run's choice, not the checkpoint's.
+    speed = {k: getattr(TrainConfig(), k) for k in ("compile", "kernels", "channels_last")}
     cfg = TrainConfig.from_dict({**base.to_dict(), **speed, **given})
     cfg.validate()
     return cfg

@@ -36,6 +36,12 @@ ELEMS_PER_PROGRAM = int(os.environ.get("FASTDDPM_GN_ELEMS_PER_PROGRAM", 0))
 _TARGET_PROGRAMS = 528  # ~4 programs per SM on an H100 (132 SMs): enough to fill it at batch 1
 _MIN_ELEMS_PER_PROGRAM = 1024
 _TILE = 2048  # elements per loaded tile (fp32: 8 KiB in registers)
+_ELEMS_PER_THREAD = 8  # sets num_warps from the tile size
+# Reductions: False = each tile reduced across the block as it is loaded (Chan merge per tile; what
+# the H200 run of 2026-11-26 measured); True = per-lane accumulators (Welford per lane) reduced once
+# per rectangle, so the loop carries no block-wide reduction. Unmeasured on a GPU so far.
+_LANE_ACCUMULATE = os.environ.get("FASTDDPM_GN_LANE_ACCUMULATE", "0") == "1"
+# (bench/tune_groupnorm.py sweeps these launch parameters on a GPU by setting them on this module.)
 _LOG_10000 = math.log(10000.0)
 
 
@@ -62,23 +68,41 @@ def _tile(base, c0, c_hi, h0, h_hi, stride_c, stride_hw, BLOCK_C: tl.constexpr, 
 
 @triton.jit
 def _rect_stats(X, base, c_lo, c_hi, h_lo, h_hi, stride_c, stride_hw,
-                BLOCK_C: tl.constexpr, BLOCK_HW: tl.constexpr):
-    """(count, mean, M2) of x over a rectangle, tile by tile, merged with Chan et al.'s formula."""
-    count = 0.0
-    mean = 0.0
-    m2 = 0.0
-    for c0 in range(c_lo, c_hi, BLOCK_C):
-        for h0 in range(h_lo, h_hi, BLOCK_HW):
-            offs, mask = _tile(base, c0, c_hi, h0, h_hi, stride_c, stride_hw, BLOCK_C, BLOCK_HW)
-            x = tl.load(X + offs, mask=mask, other=0.0).to(tl.float32)
-            n_b = (tl.minimum(c_hi - c0, BLOCK_C) * tl.minimum(h_hi - h0, BLOCK_HW)).to(tl.float32)
-            mean_b = tl.sum(x) / n_b
-            d = tl.where(mask, x - mean_b, 0.0)
-            n_ab = count + n_b
-            delta = mean_b - mean
-            mean = mean + delta * (n_b / n_ab)
-            m2 = m2 + tl.sum(d * d) + delta * delta * (count * n_b / n_ab)
-            count = n_ab
+                BLOCK_C: tl.constexpr, BLOCK_HW: tl.constexpr, LANE: tl.constexpr):
+    """(count, mean, M2) of x over a rectangle. LANE: Welford per lane, lanes merged once at the
+    end; else tile by tile, each tile's (count, mean, M2) merged in with Chan et al.'s formula."""
+    if LANE:
+        cnt = tl.zeros((BLOCK_C, BLOCK_HW), dtype=tl.float32)
+        mu = tl.zeros((BLOCK_C, BLOCK_HW), dtype=tl.float32)
+        sq = tl.zeros((BLOCK_C, BLOCK_HW), dtype=tl.float32)
+        for c0 in range(c_lo, c_hi, BLOCK_C):
+            for h0 in range(h_lo, h_hi, BLOCK_HW):
+                offs, mask = _tile(base, c0, c_hi, h0, h_hi, stride_c, stride_hw, BLOCK_C, BLOCK_HW)
+                x = tl.load(X + offs, mask=mask, other=0.0).to(tl.float32)
+                cnt += mask.to(tl.float32)
+                delta = tl.where(mask, x - mu, 0.0)
+                mu += delta / tl.maximum(cnt, 1.0)
+                sq += delta * tl.where(mask, x - mu, 0.0)
+        count = tl.sum(cnt)
+        mean = tl.sum(mu * cnt) / count
+        d = mu - mean
+        m2 = tl.sum(sq) + tl.sum(cnt * d * d)  # Chan's merge of all lanes at once
+    else:
+        count = 0.0
+        mean = 0.0
+        m2 = 0.0
+        for c0 in range(c_lo, c_hi, BLOCK_C):
+            for h0 in range(h_lo, h_hi, BLOCK_HW):
+                offs, mask = _tile(base, c0, c_hi, h0, h_hi, stride_c, stride_hw, BLOCK_C, BLOCK_HW)
+                x = tl.load(X + offs, mask=mask, other=0.0).to(tl.float32)
+                n_b = (tl.minimum(c_hi - c0, BLOCK_C) * tl.minimum(h_hi - h0, BLOCK_HW)).to(tl.float32)
+                mean_b = tl.sum(x) / n_b
+                d = tl.where(mask, x - mean_b, 0.0)
+                n_ab = count + n_b
+                delta = mean_b - mean
+                mean = mean + delta * (n_b / n_ab)
+                m2 = m2 + tl.sum(d * d) + delta * delta * (count * n_b / n_ab)
+                count = n_ab
     return count, mean, m2
 
 
@@ -149,30 +173,51 @@ def _rect_apply(X, R, T, W, B, Y, base, n, c_off, c_lo, c_hi, h_lo, h_hi, stride
 def _rect_bwd_reduce(DY, X, R, DR, W, B, PDW, PDB, base, pd_row, c_off, c_lo, c_hi, h_lo, h_hi,
                      stride_c, stride_hw, mean, rstd,
                      HAS_RESIDUAL: tl.constexpr, GELU: tl.constexpr,
-                     BLOCK_C: tl.constexpr, BLOCK_HW: tl.constexpr):
+                     BLOCK_C: tl.constexpr, BLOCK_HW: tl.constexpr, LANE: tl.constexpr):
     """Over a rectangle: write d_residual = du, store this program's dw/db partials (one row of
-    the partials table, its own channels only) and return sum(dx_hat), sum(dx_hat * x_hat)."""
-    s1 = 0.0
-    s2 = 0.0
+    the partials table, its own channels only) and return sum(dx_hat), sum(dx_hat * x_hat).
+    LANE: the four sums accumulate per lane, reduced once; else each tile is reduced as it comes."""
+    if LANE:
+        acc1 = tl.zeros((BLOCK_C, BLOCK_HW), dtype=tl.float32)
+        acc2 = tl.zeros((BLOCK_C, BLOCK_HW), dtype=tl.float32)
+    else:
+        s1 = 0.0
+        s2 = 0.0
     for c0 in range(c_lo, c_hi, BLOCK_C):
         c = c_off + c0 + tl.arange(0, BLOCK_C)
         cmask = c < c_off + c_hi
         w = tl.load(W + c, mask=cmask, other=0.0).to(tl.float32)
         b = tl.load(B + c, mask=cmask, other=0.0).to(tl.float32)
-        dw = tl.zeros((BLOCK_C,), dtype=tl.float32)
-        db = tl.zeros((BLOCK_C,), dtype=tl.float32)
+        if LANE:
+            dw_acc = tl.zeros((BLOCK_C, BLOCK_HW), dtype=tl.float32)
+            db_acc = tl.zeros((BLOCK_C, BLOCK_HW), dtype=tl.float32)
+        else:
+            dw = tl.zeros((BLOCK_C,), dtype=tl.float32)
+            db = tl.zeros((BLOCK_C,), dtype=tl.float32)
         for h0 in range(h_lo, h_hi, BLOCK_HW):
             offs, mask, x_hat, du = _tile_grad(DY, X, R, base, c0, c_hi, h0, h_hi, stride_c, stride_hw, w, b,
                                                mean, rstd, HAS_RESIDUAL, GELU, BLOCK_C, BLOCK_HW)
             if HAS_RESIDUAL:
                 tl.store(DR + offs, du.to(DR.dtype.element_ty), mask=mask)
-            dw += tl.sum(du * x_hat, axis=1)
-            db += tl.sum(du, axis=1)
             dx_hat = du * w[:, None]
-            s1 += tl.sum(dx_hat)
-            s2 += tl.sum(dx_hat * x_hat)
+            if LANE:  # masked lanes hold du = 0 and x_hat = 0: they add nothing
+                dw_acc += du * x_hat
+                db_acc += du
+                acc1 += dx_hat
+                acc2 += dx_hat * x_hat
+            else:
+                dw += tl.sum(du * x_hat, axis=1)
+                db += tl.sum(du, axis=1)
+                s1 += tl.sum(dx_hat)
+                s2 += tl.sum(dx_hat * x_hat)
+        if LANE:
+            dw = tl.sum(dw_acc, axis=1)
+            db = tl.sum(db_acc, axis=1)
         tl.store(PDW + pd_row + c, dw, mask=cmask)
         tl.store(PDB + pd_row + c, db, mask=cmask)
+    if LANE:
+        s1 = tl.sum(acc1)
+        s2 = tl.sum(acc2)
     return s1, s2
 
 
@@ -199,14 +244,14 @@ def _rect_bwd_dx(DY, X, R, W, B, DX, base, c_off, c_lo, c_hi, h_lo, h_hi, stride
 # --------------------------------------------------------------------------------------------------
 @triton.jit
 def _gn_stats_kernel(X, PART, G, C, Cg, HW, stride_n, stride_c, stride_hw, C_CHUNK, HW_CHUNK, HW_SPLIT, S,
-                     BLOCK_C: tl.constexpr, BLOCK_HW: tl.constexpr):
+                     BLOCK_C: tl.constexpr, BLOCK_HW: tl.constexpr, LANE: tl.constexpr):
     """Split path, pass 1: partial (count, mean, M2) of one sub-rectangle."""
     row = tl.program_id(0)
     pid = tl.program_id(1)
     n = row // G
     base = n.to(tl.int64) * stride_n + (row % G) * Cg * stride_c
     c_lo, c_hi, h_lo, h_hi = _rect(pid, Cg, HW, C_CHUNK, HW_CHUNK, HW_SPLIT)
-    count, mean, m2 = _rect_stats(X, base, c_lo, c_hi, h_lo, h_hi, stride_c, stride_hw, BLOCK_C, BLOCK_HW)
+    count, mean, m2 = _rect_stats(X, base, c_lo, c_hi, h_lo, h_hi, stride_c, stride_hw, BLOCK_C, BLOCK_HW, LANE)
     p = PART + (row * S + pid) * 3
     tl.store(p, count)
     tl.store(p + 1, mean)
@@ -218,7 +263,7 @@ def _gn_fwd_kernel(X, R, T, W, B, Y, MEAN, RSTD, PART, G, C, Cg, HW, stride_n, s
                    C_CHUNK, HW_CHUNK, HW_SPLIT, S, eps, neg_log_over_c,
                    SINGLE: tl.constexpr, HAS_RESIDUAL: tl.constexpr, HAS_T: tl.constexpr,
                    GELU: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_HW: tl.constexpr,
-                   BLOCK_S: tl.constexpr):
+                   BLOCK_S: tl.constexpr, LANE: tl.constexpr):
     """Normalise and apply one sub-rectangle. SINGLE: one program per group computes the stats
     itself; otherwise it combines the S partials left by ``_gn_stats_kernel``."""
     row = tl.program_id(0)
@@ -228,7 +273,7 @@ def _gn_fwd_kernel(X, R, T, W, B, Y, MEAN, RSTD, PART, G, C, Cg, HW, stride_n, s
     base = n.to(tl.int64) * stride_n
     if SINGLE:
         count, mean, m2 = _rect_stats(X, base + c_off * stride_c, 0, Cg, 0, HW, stride_c, stride_hw,
-                                      BLOCK_C, BLOCK_HW)
+                                      BLOCK_C, BLOCK_HW, LANE)
         var = m2 / count
     else:
         s = tl.arange(0, BLOCK_S)
@@ -254,7 +299,7 @@ def _gn_fwd_kernel(X, R, T, W, B, Y, MEAN, RSTD, PART, G, C, Cg, HW, stride_n, s
 def _gn_bwd_reduce_kernel(DY, X, R, DR, W, B, MEAN, RSTD, PDW, PDB, PART, G, C, Cg, HW,
                           stride_n, stride_c, stride_hw, C_CHUNK, HW_CHUNK, HW_SPLIT, S,
                           HAS_RESIDUAL: tl.constexpr, GELU: tl.constexpr,
-                          BLOCK_C: tl.constexpr, BLOCK_HW: tl.constexpr):
+                          BLOCK_C: tl.constexpr, BLOCK_HW: tl.constexpr, LANE: tl.constexpr):
     """Split path, pass 1: d_residual, dw/db partials and the partial group sums for dx."""
     row = tl.program_id(0)
     pid = tl.program_id(1)
@@ -265,7 +310,7 @@ def _gn_bwd_reduce_kernel(DY, X, R, DR, W, B, MEAN, RSTD, PDW, PDB, PART, G, C, 
     pd_row = (n * HW_SPLIT + pid % HW_SPLIT) * C
     s1, s2 = _rect_bwd_reduce(DY, X, R, DR, W, B, PDW, PDB, base, pd_row, c_off, c_lo, c_hi, h_lo, h_hi,
                               stride_c, stride_hw, tl.load(MEAN + row), tl.load(RSTD + row),
-                              HAS_RESIDUAL, GELU, BLOCK_C, BLOCK_HW)
+                              HAS_RESIDUAL, GELU, BLOCK_C, BLOCK_HW, LANE)
     tl.store(PART + (row * S + pid) * 2, s1)
     tl.store(PART + (row * S + pid) * 2 + 1, s2)
 
@@ -274,7 +319,8 @@ def _gn_bwd_reduce_kernel(DY, X, R, DR, W, B, MEAN, RSTD, PDW, PDB, PART, G, C, 
 def _gn_bwd_dx_kernel(DY, X, R, DR, W, B, MEAN, RSTD, PDW, PDB, PART, DX, G, C, Cg, HW,
                       stride_n, stride_c, stride_hw, C_CHUNK, HW_CHUNK, HW_SPLIT, S,
                       SINGLE: tl.constexpr, HAS_RESIDUAL: tl.constexpr, GELU: tl.constexpr,
-                      BLOCK_C: tl.constexpr, BLOCK_HW: tl.constexpr, BLOCK_S: tl.constexpr):
+                      BLOCK_C: tl.constexpr, BLOCK_HW: tl.constexpr, BLOCK_S: tl.constexpr,
+                      LANE: tl.constexpr):
     """dx of one sub-rectangle. SINGLE: one program per group also does the reduction pass;
     otherwise it sums the S partials left by ``_gn_bwd_reduce_kernel``."""
     row = tl.program_id(0)
@@ -286,7 +332,7 @@ def _gn_bwd_dx_kernel(DY, X, R, DR, W, B, MEAN, RSTD, PDW, PDB, PART, DX, G, C, 
     rstd = tl.load(RSTD + row)
     if SINGLE:
         s1, s2 = _rect_bwd_reduce(DY, X, R, DR, W, B, PDW, PDB, base, n * C, c_off, 0, Cg, 0, HW,
-                                  stride_c, stride_hw, mean, rstd, HAS_RESIDUAL, GELU, BLOCK_C, BLOCK_HW)
+                                  stride_c, stride_hw, mean, rstd, HAS_RESIDUAL, GELU, BLOCK_C, BLOCK_HW, LANE)
     else:
         s = tl.arange(0, BLOCK_S)
         p = PART + (row * S + s) * 2
@@ -326,6 +372,7 @@ class _Launch(NamedTuple):
     block_c: int
     block_hw: int
     num_warps: int
+    lane: bool
 
     @property
     def chunks(self):
@@ -333,7 +380,7 @@ class _Launch(NamedTuple):
 
     @property
     def meta(self):
-        return dict(BLOCK_C=self.block_c, BLOCK_HW=self.block_hw, num_warps=self.num_warps)
+        return dict(BLOCK_C=self.block_c, BLOCK_HW=self.block_hw, LANE=self.lane, num_warps=self.num_warps)
 
 
 def _launch_config(Cg: int, HW: int, rows: int, stride_c: int, stride_hw: int) -> _Launch:
@@ -361,7 +408,7 @@ def _launch_config(Cg: int, HW: int, rows: int, stride_c: int, stride_hw: int) -
         c_chunk, hw_chunk = kc * block_c, kh * block_hw
     hw_split = triton.cdiv(HW, hw_chunk)
     return _Launch(c_chunk, hw_chunk, hw_split, triton.cdiv(Cg, c_chunk) * hw_split, block_c, block_hw,
-                   num_warps=max(1, min(8, block_c * block_hw // 256)))  # ~8 elements per thread
+                   num_warps=max(1, min(8, block_c * block_hw // (32 * _ELEMS_PER_THREAD))), lane=_LANE_ACCUMULATE)
 
 
 def _geometry(x: torch.Tensor, num_groups: int):

@@ -55,6 +55,28 @@ def test_fallback_runner_writes_the_same_schema(tmp_path):
     assert "## Kernels" in proc.stdout and "3 passed, 0 failed" in proc.stdout
 
 
+def test_profile_and_launch_sweep_tools_run(tmp_path):
+    """The next GPU session's two diagnosis tools, at the smoke size: the step profile splits the
+    profiled time into categories that add up, for both layouts; the GroupNorm sweep guards every
+    setting against eager and tables one row per (variant, shape)."""
+    prof, tune = tmp_path / "prof.json", tmp_path / "tune.json"
+    for argv, out in ((["bench.profile_step", "--impls", "eager", "--steps", "1"], prof),
+                      (["bench.tune_groupnorm", "--tile", "16,32", "--programs", "4", "--threads", "8", "--rounds", "1",
+                        "--variants", "fwd+bwd"], tune)):
+        proc = subprocess.run([sys.executable, "-m", *argv, "--json", str(out)], cwd=ROOT, env=_env(tmp_path),
+                              capture_output=True, text=True, timeout=600)
+        assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    rows = json.loads(prof.read_text())["rows"]
+    assert [r["layout"] for r in rows] == ["nchw", "nhwc"]
+    for r in rows:
+        assert r["step_s"] > 0 and r["categories"]["convolution"] > 0
+        assert sum(r["categories"].values()) == pytest.approx(r["profiled_s"], rel=1e-6)
+    rows = json.loads(tune.read_text())["rows"]
+    fast = [r for r in rows if r["impl"] == "fast"]
+    assert len(fast) == 4 and {r["knobs"]["lane"] for r in fast} == {False, True}
+    assert all(r["guard"]["value"] <= r["guard"]["tol"] for r in fast)
+
+
 def test_guard_refuses_a_wrong_implementation():
     from bench import common
 

@@ -196,3 +196,12 @@ def test_auto_kernels_for_training_follow_the_measured_faster_path(tmp_path, mon
     monkeypatch.setattr(train_mod, "training_kernels", lambda k, d, compiled: asked.append((k, compiled)) or "torch")
     trainer = Trainer(tiny_config(compile=False, kernels="auto"), tmp_path, cpu, progress=False)
     assert asked == [("auto", False)] and trainer.model.kernels == "torch"
+
+
+def test_channels_last_trains_like_nchw(tmp_path):
+    """--channels-last changes the memory layout only: same weights in NHWC, same loss trajectory."""
+    nchw = Trainer(tiny_config(), tmp_path / "nchw", torch.device("cpu"), progress=False)
+    nhwc = Trainer(tiny_config(channels_last=True), tmp_path / "nhwc", torch.device("cpu"), progress=False)
+    assert nhwc.model.inc.conv1.weight.is_contiguous(memory_format=torch.channels_last)
+    assert not nchw.model.inc.conv1.weight.is_contiguous(memory_format=torch.channels_last)
+    assert _losses(nhwc, 3) == pytest.approx(_losses(nchw, 3), rel=1e-4)

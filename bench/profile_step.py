@@ -1,0 +1,153 @@
+"""``python -m bench.profile_step``: where one training step's time goes, per implementation, dtype
+and memory layout, from ``torch.profiler``: the step time (CUDA events around several steps), the
+time per kernel category (convolution, layout copies, matmul, attention, GroupNorm, optimizer and
+EMA, other) and the top kernels. The same trainer and batch as the train bench
+(``bench.test_train_step.trainer``); ``--channels-last`` also runs each setting in NHWC, so the
+layout question is answered by ratios measured in one process. On the CPU it profiles operators
+(smoke size: it proves only that it runs).
+
+    python -m bench.profile_step --impls eager,compiled,fast --dtype bf16 --layouts nchw,nhwc --json prof.json
+"""
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import re
+import sys
+import time
+from collections import defaultdict
+
+import torch
+
+from bench import common as C
+
+# First match wins: a cuDNN convolution's own transposes count as layout, not convolution.
+CATEGORIES = [
+    ("layout", r"nchwtonhwc|nhwctonchw|transpose|permute|contiguous|clone|copy_|direct_copy"),
+    ("convolution", r"conv|fprop|dgrad|wgrad|implicit_gemm|winograd"),
+    ("attention", r"flash|fmha|attention|sdpa|efficient"),
+    ("matmul", r"gemm|cutlass|matmul|\bmm\b|addmm|linear|xmma|cublas"),
+    ("groupnorm", r"group_norm|groupnorm|_gn_"),
+    ("optimizer+ema", r"adam|foreach|multi_tensor|lerp"),
+]
+
+
+def category(name: str) -> str:
+    low = name.lower()
+    return next((c for c, pattern in CATEGORIES if re.search(pattern, low)), "other")
+
+
+def step_seconds(tr, x0, steps: int) -> float:
+    C.sync()
+    if C.CUDA:
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(steps):
+            tr.train_step(x0)
+        end.record()
+        torch.cuda.synchronize()
+        return start.elapsed_time(end) / 1e3 / steps
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        tr.train_step(x0)
+    return (time.perf_counter() - t0) / steps
+
+
+def kernel_times(tr, x0, steps: int) -> dict[str, tuple[float, float]]:
+    """{kernel (or, on the CPU, operator) name: (seconds per step, calls per step)}."""
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if C.CUDA else [])
+    with profile(activities=activities) as prof:
+        for _ in range(steps):
+            tr.train_step(x0)
+        C.sync()
+    out = {}
+    for e in prof.key_averages():
+        if C.CUDA:
+            if e.device_type != DeviceType.CUDA:
+                continue
+            us = getattr(e, "self_device_time_total", None)
+            us = us if us is not None else e.self_cuda_time_total
+        else:
+            us = e.self_cpu_time_total
+        if us > 0:
+            out[e.key] = (us / 1e6 / steps, e.count / steps)
+    return out
+
+
+def profile_one(impl: str, dtype: str, layout: str, steps: int) -> dict:
+    from bench.test_train_step import trainer
+
+    C.configure()
+    torch.compiler.reset()
+    gc.collect()
+    if C.CUDA:
+        torch.cuda.empty_cache()
+    b = C.S["train_batch"]
+    x0 = (torch.rand(b, 3, 32, 32, generator=torch.Generator().manual_seed(0)) * 2 - 1).to(C.DEVICE)
+    tr = trainer(dtype, impl, channels_last=layout == "nhwc")
+    for _ in range(3):  # compilation, autotuning, allocator
+        tr.train_step(x0)
+    sec = step_seconds(tr, x0, steps)
+    kernels = kernel_times(tr, x0, steps)
+    by_cat = defaultdict(float)
+    for name, (s, _) in kernels.items():
+        by_cat[category(name)] += s
+    top = sorted(kernels.items(), key=lambda kv: -kv[1][0])
+    return {"impl": impl, "dtype": dtype, "layout": layout, "batch": b, "preset": C.S["preset"],
+            "step_s": sec, "images_per_s": b / sec, "profiled_s": sum(s for s, _ in kernels.values()),
+            "categories": dict(sorted(by_cat.items(), key=lambda kv: -kv[1])),
+            "kernels": [{"name": n, "s": s, "calls": c, "category": category(n)} for n, (s, c) in top]}
+
+
+def render(rows: list[dict], top: int) -> str:
+    cats = [c for c, _ in CATEGORIES] + ["other"]
+    head = "| impl | dtype | layout | step ms | images/s | " + " | ".join(f"{c} ms" for c in cats) + " |"
+    lines = [head, "|" + "---|" * (5 + len(cats))]
+    for r in rows:
+        lines.append(f"| {r['impl']} | {r['dtype']} | {r['layout']} | {r['step_s'] * 1e3:.2f} | "
+                     f"{r['images_per_s']:,.0f} | " + " | ".join(f"{r['categories'].get(c, 0) * 1e3:.2f}" for c in cats)
+                     + " |")
+    for r in rows:
+        lines += ["", f"### {r['impl']} {r['dtype']} {r['layout']}: top {top} of {len(r['kernels'])} "
+                      f"({r['profiled_s'] * 1e3:.2f} ms profiled per step)", "",
+                  "| ms/step | calls/step | category | kernel |", "|---|---|---|---|"]
+        lines += [f"| {k['s'] * 1e3:.3f} | {k['calls']:g} | {k['category']} | `{k['name'][:90]}` |"
+                  for k in r["kernels"][:top]]
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m bench.profile_step", description=__doc__.split("\n\n")[0])
+    split = lambda s: [v for v in s.split(",") if v]  # noqa: E731
+    p.add_argument("--impls", default="eager,compiled,fast", type=split)
+    p.add_argument("--dtype", default="bf16", choices=list(C.DTYPES))
+    p.add_argument("--layouts", default="nchw,nhwc", type=split)
+    p.add_argument("--steps", default=5, type=int, help="steps timed, then steps profiled")
+    p.add_argument("--top", default=12, type=int)
+    p.add_argument("--json", help="write every row (all kernels) here, with the device, versions and commit")
+    a = p.parse_args(argv)
+    from bench.test_train_step import PATHS
+
+    bad = [v for v in a.impls if v not in PATHS] + [v for v in a.layouts if v not in ("nchw", "nhwc")]
+    if bad:
+        p.error(f"unknown implementation or layout {bad[0]!r}: impls {', '.join(PATHS)}; layouts nchw, nhwc")
+    rows = []
+    for impl in a.impls:
+        for layout in a.layouts:
+            rows.append(profile_one(impl, a.dtype, layout, a.steps))
+            print(f"{impl} {a.dtype} {layout}: {rows[-1]['step_s'] * 1e3:.2f} ms/step", file=sys.stderr, flush=True)
+    print(render(rows, a.top))
+    if a.json:
+        doc = {"tool": "bench.profile_step", "args": vars(a), "size": C.SIZE, "device": C.device_info(),
+               "versions": C.versions(), "git": C.git_commit(), "rows": rows}
+        with open(a.json, "w") as f:
+            json.dump(doc, f, indent=1, default=str)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

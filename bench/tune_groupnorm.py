@@ -1,0 +1,124 @@
+"""``python -m bench.tune_groupnorm``: sweep the GroupNorm+GELU kernels' launch parameters at the
+U-Net's shapes and print, per shape and variant, the best setting next to the default and to
+``torch.compile`` (Inductor's own fusion, the bar to beat).
+
+The swept knobs are module attributes of ``fastddpm.kernels.groupnorm_gelu``: ``_LANE_ACCUMULATE``
+(per-lane accumulators vs a block reduction per tile), ``_TILE`` (elements per loaded tile),
+``_TARGET_PROGRAMS`` (how finely a large group is split) and ``_ELEMS_PER_THREAD`` (sets
+num_warps). Each setting is built, guarded against eager and timed exactly as the kernel bench does
+(``bench.test_kernels.gn_case``: CUDA-graph replays over inputs larger than L2). On the CPU it runs
+at the smoke size through Triton's interpreter, which proves only that it runs.
+
+    python -m bench.tune_groupnorm --json tune.json          # the full grid, bf16 (about 2 minutes)
+    python -m bench.tune_groupnorm --lane 0,1 --tile 2048 --programs 528 --threads 8   # a slice
+"""
+from __future__ import annotations
+
+import argparse
+import gc
+import itertools
+import json
+import sys
+import time
+
+import torch
+
+from bench import common as C
+
+KNOBS = {"lane": "_LANE_ACCUMULATE", "tile": "_TILE", "programs": "_TARGET_PROGRAMS", "threads": "_ELEMS_PER_THREAD"}
+
+
+def ints(text: str) -> list[int]:
+    return [int(v) for v in text.split(",") if v]
+
+
+def time_case(variant, shape, dtype, impl, rounds) -> dict:
+    """Build, guard and time one kernel case: µs per call, GB/s and the share of copy bandwidth."""
+    from bench.test_kernels import gn_case
+
+    C.configure()
+    gc.collect()  # the previous case's inputs and graph
+    if C.CUDA:
+        torch.cuda.empty_cache()
+    fn, calls, mode, moved, _n, check = gn_case(variant, shape, dtype, impl)
+    guard = check() if impl != "eager" else None
+    timer = C.Timer()
+    timer.pedantic(fn, rounds=rounds, warmup_rounds=1)
+    sec = timer.stats["median"] / calls
+    copy = C.peaks()["copy_gb_per_s"]
+    return {"us": sec * 1e6, "gb_per_s": moved / sec / 1e9,
+            "roofline": moved / sec / 1e9 / copy if copy else None, "timing": mode, "guard": guard}
+
+
+def sweep(args) -> list[dict]:
+    from fastddpm.kernels import groupnorm_gelu as gng
+
+    grid = [dict(zip(KNOBS, values)) for values in
+            itertools.product([bool(v) for v in args.lane], args.tile, args.programs, args.threads)]
+    default = {k: getattr(gng, attr) for k, attr in KNOBS.items()}
+    rows = []
+    for variant in args.variants:
+        for shape in C.S["gn_shapes"]:
+            base = {"variant": variant, "shape": [C.S["kernel_batch"], *shape], "dtype": args.dtype}
+            rows.append({**base, "impl": "compiled", **time_case(variant, shape, args.dtype, "compiled", args.rounds)})
+            for knobs in grid:
+                for k, v in knobs.items():
+                    setattr(gng, KNOBS[k], v)
+                try:
+                    rows.append({**base, "impl": "fast", "knobs": knobs, "default": knobs == default,
+                                 **time_case(variant, shape, args.dtype, "fast", args.rounds)})
+                finally:
+                    for k, v in default.items():
+                        setattr(gng, KNOBS[k], v)
+                print(f"{variant} {shape} {knobs}: {rows[-1]['us']:.1f} µs", file=sys.stderr, flush=True)
+    return rows
+
+
+def table(rows: list[dict]) -> str:
+    """Per (variant, shape): compiled, the default setting, the best setting and its knobs."""
+    lines = ["| variant | shape | compiled µs | default µs | best µs | best/compiled | best roofline | best knobs |",
+             "|---|---|---|---|---|---|---|---|"]
+    groups: dict = {}
+    for r in rows:
+        groups.setdefault((r["variant"], str(r["shape"])), []).append(r)
+    for (variant, shape), rs in groups.items():
+        compiled = next(r for r in rs if r["impl"] == "compiled")
+        fast = [r for r in rs if r["impl"] == "fast"]
+        best = min(fast, key=lambda r: r["us"])
+        default = next((f"{r['us']:.1f}" for r in fast if r["default"]), "—")
+        roof = f"{best['roofline']:.1%}" if best["roofline"] else "—"
+        lines.append(f"| {variant} | {shape} | {compiled['us']:.1f} | {default} | {best['us']:.1f} | "
+                     f"{compiled['us'] / best['us']:.2f}× | {roof} | {best['knobs']} |")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m bench.tune_groupnorm", description=__doc__.split("\n\n")[0])
+    p.add_argument("--dtype", default="bf16", choices=list(C.DTYPES))
+    p.add_argument("--variants", default="fwd+bwd,fwd", type=lambda s: s.split(","))
+    p.add_argument("--lane", default="0,1", type=ints, help="per-lane accumulation off/on")
+    p.add_argument("--tile", default="1024,2048,4096", type=ints)
+    p.add_argument("--programs", default="528,2112", type=ints, help="target programs for a split group")
+    p.add_argument("--threads", default="8,16", type=ints, help="elements per thread (sets num_warps)")
+    p.add_argument("--rounds", default=5, type=int)
+    p.add_argument("--json", help="write every timing here, with the device, versions and commit")
+    a = p.parse_args(argv)
+    from bench.test_kernels import GN_VARIANTS
+
+    unknown = [v for v in a.variants if v not in GN_VARIANTS]
+    if unknown:
+        p.error(f"unknown variant {unknown[0]!r}: choose from {', '.join(GN_VARIANTS)}")
+    start = time.perf_counter()
+    rows = sweep(a)
+    out = table(rows)
+    print(f"GroupNorm+GELU launch sweep, {a.dtype}, size {C.SIZE}, {time.perf_counter() - start:.0f} s\n\n{out}")
+    if a.json:
+        doc = {"tool": "bench.tune_groupnorm", "args": vars(a), "device": C.device_info(), "versions": C.versions(),
+               "git": C.git_commit(), **C.peaks(), "rows": rows}
+        with open(a.json, "w") as f:
+            json.dump(doc, f, indent=1, default=str)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
