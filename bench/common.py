@@ -430,6 +430,14 @@ def log(name: str, group: str, info: dict, stats: Optional[dict]) -> None:
                                default=str) + "\n")
 
 
+def write_json(path, doc: dict) -> None:
+    """Write ``doc`` as JSON atomically (a reader never sees half a file)."""
+    from fastddpm.files import atomic_write
+
+    with atomic_write(path) as f:
+        f.write(json.dumps(doc, indent=1, default=str).encode())
+
+
 def results_json(benchmarks: list[dict]) -> dict:
     """A pytest-benchmark-shaped document (the fields bench.report reads)."""
     return {

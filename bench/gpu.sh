@@ -87,12 +87,16 @@ native_tests() {
   return "$rc"
 }
 
+# A stage cut off by its cap (124) still counts as run; a test run killed after ignoring the
+# interrupt (137) counts as failed.
+STATUS=0
 for s in $STAGES; do
   case $s in
     tests)
       native_tests; rc=$?
       if (( rc != 0 && rc != 124 )); then
         say "the native kernel tests failed (exit $rc): no bench runs on wrong kernels; stopping here"
+        STATUS=1
         break
       fi ;;
     train) bench train "${TRAIN_CAP_S:-170}" "${TRAIN_DTYPES:-bf16,fp32}" ;;
@@ -112,7 +116,9 @@ done
 shopt -s nullglob
 inputs=("$WORK"/*.jsonl "$WORK"/*.json)
 if (( ${#inputs[@]} )); then
-  knobs=$(env | grep -E '^(BENCH_|TRAIN_|SAMPLE_|KERNEL_|FASTDDPM_BENCH_(SIZE|COMPILE))' | sort | tr '\n' ' ')
+  knobs=""
+  while IFS='=' read -r k v; do knobs+="$k=$(printf '%q' "$v") "; done \
+    < <(env | grep -E '^(BENCH_|TRAIN_|SAMPLE_|KERNEL_|PROFILE_|TUNE_|FASTDDPM_BENCH_(SIZE|COMPILE))' | sort)
   "$PY" -m bench.report "${inputs[@]}" --merge "$DEST/$NAME.json" --command "${knobs}bash bench/gpu.sh" \
     >"$DEST/report.md" 2>>"$LOG"
   cat "$DEST/report.md"
@@ -121,3 +127,4 @@ else
   say "no bench results were produced"
 fi
 rm -rf "$WORK"
+exit "$STATUS"

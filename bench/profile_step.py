@@ -2,8 +2,8 @@
 and memory layout, from ``torch.profiler``: the step time (CUDA events around several steps), the
 time per kernel category (convolution, layout copies, matmul, attention, GroupNorm, optimizer and
 EMA, other) and the top kernels. The same trainer and batch as the train bench
-(``bench.test_train_step.trainer``); ``--channels-last`` also runs each setting in NHWC, so the
-layout question is answered by ratios measured in one process. On the CPU it profiles operators
+(``bench.test_train_step.trainer``); each setting also runs in NHWC (``--channels-last``), so the
+layout question (``--layouts nchw,nhwc``) is answered by ratios measured in one process. On the CPU it profiles operators
 (smoke size: it proves only that it runs).
 
     python -m bench.profile_step --impls eager,compiled,fast --dtype bf16 --layouts nchw,nhwc --json prof.json
@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import gc
-import json
 import re
 import sys
 import time
@@ -22,14 +21,17 @@ import torch
 
 from bench import common as C
 
-# First match wins: a cuDNN convolution's own transposes count as layout, not convolution.
+# First match wins. Inductor names a kernel after every op it fused
+# (triton_red_fused_convolution_native_group_norm_...), so GroupNorm is matched first, and the
+# convolution/matmul patterns count only library kernels (cuDNN, CUTLASS, cuBLAS, aten on the CPU).
 CATEGORIES = [
-    ("layout", r"nchwtonhwc|nhwctonchw|transpose|permute|contiguous|clone|copy_|direct_copy"),
-    ("convolution", r"conv|fprop|dgrad|wgrad|implicit_gemm|winograd"),
-    ("attention", r"flash|fmha|attention|sdpa|efficient"),
-    ("matmul", r"gemm|cutlass|matmul|\bmm\b|addmm|linear|xmma|cublas"),
     ("groupnorm", r"group_norm|groupnorm|_gn_"),
     ("optimizer+ema", r"adam|foreach|multi_tensor|lerp"),
+    ("attention", r"flash|fmha|attention|sdpa|efficient"),
+    ("casts", r"_to_copy|convert|to_dtype"),
+    ("layout", r"nchwtonhwc|nhwctonchw|transpose|permute|contiguous|clone|copy_|direct_copy"),
+    ("convolution", r"^(?!triton_).*(conv|fprop|dgrad|wgrad|implicit_gemm|winograd)"),
+    ("matmul", r"^(?!triton_).*(gemm|cutlass|matmul|\bmm\b|addmm|linear|xmma|cublas)"),
 ]
 
 
@@ -140,12 +142,11 @@ def main(argv=None) -> int:
         for layout in a.layouts:
             rows.append(profile_one(impl, a.dtype, layout, a.steps))
             print(f"{impl} {a.dtype} {layout}: {rows[-1]['step_s'] * 1e3:.2f} ms/step", file=sys.stderr, flush=True)
+            if a.json:  # after every row: a run stopped at its time cap keeps what it finished
+                C.write_json(a.json, {"tool": "bench.profile_step", "args": vars(a), "size": C.SIZE,
+                                      "device": C.device_info(), "versions": C.versions(), "git": C.git_commit(),
+                                      "rows": rows})
     print(render(rows, a.top))
-    if a.json:
-        doc = {"tool": "bench.profile_step", "args": vars(a), "size": C.SIZE, "device": C.device_info(),
-               "versions": C.versions(), "git": C.git_commit(), "rows": rows}
-        with open(a.json, "w") as f:
-            json.dump(doc, f, indent=1, default=str)
     return 0
 
 

@@ -9,7 +9,7 @@ num_warps). Each setting is built, guarded against eager and timed exactly as th
 (``bench.test_kernels.gn_case``: CUDA-graph replays over inputs larger than L2). On the CPU it runs
 at the smoke size through Triton's interpreter, which proves only that it runs.
 
-    python -m bench.tune_groupnorm --json tune.json          # the full grid, bf16 (about 2 minutes)
+    python -m bench.tune_groupnorm --json tune.json          # the full grid, bf16 (200 timed settings)
     python -m bench.tune_groupnorm --lane 0,1 --tile 2048 --programs 528 --threads 8   # a slice
 """
 from __future__ import annotations
@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import gc
 import itertools
-import json
 import sys
 import time
 
@@ -50,6 +49,13 @@ def time_case(variant, shape, dtype, impl, rounds) -> dict:
             "roofline": moved / sec / 1e9 / copy if copy else None, "timing": mode, "guard": guard}
 
 
+def save(args, rows: list[dict]) -> None:
+    """The JSON so far (rewritten after every row: a sweep stopped at its time cap keeps its rows)."""
+    if args.json:
+        C.write_json(args.json, {"tool": "bench.tune_groupnorm", "args": vars(args), "device": C.device_info(),
+                                 "versions": C.versions(), "git": C.git_commit(), **C.peaks(), "rows": rows})
+
+
 def sweep(args) -> list[dict]:
     from fastddpm.kernels import groupnorm_gelu as gng
 
@@ -71,6 +77,7 @@ def sweep(args) -> list[dict]:
                     for k, v in default.items():
                         setattr(gng, KNOBS[k], v)
                 print(f"{variant} {shape} {knobs}: {rows[-1]['us']:.1f} µs", file=sys.stderr, flush=True)
+                save(args, rows)
     return rows
 
 
@@ -112,11 +119,6 @@ def main(argv=None) -> int:
     rows = sweep(a)
     out = table(rows)
     print(f"GroupNorm+GELU launch sweep, {a.dtype}, size {C.SIZE}, {time.perf_counter() - start:.0f} s\n\n{out}")
-    if a.json:
-        doc = {"tool": "bench.tune_groupnorm", "args": vars(a), "device": C.device_info(), "versions": C.versions(),
-               "git": C.git_commit(), **C.peaks(), "rows": rows}
-        with open(a.json, "w") as f:
-            json.dump(doc, f, indent=1, default=str)
     return 0
 
 

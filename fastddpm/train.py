@@ -97,10 +97,21 @@ def write_metrics(out: Path, records: list[dict]) -> None:
         f.write("".join(json.dumps(r) + "\n" for r in records).encode())
 
 
+def match_optimizer_layout(opt: torch.optim.Optimizer) -> None:
+    """Give each optimizer state tensor its parameter's memory layout. ``load_state_dict`` keeps
+    the strides of the run that saved it, and the fused Adam refuses moments laid out unlike
+    their parameter (a --channels-last run resumed without the flag, or the reverse)."""
+    for p, state in opt.state.items():
+        for k, v in state.items():
+            if isinstance(v, torch.Tensor) and v.shape == p.shape and v.stride() != p.stride():
+                state[k] = torch.empty_like(p, dtype=v.dtype).copy_(v)
+
+
 def training_kernels(kernels: str, device: torch.device, compiled: bool) -> str:
     """The GroupNorm+GELU path a training run uses. "auto" under torch.compile on CUDA is the torch
-    path: Inductor fuses GroupNorm+GELU itself, and on an H200 that whole training step ran 1.4x
-    faster than the one with the Triton kernels (bench/results/2026-11-26-h200.json, every dtype).
+    path: Inductor fuses GroupNorm+GELU itself, and on an H200 that whole training step ran 1.2 to
+    1.5x faster than the one with the Triton kernels (bench/results/2026-11-26-h200.json: fp32,
+    fp16 and bf16).
     Uncompiled, "auto" keeps the model's own rule (Triton on CUDA)."""
     return "torch" if kernels == "auto" and compiled and device.type == "cuda" else kernels
 
@@ -179,6 +190,7 @@ class Trainer:
         elif self.ema:  # EMA turned on at resume: start it from the trained weights, not the initial ones
             self.ema = EMA(self.model, self.cfg.ema)
         self.opt.load_state_dict(ckpt["optimizer"])
+        match_optimizer_layout(self.opt)  # --channels-last is this run's choice, not the checkpoint's
         if self.scaler.is_enabled() and ckpt.get("scaler"):
             self.scaler.load_state_dict(ckpt["scaler"])
         self.epoch, self.batch_in_epoch, self.step = ckpt["epoch"], ckpt["batch_in_epoch"], ckpt["step"]

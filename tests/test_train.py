@@ -1,4 +1,5 @@
 import json
+import math
 
 import pytest
 import torch
@@ -205,3 +206,23 @@ def test_channels_last_trains_like_nchw(tmp_path):
     assert nhwc.model.inc.conv1.weight.is_contiguous(memory_format=torch.channels_last)
     assert not nchw.model.inc.conv1.weight.is_contiguous(memory_format=torch.channels_last)
     assert _losses(nhwc, 3) == pytest.approx(_losses(nchw, 3), rel=1e-4)
+
+
+def test_resume_with_another_layout_keeps_the_fused_optimizer_working(tmp_path):
+    """A --channels-last checkpoint resumed without the flag: the Adam moments take the NCHW
+    layout of their parameters, which the fused Adam (used on CUDA) requires."""
+    first = Trainer(tiny_config(channels_last=True), tmp_path, torch.device("cpu"), progress=False)
+    _losses(first, 2)
+    first.save()
+    again = Trainer(tiny_config(), tmp_path, torch.device("cpu"), progress=False)
+    again.restore(read_checkpoint(tmp_path / "checkpoint.pt"))
+    for p, state in again.opt.state.items():
+        assert state["exp_avg"].stride() == p.stride() and state["exp_avg_sq"].stride() == p.stride()
+    params = [p for p in again.model.parameters()]
+    fused = torch.optim.Adam(params, lr=1e-3, fused=True)
+    fused.load_state_dict(again.opt.state_dict())
+    loss = _losses(again, 1)[0]
+    for p in params:
+        p.grad = torch.ones_like(p)
+    fused.step()  # raises on moments laid out unlike their parameter
+    assert math.isfinite(loss)
