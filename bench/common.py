@@ -238,13 +238,18 @@ def _median(benchmark) -> tuple[Optional[float], Optional[dict]]:
     return s.median, {k: getattr(s, k, None) for k in ("min", "max", "mean", "stddev", "median", "rounds", "ops")}
 
 
-def run(benchmark, build: Callable[[], Case]) -> dict:
-    """Build a case, guard it, time it, and record everything in ``benchmark.extra_info``."""
+def fresh() -> None:
+    """Before each case: the session settings, no compiled code and no memory left by the last one."""
     configure()
     torch.compiler.reset()  # each case compiles from scratch (the on-disk caches still help)
     gc.collect()  # the previous case's models, graphs and buffers
     if CUDA:
         torch.cuda.empty_cache()
+
+
+def run(benchmark, build: Callable[[], Case]) -> dict:
+    """Build a case, guard it, time it, and record everything in ``benchmark.extra_info``."""
+    fresh()
     precision = torch.get_float32_matmul_precision(), torch.backends.cudnn.allow_tf32
     try:
         return _run(benchmark, build)

@@ -11,7 +11,6 @@ layout question (``--layouts nchw,nhwc``) is answered by ratios measured in one 
 from __future__ import annotations
 
 import argparse
-import gc
 import re
 import sys
 import time
@@ -81,15 +80,11 @@ def kernel_times(tr, x0, steps: int) -> dict[str, tuple[float, float]]:
 
 
 def profile_one(impl: str, dtype: str, layout: str, steps: int) -> dict:
-    from bench.test_train_step import trainer
+    from bench.test_train_step import fixed_batch, trainer
 
-    C.configure()
-    torch.compiler.reset()
-    gc.collect()
-    if C.CUDA:
-        torch.cuda.empty_cache()
+    C.fresh()
     b = C.S["train_batch"]
-    x0 = (torch.rand(b, 3, 32, 32, generator=torch.Generator().manual_seed(0)) * 2 - 1).to(C.DEVICE)
+    x0 = fixed_batch()
     tr = trainer(dtype, impl, channels_last=layout == "nhwc")
     for _ in range(3):  # compilation, autotuning, allocator
         tr.train_step(x0)

@@ -245,14 +245,14 @@ def render(entries, header=None) -> str:
     return "\n\n".join(p for p in parts if p) + "\n"
 
 
-def record(entries: list[dict], commands: list[str]) -> dict:
+def record(entries: list[dict], commands: list[str], when: str | None) -> dict:
     """What a results file must say at the top: the card, the date, the commit measured and the
     commands. The commit comes from the results (FASTDDPM_GIT_COMMIT on a machine whose copy of
     the tree has no usable .git), not from pytest-benchmark's own look at the checkout."""
     infos = [e["extra_info"] for e in entries]
     ids = sorted({(i.get("git") or {}).get("id") for i in infos} - {None})
     cards = sorted({(i.get("device") or {}).get("name") for i in infos} - {None})
-    out = {"card": ", ".join(cards) or None, "commands": commands}
+    out = {"card": ", ".join(cards) or None, "date": (when or "")[:10] or None, "commands": commands}
     if ids:
         out["commit_info"] = {"id": ids[0] if len(ids) == 1 else ids, "source": "the results' extra_info.git"}
     return out
@@ -271,12 +271,10 @@ def main(argv=None) -> int:
         return 2
     entries, header = load(existing)
     if a.merge:
-        from bench.common import results_json  # imports torch: only when writing
+        from bench.common import results_json, write_json  # imports torch: only when writing
 
-        doc = {**results_json(entries), **{k: v for k, v in header.items() if k != "benchmarks"},
-               **record(entries, a.command)}
-        doc["date"] = str(doc.get("datetime") or "")[:10] or None
-        Path(a.merge).write_text(json.dumps(doc, indent=1, default=str))
+        doc = {**results_json(entries), **{k: v for k, v in header.items() if k != "benchmarks"}}
+        write_json(a.merge, {**doc, **record(entries, a.command or header.get("commands", []), str(doc.get("datetime") or ""))})
     sys.stdout.write(render(entries, header))
     return 0
 

@@ -29,6 +29,12 @@ def trainer(dtype, impl, channels_last=False):
         shutil.rmtree(out, ignore_errors=True)  # train_step writes nothing there
 
 
+def fixed_batch() -> torch.Tensor:
+    """The one batch every timed step trains on (images in [-1, 1], seeded)."""
+    b = C.S["train_batch"]
+    return (torch.rand(b, 3, 32, 32, generator=torch.Generator().manual_seed(0)) * 2 - 1).to(C.DEVICE)
+
+
 def first_step(tr, x0):
     """(loss, all gradients) of one step; the scaler has unscaled the gradients by then."""
     loss = tr.train_step(x0).float()
@@ -37,7 +43,7 @@ def first_step(tr, x0):
 
 def build(dtype, impl):
     b = C.S["train_batch"]
-    x0 = (torch.rand(b, 3, 32, 32, generator=torch.Generator().manual_seed(0)) * 2 - 1).to(C.DEVICE)
+    x0 = fixed_batch()
     tr = trainer(dtype, impl)
     key = ("train", dtype)
     if impl == "eager":

@@ -15,12 +15,9 @@ at the smoke size through Triton's interpreter, which proves only that it runs.
 from __future__ import annotations
 
 import argparse
-import gc
 import itertools
 import sys
 import time
-
-import torch
 
 from bench import common as C
 
@@ -35,10 +32,7 @@ def time_case(variant, shape, dtype, impl, rounds) -> dict:
     """Build, guard and time one kernel case: µs per call, GB/s and the share of copy bandwidth."""
     from bench.test_kernels import gn_case
 
-    C.configure()
-    gc.collect()  # the previous case's inputs and graph
-    if C.CUDA:
-        torch.cuda.empty_cache()
+    C.fresh()
     fn, calls, mode, moved, _n, check = gn_case(variant, shape, dtype, impl)
     guard = check() if impl != "eager" else None
     timer = C.Timer()

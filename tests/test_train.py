@@ -1,5 +1,4 @@
 import json
-import math
 
 import pytest
 import torch
@@ -218,11 +217,10 @@ def test_resume_with_another_layout_keeps_the_fused_optimizer_working(tmp_path):
     again.restore(read_checkpoint(tmp_path / "checkpoint.pt"))
     for p, state in again.opt.state.items():
         assert state["exp_avg"].stride() == p.stride() and state["exp_avg_sq"].stride() == p.stride()
-    params = [p for p in again.model.parameters()]
+    params = list(again.model.parameters())
     fused = torch.optim.Adam(params, lr=1e-3, fused=True)
     fused.load_state_dict(again.opt.state_dict())
-    loss = _losses(again, 1)[0]
     for p in params:
         p.grad = torch.ones_like(p)
     fused.step()  # raises on moments laid out unlike their parameter
-    assert math.isfinite(loss)
+    assert all(torch.isfinite(p).all() for p in params)
