@@ -11,7 +11,10 @@ setup(
     package_dir={"fastddpm.kernels": "kernels"},
     install_requires=["torch>=2.4", "numpy", "tqdm", "pillow", "matplotlib"],
     extras_require={
-        "dev": ["pytest", "pytest-benchmark", "scipy"],
+        # diffusers: only the tests use it, as an independent implementation of the samplers.
+        "dev": ["pytest", "scipy", "diffusers"],
         "metrics": ["torch-fidelity", "scipy"],
+        # what bench/ imports: pytest-benchmark for the suite, nvidia-ml-py (pynvml) for the device record
+        "bench": ["pytest-benchmark", "nvidia-ml-py"],
     },
 )

@@ -33,22 +33,12 @@ mkdir -p "$DEST"
 LOG="$DEST/bench.log"
 : >"$LOG"
 
-say() { echo "== $*" | tee -a "$LOG"; }
-# stage NAME CAP_SECONDS CMD...: runs CMD under min(CAP, what the budget leaves minus 25 s for the report)
-stage() {
-  local name=$1 cap=$2; shift 2
-  local left=$(( BUDGET - ($(date +%s) - START) - 25 ))
-  local t=$(( left < cap ? left : cap ))
-  if (( t < 20 )); then say "$name: skipped, the time budget is spent"; return 124; fi
-  say "$name: up to ${t}s"
-  timeout -s INT -k 20 "$t" "$@" 2>&1 | tee -a "$LOG"
-  local rc=${PIPESTATUS[0]}
-  say "$name: exit $rc$( (( rc == 124 )) && echo ' (cut off by its time cap)') after $(( $(date +%s) - START ))s in all"
-  return "$rc"
-}
+RESERVE=25  # seconds for the report after the stages
+source bench/stages.sh
 
-# pytest-benchmark and nvidia-ml-py are in the GPU image; install either only if it is missing
-# and pip can reach an index (no retries: the lent machine has no network).
+# pytest-benchmark and nvidia-ml-py (the `bench` extra: pip install -e '.[bench]') are in the GPU
+# image; install either only if it is missing and pip can reach an index (no retries: the lent
+# machine has no network).
 for pair in pytest_benchmark:pytest-benchmark pynvml:nvidia-ml-py; do
   "$PY" -c "import ${pair%%:*}" 2>/dev/null ||
     "$PY" -m pip install -q --retries 0 --timeout 5 "${pair##*:}" >/dev/null 2>&1 ||

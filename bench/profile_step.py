@@ -7,6 +7,12 @@ layout question (``--layouts nchw,nhwc``) is answered by ratios measured in one 
 (smoke size: it proves only that it runs).
 
     python -m bench.profile_step --impls eager,compiled,fast --dtype bf16 --layouts nchw,nhwc --json prof.json
+    python -m bench.profile_step --impls compiled --layouts nchw,nhwc --knobs none,cudnn_benchmark,force_layout
+
+``--knobs`` crosses each setting with backend switches the training step may gain from (hypothesis 1
+of ../shared/notes/training-step-analysis.md): ``cudnn_benchmark`` (cuDNN picks its convolution
+algorithms by timing them) and ``force_layout`` (Inductor's NHWC layout optimisation, which its own
+heuristic refuses for this training graph), ``+``-joined to combine them; ``none`` is today's step.
 """
 from __future__ import annotations
 
@@ -79,10 +85,25 @@ def kernel_times(tr, x0, steps: int) -> dict[str, tuple[float, float]]:
     return out
 
 
-def profile_one(impl: str, dtype: str, layout: str, steps: int) -> dict:
+KNOBS = ("cudnn_benchmark", "force_layout")
+
+
+def set_knobs(knobs: str) -> list[str]:
+    """Switch the backend settings named in ``knobs`` ("none", or names from KNOBS joined by "+") on,
+    the others off; the settings in force."""
+    names = [] if knobs == "none" else knobs.split("+")
+    torch.backends.cudnn.benchmark = "cudnn_benchmark" in names
+    import torch._inductor.config as inductor_config
+
+    inductor_config.force_layout_optimization = "force_layout" in names
+    return names
+
+
+def profile_one(impl: str, dtype: str, layout: str, steps: int, knobs: str = "none") -> dict:
     from bench.test_train_step import fixed_batch, trainer
 
     C.fresh()
+    set_knobs(knobs)
     b = C.S["train_batch"]
     x0 = fixed_batch()
     tr = trainer(dtype, impl, channels_last=layout == "nhwc")
@@ -94,7 +115,7 @@ def profile_one(impl: str, dtype: str, layout: str, steps: int) -> dict:
     for name, (s, _) in kernels.items():
         by_cat[category(name)] += s
     top = sorted(kernels.items(), key=lambda kv: -kv[1][0])
-    return {"impl": impl, "dtype": dtype, "layout": layout, "batch": b, "preset": C.S["preset"],
+    return {"impl": impl, "dtype": dtype, "layout": layout, "knobs": knobs, "batch": b, "preset": C.S["preset"],
             "step_s": sec, "images_per_s": b / sec, "profiled_s": sum(s for s, _ in kernels.values()),
             "categories": dict(sorted(by_cat.items(), key=lambda kv: -kv[1])),
             "kernels": [{"name": n, "s": s, "calls": c, "category": category(n)} for n, (s, c) in top]}
@@ -102,14 +123,14 @@ def profile_one(impl: str, dtype: str, layout: str, steps: int) -> dict:
 
 def render(rows: list[dict], top: int) -> str:
     cats = [c for c, _ in CATEGORIES] + ["other"]
-    head = "| impl | dtype | layout | step ms | images/s | " + " | ".join(f"{c} ms" for c in cats) + " |"
-    lines = [head, "|" + "---|" * (5 + len(cats))]
+    head = "| impl | dtype | layout | knobs | step ms | images/s | " + " | ".join(f"{c} ms" for c in cats) + " |"
+    lines = [head, "|" + "---|" * (6 + len(cats))]
     for r in rows:
-        lines.append(f"| {r['impl']} | {r['dtype']} | {r['layout']} | {r['step_s'] * 1e3:.2f} | "
+        lines.append(f"| {r['impl']} | {r['dtype']} | {r['layout']} | {r['knobs']} | {r['step_s'] * 1e3:.2f} | "
                      f"{r['images_per_s']:,.0f} | " + " | ".join(f"{r['categories'].get(c, 0) * 1e3:.2f}" for c in cats)
                      + " |")
     for r in rows:
-        lines += ["", f"### {r['impl']} {r['dtype']} {r['layout']}: top {top} of {len(r['kernels'])} "
+        lines += ["", f"### {r['impl']} {r['dtype']} {r['layout']} {r['knobs']}: top {top} of {len(r['kernels'])} "
                       f"({r['profiled_s'] * 1e3:.2f} ms profiled per step)", "",
                   "| ms/step | calls/step | category | kernel |", "|---|---|---|---|"]
         lines += [f"| {k['s'] * 1e3:.3f} | {k['calls']:g} | {k['category']} | `{k['name'][:90]}` |"
@@ -123,24 +144,34 @@ def main(argv=None) -> int:
     p.add_argument("--impls", default="eager,compiled,fast", type=split)
     p.add_argument("--dtype", default="bf16", choices=list(C.DTYPES))
     p.add_argument("--layouts", default="nchw,nhwc", type=split)
+    p.add_argument("--knobs", default="none", type=split,
+                   help=f"backend settings crossed with each row: none, or {' / '.join(KNOBS)} joined by + "
+                        "(default none)")
     p.add_argument("--steps", default=5, type=int, help="steps timed, then steps profiled")
     p.add_argument("--top", default=12, type=int)
     p.add_argument("--json", help="write every row (all kernels) here, with the device, versions and commit")
     a = p.parse_args(argv)
     from bench.test_train_step import PATHS
 
-    bad = [v for v in a.impls if v not in PATHS] + [v for v in a.layouts if v not in ("nchw", "nhwc")]
+    bad = [v for v in a.impls if v not in PATHS] + [v for v in a.layouts if v not in ("nchw", "nhwc")] + \
+        [k for v in a.knobs if v != "none" for k in v.split("+") if k not in KNOBS]
     if bad:
-        p.error(f"unknown implementation or layout {bad[0]!r}: impls {', '.join(PATHS)}; layouts nchw, nhwc")
+        p.error(f"unknown implementation, layout or knob {bad[0]!r}: impls {', '.join(PATHS)}; layouts nchw, nhwc; "
+                f"knobs none, {', '.join(KNOBS)}")
     rows = []
-    for impl in a.impls:
-        for layout in a.layouts:
-            rows.append(profile_one(impl, a.dtype, layout, a.steps))
-            print(f"{impl} {a.dtype} {layout}: {rows[-1]['step_s'] * 1e3:.2f} ms/step", file=sys.stderr, flush=True)
-            if a.json:  # after every row: a run stopped at its time cap keeps what it finished
-                C.write_json(a.json, {"tool": "bench.profile_step", "args": vars(a), "size": C.SIZE,
-                                      "device": C.device_info(), "versions": C.versions(), "git": C.git_commit(),
-                                      "rows": rows})
+    try:
+        for impl in a.impls:
+            for layout in a.layouts:
+                for knobs in a.knobs:
+                    rows.append(profile_one(impl, a.dtype, layout, a.steps, knobs))
+                    print(f"{impl} {a.dtype} {layout} {knobs}: {rows[-1]['step_s'] * 1e3:.2f} ms/step",
+                          file=sys.stderr, flush=True)
+                    if a.json:  # after every row: a run stopped at its time cap keeps what it finished
+                        C.write_json(a.json, {"tool": "bench.profile_step", "args": vars(a), "size": C.SIZE,
+                                              "device": C.device_info(), "versions": C.versions(),
+                                              "git": C.git_commit(), "rows": rows})
+    finally:
+        set_knobs("none")
     print(render(rows, a.top))
     return 0
 

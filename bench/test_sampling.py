@@ -21,7 +21,7 @@ def network():
 
 
 def ours(net, dtype, engine, steps, **kw):
-    from fastddpm.sample import sample
+    from fastddpm.sampling import sample
 
     b = C.S["sample_batch"]
     return lambda: sample(net, b, T=steps, batch_size=b, device=C.DEVICE, dtype=dtype, seed=0, progress=False,
@@ -33,7 +33,7 @@ def diffusers_loop(net, dtype, steps):
         from diffusers import DDPMScheduler
     except Exception as e:  # noqa: BLE001 - not installed, or broken against this torch
         raise C.Unavailable(f"diffusers is not importable ({type(e).__name__})")
-    from fastddpm.sample import autocast, to_uint8
+    from fastddpm.sampling import autocast, to_uint8
 
     sched = DDPMScheduler(num_train_timesteps=steps, beta_schedule="linear", beta_start=1e-4, beta_end=0.02,
                           variance_type="fixed_large", clip_sample=False)

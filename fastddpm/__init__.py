@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib.util as _ilu
 import os as _os
 import sys as _sys
+import types as _types
 
 # kernels/ sits at the repository top (one file per fused op); setup.py installs it as
 # fastddpm.kernels. From a source checkout (PYTHONPATH=.) register it under the same name.
@@ -22,20 +23,28 @@ from fastddpm.model import UNet  # noqa: E402
 
 __version__ = "0.1.0"
 __all__ = ["UNet", "Diffusion", "sample", "save_grid", "load_checkpoint"]
+# The public functions and where they live. Loaded on first use: `import fastddpm` stays light.
+_LAZY = {"Diffusion": "fastddpm.diffusion", "sample": "fastddpm.sampling", "save_grid": "fastddpm.images",
+         "load_checkpoint": "fastddpm.checkpoint"}
 
 
 def __getattr__(name):
-    # Lazy: `import fastddpm` stays light (no matplotlib / PIL) until these are used.
-    if name == "Diffusion":
-        from fastddpm.diffusion import Diffusion
-        return Diffusion
-    if name == "sample":
-        from fastddpm.sample import sample
-        return sample
-    if name == "save_grid":
-        from fastddpm.images import save_grid
-        return save_grid
-    if name == "load_checkpoint":
-        from fastddpm.checkpoint import load_checkpoint
-        return load_checkpoint
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(_LAZY[name]), name)
     raise AttributeError(f"module 'fastddpm' has no attribute {name!r}")
+
+
+class _Package(_types.ModuleType):
+    """The package keeps its public names. Importing a submodule binds it as an attribute of its
+    package, and the command `python -m fastddpm.sample` needs a submodule of that name: without this,
+    `import fastddpm.sample` (or any import of it) would replace the function fastddpm.sample."""
+
+    def __setattr__(self, name, value):
+        if name in __all__ and isinstance(value, _types.ModuleType):
+            return
+        super().__setattr__(name, value)
+
+
+_sys.modules[__name__].__class__ = _Package

@@ -73,9 +73,26 @@ def model_from_checkpoint(ckpt: dict, ema: bool = True, path="checkpoint") -> UN
 
 def load_checkpoint(path, device=None, ema: bool = True) -> Loaded:
     """(model, diffusion, config) of a checkpoint; the model holds the EMA weights where present."""
+    if device is not None:
+        from fastddpm.sampling import check_device
+
+        device = check_device(device, cli=False)
     ckpt = read_checkpoint(path)
     config = TrainConfig.from_dict(ckpt["config"])
     model = model_from_checkpoint(ckpt, ema=ema, path=path)
     if device is not None:
         model.to(device)
     return Loaded(model, Diffusion(config.T, config.beta_start, config.beta_end, device=device), config)
+
+
+def export_weights(path, out, dtype: torch.dtype = torch.float16) -> Path:
+    """A sampling-only copy of a checkpoint: its config and its EMA weights (the raw ones where it has
+    no EMA) in ``dtype``, about a quarter of the file (no optimizer state, no second copy of the
+    weights). ``load_checkpoint`` and ``fastddpm.sample`` take it (the weights become fp32 again);
+    ``--resume`` refuses it."""
+    ckpt = read_checkpoint(path)
+    weights = {**ckpt["model"], **(ckpt.get("ema") or {})}
+    payload = {"config": ckpt["config"], "ema": None, "epoch": ckpt.get("epoch"), "step": ckpt.get("step"),
+               "model": {k: v.to(dtype) if v.is_floating_point() else v for k, v in weights.items()},
+               "exported": {"from_ema": bool(ckpt.get("ema")), "dtype": str(dtype).removeprefix("torch.")}}
+    return save_checkpoint(payload, out)

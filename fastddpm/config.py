@@ -24,7 +24,9 @@ class TrainConfig:
     ema: float = 0.9999  # 0 turns EMA off
     preset: str = "seed"
     seed: int = 0
-    ckpt_every: int = 0  # extra checkpoints every N steps; one is always written at each epoch end
+    ckpt_every: int = 0  # extra checkpoints every N steps
+    # at epoch ends, checkpoint only after this many minutes of training since the last (0: every epoch end)
+    ckpt_minutes: float = 0.0
     beta_start: float = 1e-4
     beta_end: float = 0.02
     n_samples: int = 64  # images in OUT/samples.png at the end
@@ -33,6 +35,7 @@ class TrainConfig:
     kernels: str = "auto"  # GroupNormGELU path: auto (see train.training_kernels), triton, torch
     channels_last: bool = False  # NHWC activations and weights; off until a GPU measures it faster
     train_size: int = 0  # a fixed random subset of N training images (0: all); quick experiments and tests
+    time_budget: float = 0.0  # minutes of training wall clock (compilation, validation, checkpoints included); 0: off
 
     @property
     def base_channels(self) -> int:
@@ -60,13 +63,20 @@ class TrainConfig:
             (self.epochs >= 1, f"--epochs {self.epochs}: must be at least 1"),
             (self.batch_size >= 1, f"--batch-size {self.batch_size}: must be at least 1"),
             (self.lr > 0, f"--lr {self.lr}: must be positive"),
+            (0 <= self.lr_drop_at <= 1, f"--lr-drop-at {self.lr_drop_at}: a fraction of the run in [0, 1] "
+                                        "(1: never)"),
             (0 <= self.ema < 1, f"--ema {self.ema}: the EMA decay must be in [0, 1) (0 turns EMA off)"),
             (self.ckpt_every >= 0, f"--ckpt-every {self.ckpt_every}: must be 0 (epoch ends only) or positive"),
-            (0 < self.beta_start <= self.beta_end < 1, "need 0 < beta_start <= beta_end < 1"),
+            (0 <= self.ckpt_minutes < float("inf"), f"--ckpt-minutes {self.ckpt_minutes}: must be 0 (every epoch end) "
+                                                     "or positive"),
+            (0 < self.beta_start <= self.beta_end < 1,
+             f"beta_start {self.beta_start}, beta_end {self.beta_end}: need 0 < beta_start <= beta_end < 1"),
             (self.n_samples >= 0, f"--n-samples {self.n_samples}: must be 0 or positive"),
             (self.val_size >= 0, f"--val-size {self.val_size}: must be 0 or positive"),
             (self.kernels in ("auto", "triton", "torch"), f"--kernels {self.kernels}: choose auto, triton or torch"),
             (self.train_size >= 0, f"--train-size {self.train_size}: must be 0 (all) or positive"),
+            (0 <= self.time_budget < float("inf"),
+             f"--time-budget {self.time_budget}: minutes must be 0 (no budget) or positive"),
         ]
         for ok, message in checks:
             if not ok:

@@ -21,6 +21,7 @@ import torch
 
 from fastddpm.errors import UsageError
 from fastddpm.files import atomic_write
+from fastddpm.progress import progress_bar
 
 CIFAR10_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
 CIFAR10_MD5 = "c58f30108f718f92721af3b95e74349a"
@@ -50,14 +51,15 @@ def describe(spec: str) -> str:
     return {"cifar10": "CIFAR-10", "shapes": "shapes (procedural)"}.get(spec, str(spec))
 
 
-def load_images(spec: str, split: str = "train") -> np.ndarray | None:
-    """The images of ``split`` as uint8 (N, 32, 32, 3); None where the source has no such split."""
+def load_images(spec: str, split: str = "train", progress: bool | None = None) -> np.ndarray | None:
+    """The images of ``split`` as uint8 (N, 32, 32, 3); None where the source has no such split.
+    ``progress``: bars while downloading or decoding (default: when stderr is a terminal)."""
     if split not in SPLITS:
         raise ValueError(f"split must be one of {SPLITS}")
     if spec == "shapes":
         return _cached_shapes(SHAPES_SIZES[split], SPLITS.index(split)).copy()
     if spec == "cifar10":
-        return _load_cifar_batches(_cifar10_folder(), split)
+        return _load_cifar_batches(_cifar10_folder(progress), split)
     path = data_root() / "cifar10-jpeg" if spec == "cifar10-jpeg" else Path(spec).expanduser()
     if not path.exists():
         hint = " (set FASTDDPM_DATA to the folder holding cifar10-jpeg/)" if spec == "cifar10-jpeg" else ""
@@ -65,7 +67,7 @@ def load_images(spec: str, split: str = "train") -> np.ndarray | None:
                          "or a path to cifar-10-batches-py or an image folder/zip")
     if path.is_dir() and (path / "data_batch_1").is_file():
         return _load_cifar_batches(path, split)
-    return _load_image_folder(path, split)
+    return _load_image_folder(path, split, progress)
 
 
 # --- shapes: the embedded default -------------------------------------------------------------
@@ -101,18 +103,16 @@ def make_shapes(n: int, seed: int = 0) -> np.ndarray:
 
 # --- official CIFAR-10 python batches ---------------------------------------------------------
 
-def _cifar10_folder() -> Path:
+def _cifar10_folder(progress: bool | None) -> Path:
     folder = cache_dir() / "cifar-10-batches-py"
     if (folder / "data_batch_1").is_file():
         return folder
-    _download_cifar10(cache_dir())
+    _download_cifar10(cache_dir(), progress)
     return folder
 
 
-def _download_cifar10(dest: Path) -> None:
+def _download_cifar10(dest: Path, progress: bool | None) -> None:
     import urllib.request
-
-    from tqdm import tqdm
 
     offline = (f"--data cifar10: the official batches are not in {dest / 'cifar-10-batches-py'} and the "
                f"download from {CIFAR10_URL} failed ({{}}); offline, extract cifar-10-python.tar.gz there "
@@ -124,7 +124,7 @@ def _download_cifar10(dest: Path) -> None:
     try:
         with urllib.request.urlopen(CIFAR10_URL, timeout=30) as resp, open(partial, "wb") as f:
             total = int(resp.headers.get("Content-Length") or 0) or None
-            with tqdm(total=total, unit="B", unit_scale=True, desc="CIFAR-10") as bar:
+            with progress_bar(total=total, unit="B", unit_scale=True, desc="CIFAR-10", enabled=progress) as bar:
                 while chunk := resp.read(1 << 20):
                     f.write(chunk)
                     bar.update(len(chunk))
@@ -189,7 +189,7 @@ def _fingerprint(kind: str, loc: Path) -> str:
     return h.hexdigest()[:24]
 
 
-def _load_image_folder(path: Path, split: str) -> np.ndarray | None:
+def _load_image_folder(path: Path, split: str, progress: bool | None) -> np.ndarray | None:
     source = _image_source(path, split)
     if source is None:
         if split == "train":
@@ -200,15 +200,14 @@ def _load_image_folder(path: Path, split: str) -> np.ndarray | None:
     cached = cache_dir() / "decoded" / f"{split}-{_fingerprint(kind, loc)}.npy"
     if cached.is_file():
         return np.load(cached)
-    images = decode_images(kind, loc, prefix)
+    images = decode_images(kind, loc, prefix, progress)
     with atomic_write(cached) as f:
         np.save(f, images)
     return images
 
 
-def decode_images(kind: str, loc: Path, prefix: str) -> np.ndarray:
+def decode_images(kind: str, loc: Path, prefix: str, progress: bool | None = None) -> np.ndarray:
     from PIL import Image
-    from tqdm import tqdm
 
     if kind == "zip":
         z = zipfile.ZipFile(loc)
@@ -220,8 +219,8 @@ def decode_images(kind: str, loc: Path, prefix: str) -> np.ndarray:
     if not names:
         raise UsageError(f"--data {loc}: no .png/.jpg images under {prefix or loc}<class>/")
     out = np.empty((len(names), 32, 32, 3), np.uint8)
-    for i, name in enumerate(tqdm(names, desc=f"decoding {loc.name}", unit="img", leave=False,
-                                  disable=len(names) < 2000)):
+    for i, name in enumerate(progress_bar(names, desc=f"decoding {loc.name}", unit="img",
+                                          enabled=progress if len(names) >= 2000 else False)):
         with Image.open(read(name)) as im:
             if im.size != (32, 32) or im.mode != "RGB":
                 raise UsageError(f"--data {loc}: {name} is {im.size[0]}x{im.size[1]} {im.mode}; fastddpm "

@@ -1,9 +1,32 @@
 """The diffusion process (section 3.1), apart from the network: a linear beta schedule kept as plain
-tensors, the forward noising, the training loss and the reverse update."""
+tensors, the forward noising, the training loss and the reverse updates of three samplers (the
+paper's eq. 5; DDIM; DPM-Solver++(2M)), each also written as a table of ``LinearStep`` rows for the
+fast engine."""
 from __future__ import annotations
+
+import math
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
+
+
+def _at_least_fp32(x: torch.Tensor) -> torch.Tensor:
+    """Network outputs in half precision meet the images in fp32; fp64 (tests) stays fp64."""
+    return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
+
+
+class LinearStep(NamedTuple):
+    """One sampler step as a linear map, so one generic (graph-captured) step serves every sampler:
+    ``x_next = a*x + b*eps + c*x0_prev + s*z`` with ``x0 = p*x + q*eps`` (this step's prediction of the
+    clean image, the ``x0_prev`` of the next step). ``t`` is the step index the network is called with."""
+    t: int
+    a: float
+    b: float
+    c: float
+    s: float
+    p: float
+    q: float
 
 
 class Diffusion:
@@ -15,10 +38,10 @@ class Diffusion:
     """
 
     def __init__(self, T: int, beta_start: float = 1e-4, beta_end: float = 0.02, device=None):
-        if int(T) != T or T < 1:
-            raise ValueError(f"T must be a positive integer, got {T!r}")
+        if isinstance(T, bool) or not isinstance(T, (int, float)) or int(T) != T or T < 1:
+            raise ValueError(f"T={T!r}: the number of diffusion steps must be a positive integer")
         if not 0 < beta_start <= beta_end < 1:
-            raise ValueError(f"need 0 < beta_start <= beta_end < 1, got {beta_start}, {beta_end}")
+            raise ValueError(f"beta_start={beta_start!r}, beta_end={beta_end!r}: need 0 < beta_start <= beta_end < 1")
         self.T, self.beta_start, self.beta_end = int(T), float(beta_start), float(beta_end)
         self.betas = torch.linspace(beta_start, beta_end, self.T, dtype=torch.float64, device=device)  # eq. 4
         self.alphas = 1.0 - self.betas  # eq. 6
@@ -61,7 +84,7 @@ class Diffusion:
         """One step of p(x_{t-1} | x_t)  (eq. 5 with sigma_t^2 = beta_t, eq. 10); no noise at t index 0."""
         t = int(t)
         beta, alpha, ab = (table[t] for table in self._host)
-        mean = (x_t - (beta / (1.0 - ab) ** 0.5) * eps.float()) / alpha ** 0.5  # eq. 9
+        mean = (x_t - (beta / (1.0 - ab) ** 0.5) * _at_least_fp32(eps)) / alpha ** 0.5  # eq. 9
         if t == 0 or noise is None:
             return mean
         return mean + beta ** 0.5 * noise
@@ -71,6 +94,13 @@ class Diffusion:
         tables = {"inv_sqrt_alpha": self.alphas.rsqrt(), "eps_coef": self.betas / (1.0 - self.alpha_bars).sqrt(),
                   "sigma": self.betas.sqrt()}
         return {k: v.to(device=device, dtype=torch.float32) for k, v in tables.items()}
+
+    def ddpm_plan(self) -> list[LinearStep]:
+        """Eq. 5 over all T steps as LinearStep rows."""
+        beta, alpha, ab = self._host
+        return [LinearStep(t, alpha[t] ** -0.5, -alpha[t] ** -0.5 * beta[t] / (1.0 - ab[t]) ** 0.5, 0.0,
+                           beta[t] ** 0.5 if t > 0 else 0.0, ab[t] ** -0.5, -((1.0 - ab[t]) / ab[t]) ** 0.5)
+                for t in range(self.T - 1, -1, -1)]
 
     # --- DDIM (Song et al., 2021), beyond the paper: fewer steps for a DDPM-trained model -----------
 
@@ -88,10 +118,89 @@ class Diffusion:
         eta = 1 with t_prev = t - 1 is DDPM's posterior with variance beta~_t; eta = 0 is deterministic."""
         ab = self._host[2][t]
         ab_prev = self._host[2][t_prev] if t_prev >= 0 else 1.0
-        eps = eps.float()
+        eps = _at_least_fp32(eps)
         x0 = (x_t - (1.0 - ab) ** 0.5 * eps) / ab ** 0.5
-        sigma = eta * ((1.0 - ab_prev) / (1.0 - ab) * (1.0 - ab / ab_prev)) ** 0.5
+        sigma = self.ddim_sigma(t, t_prev, eta)
         x = ab_prev ** 0.5 * x0 + max(1.0 - ab_prev - sigma ** 2, 0.0) ** 0.5 * eps
         if sigma > 0 and noise is not None:
             x = x + sigma * noise
         return x
+
+    def ddim_sigma(self, t: int, t_prev: int, eta: float) -> float:
+        """The noise scale of a DDIM step (Song et al. eq. 16)."""
+        ab, ab_prev = self._host[2][t], (self._host[2][t_prev] if t_prev >= 0 else 1.0)
+        return eta * ((1.0 - ab_prev) / (1.0 - ab) * (1.0 - ab / ab_prev)) ** 0.5
+
+    def ddim_plan(self, steps: int, eta: float) -> list[LinearStep]:
+        """``ddim_step`` over ``ddim_timesteps(steps)`` as LinearStep rows."""
+        ts = self.ddim_timesteps(steps)
+        rows = []
+        for t, t_prev in zip(ts, ts[1:] + [-1]):
+            ab, ab_prev = self._host[2][t], (self._host[2][t_prev] if t_prev >= 0 else 1.0)
+            sigma = self.ddim_sigma(t, t_prev, eta)
+            direction = max(1.0 - ab_prev - sigma ** 2, 0.0) ** 0.5
+            p, q = ab ** -0.5, -((1.0 - ab) / ab) ** 0.5  # x0 = p x + q eps
+            rows.append(LinearStep(t, ab_prev ** 0.5 * p, ab_prev ** 0.5 * q + direction, 0.0, sigma, p, q))
+        return rows
+
+    # --- DPM-Solver++(2M) (Lu et al., 2022), beyond the paper: 10 to 20 steps, no retraining ---------
+
+    def dpm_solver_timesteps(self, steps: int) -> list[int]:
+        """diffusers' "linspace" spacing: ``steps`` indices from T-1 down, 0 excluded (the last step goes
+        to sigma = 0, the clean image). Where rounding repeats an index (steps = T only) it is kept once,
+        which diffusers does not do (its update then divides by zero)."""
+        if not 1 <= steps <= self.T:
+            raise ValueError(f"DPM-Solver++ steps must be in [1, T={self.T}], got {steps}")
+        ts = torch.linspace(0, self.T - 1, steps + 1, dtype=torch.float64).round().long().flip(0)[:-1].tolist()
+        return list(dict.fromkeys(ts))
+
+    def _alpha_sigma_lambda(self, t: int) -> tuple[float, float, float]:
+        """VP alpha_t = sqrt(alpha_bar), sigma_t = sqrt(1 - alpha_bar) and the log-SNR lambda = log(alpha/sigma);
+        t = -1 is the clean image (sigma = 0, lambda = inf)."""
+        if t < 0:
+            return 1.0, 0.0, math.inf
+        ab = self._host[2][t]
+        alpha, sigma = ab ** 0.5, (1.0 - ab) ** 0.5
+        return alpha, sigma, math.log(alpha) - math.log(sigma)
+
+    def dpm_solver_step(self, x: torch.Tensor, eps: torch.Tensor, ts: list[int], i: int,
+                        x0_prev: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Step ``i`` of DPM-Solver++(2M) over ``ts`` (Lu et al. 2022, Algorithm 2 with the data prediction
+        x0 = (x - sigma eps) / alpha): first order at the first step and at the last (to sigma = 0), second
+        order (the multistep midpoint update) between. Returns (x at the next step, x0)."""
+        t, t_next = ts[i], (ts[i + 1] if i + 1 < len(ts) else -1)
+        alpha_s, sigma_s, lambda_s = self._alpha_sigma_lambda(t)
+        alpha_t, sigma_t, lambda_t = self._alpha_sigma_lambda(t_next)
+        x0 = (x - sigma_s * _at_least_fp32(eps)) / alpha_s
+        k = -alpha_t * math.expm1(-(lambda_t - lambda_s))  # -alpha_t (e^{-h} - 1)
+        if i == 0 or t_next < 0:
+            return sigma_t / sigma_s * x + k * x0, x0
+        r = (lambda_s - self._alpha_sigma_lambda(ts[i - 1])[2]) / (lambda_t - lambda_s)  # r0 = h_0 / h
+        return sigma_t / sigma_s * x + k * (x0 + 0.5 / r * (x0 - x0_prev)), x0
+
+    def dpm_solver_plan(self, steps: int) -> list[LinearStep]:
+        """``dpm_solver_step`` over ``dpm_solver_timesteps(steps)`` as LinearStep rows."""
+        ts = self.dpm_solver_timesteps(steps)
+        rows = []
+        for i, t in enumerate(ts):
+            t_next = ts[i + 1] if i + 1 < len(ts) else -1
+            alpha_s, sigma_s, lambda_s = self._alpha_sigma_lambda(t)
+            alpha_t, sigma_t, lambda_t = self._alpha_sigma_lambda(t_next)
+            p, q = 1.0 / alpha_s, -sigma_s / alpha_s
+            k = -alpha_t * math.expm1(-(lambda_t - lambda_s))
+            w0, w1 = k, 0.0  # x_next = sigma_t/sigma_s x + w0 x0 + w1 x0_prev
+            if i > 0 and t_next >= 0:
+                half_over_r = 0.5 * (lambda_t - lambda_s) / (lambda_s - self._alpha_sigma_lambda(ts[i - 1])[2])
+                w0, w1 = k * (1.0 + half_over_r), -k * half_over_r
+            rows.append(LinearStep(t, sigma_t / sigma_s + w0 * p, w0 * q, w1, 0.0, p, q))
+        return rows
+
+    def plan(self, sampler: str, steps: int | None = None, eta: float = 0.0) -> list[LinearStep]:
+        """The LinearStep rows of ``sampler``: "ddpm" (all T steps), "ddim" or "dpm++" (``steps`` steps)."""
+        if sampler == "ddpm":
+            return self.ddpm_plan()
+        if sampler == "ddim":
+            return self.ddim_plan(steps, eta)
+        if sampler == "dpm++":
+            return self.dpm_solver_plan(steps)
+        raise ValueError(f"sampler {sampler!r}: choose ddpm, ddim or dpm++")

@@ -5,8 +5,9 @@ import argparse
 import sys
 
 
-class UsageError(Exception):
-    """Bad input (flag, path, file): the message names the problem and the fix."""
+class UsageError(ValueError):
+    """Bad input (argument, flag, path, file): the message names the value given and what is allowed.
+    A ValueError, so that Python callers of the API catch it as one."""
 
 
 class DivergenceError(Exception):

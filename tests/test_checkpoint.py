@@ -29,6 +29,22 @@ def test_round_trip_with_weights_only_and_ema(trainer, tmp_path):
     torch.testing.assert_close(diffusion.alpha_bars, trainer.diffusion.alpha_bars)
 
 
+def test_exported_weights_sample_like_the_checkpoint_and_cannot_be_resumed(trainer, tmp_path):
+    from fastddpm.checkpoint import export_weights
+
+    export_weights(tmp_path / "checkpoint.pt", tmp_path / "ema-fp16.pt")
+    full, exported = tmp_path / "checkpoint.pt", tmp_path / "ema-fp16.pt"
+    assert exported.stat().st_size < 0.3 * full.stat().st_size  # no optimizer state, one copy, fp16
+    model, _, config = load_checkpoint(exported)
+    for p in model.parameters():
+        assert p.dtype == torch.float32  # loaded back into the fp32 model
+    x, t = torch.randn(2, 3, 32, 32), torch.tensor([1, 7])
+    with torch.no_grad():  # the EMA weights, rounded to fp16
+        torch.testing.assert_close(model(x, t), load_checkpoint(full).model(x, t), rtol=2e-2, atol=2e-2)
+    with pytest.raises(UsageError, match="exported weights only"):
+        Trainer(config, tmp_path / "again", torch.device("cpu"), progress=False).restore(read_checkpoint(exported))
+
+
 def test_a_failed_write_leaves_the_previous_checkpoint_intact(trainer, tmp_path, monkeypatch):
     path = tmp_path / "checkpoint.pt"
     before = path.read_bytes()

@@ -5,7 +5,7 @@ import sys
 import pytest
 import torch
 
-from fastddpm import sample as sample_mod
+from fastddpm import sampling as sample_mod
 from fastddpm import train as train_mod
 from tests.conftest import ROOT, run_main
 

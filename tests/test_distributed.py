@@ -43,6 +43,20 @@ def test_torchrun_two_processes_train_identical_replicas_and_resume(tmp_path):
     assert read_checkpoint(out / "checkpoint.pt")["step"] == 24 + 16
 
 
+def test_a_time_budget_stops_every_rank_at_the_same_step(tmp_path):
+    """Each rank acts on rank 0's clock, so they drop the lr and stop together: a rank that stopped
+    alone would hang the others, and ranks with different lr would hold different weights."""
+    out = tmp_path / "run"
+    proc = subprocess.run([TORCHRUN, "--nproc_per_node=2", "--standalone", "-m", "fastddpm.train", *ARGS,
+                           "--epochs", "500", "--time-budget", "0.1", "--out", str(out)], cwd=ROOT, env=_env(),
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "time budget of 0.1 min spent" in proc.stdout and "replicas identical: all 2 ranks" in proc.stdout
+    records = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert records[-1]["event"] == "time_budget"
+    assert read_checkpoint(out / "checkpoint.pt")["step"] == records[-1]["step"]  # stopped with a checkpoint
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

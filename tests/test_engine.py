@@ -6,7 +6,7 @@ import torch
 
 from fastddpm.diffusion import Diffusion
 from fastddpm.model import UNet
-from fastddpm.sample import sample
+from fastddpm.sampling import sample
 from fastddpm.train import Trainer
 from tests.conftest import run_main, tiny_config
 
@@ -60,6 +60,22 @@ def test_cuda_graph_sampling_matches_the_eager_loop():
     assert (graph.int() - again.int()).abs().max() <= 1  # batch-size independent noise
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA-graph sampling needs a CUDA GPU")
+@pytest.mark.parametrize("sampler,steps,eta", [("ddim", 7, 0.0), ("ddim", 2, 1.0), ("dpm++", 1, None),
+                                               ("dpm++", 6, None)])
+def test_cuda_graph_few_step_sampling_matches_the_eager_loop(sampler, steps, eta):
+    """The few-step samplers' graph (the plan's rows, the step index in a device tensor) against the
+    eager formulas fed the same Philox noise; plans shorter than the three warm-up calls included."""
+    torch.manual_seed(0)
+    gpu_model = UNet(base_channels=16).cuda()
+    kw = dict(T=40, seed=4, sampler=sampler, steps=steps, eta=eta, progress=False)
+    graph = sample(gpu_model, 6, engine="fast", batch_size=4, **kw)
+    eager = sample(gpu_model, 6, engine="eager", noise="philox", batch_size=6, **kw)
+    assert (graph.int() - eager.int()).abs().float().mean() < 1.0
+    again = sample(gpu_model, 6, engine="fast", batch_size=3, **kw)
+    assert (graph.int() - again.int()).abs().max() <= 1  # batch-size independent
+
+
 def test_ddim_with_all_steps_and_eta_1_is_ddpm_posterior():
     d = Diffusion(40)
     g = torch.Generator().manual_seed(0)
@@ -91,18 +107,22 @@ def test_ddim_eta_0_is_deterministic_given_x_T(model):
     assert d.ddim_timesteps(1) == [9] and d.ddim_timesteps(4) == [9, 6, 3, 0]
 
 
-def test_ddim_from_the_cli(tmp_path):
-    from fastddpm import sample as sample_mod
+@pytest.mark.parametrize("sampler,what", [("ddim", "DDIM 50 steps"), ("dpm++", "DPM++(2M) 20 steps")])
+def test_few_step_samplers_from_the_cli(tmp_path, sampler, what):
+    from fastddpm import sampling as sample_mod
     from fastddpm import train as train_mod
 
     argv = ["--data", "shapes", "--preset", "tiny", "--T", "60", "--epochs", "1", "--batch-size", "16",
             "--train-size", "16", "--val-size", "0", "--n-samples", "0", "--no-progress", "--out", str(tmp_path)]
     assert run_main(train_mod.main, argv)[0] == 0
-    code, out, err = run_main(sample_mod.main, ["--checkpoint", str(tmp_path / "checkpoint.pt"), "--sampler", "ddim",
-                                                "--steps", "50", "--n", "4", "--out", str(tmp_path / "ddim.png"),
-                                                "--no-progress"])
+    ckpt = ["--checkpoint", str(tmp_path / "checkpoint.pt"), "--sampler", sampler]
+    steps = ["--steps", "50"] if sampler == "ddim" else ["--steps", "20"]
+    code, out, err = run_main(sample_mod.main, ckpt + steps + ["--n", "4", "--out", str(tmp_path / "g.png"),
+                                                              "--no-progress"])
     assert code == 0, err
-    assert "DDIM 50 steps" in out and (tmp_path / "ddim.png").is_file()
-    code, _, err = run_main(sample_mod.main, ["--checkpoint", str(tmp_path / "checkpoint.pt"), "--sampler", "ddim",
-                                              "--steps", "100"])
-    assert code == 2 and "T=60" in err and err.count("\n") == 1
+    assert what in out and (tmp_path / "g.png").is_file()
+    for bad in ("0", "100"):
+        code, _, err = run_main(sample_mod.main, ckpt + ["--steps", bad])
+        assert code == 2 and f"--steps {bad}:" in err and "T=60" in err and err.count("\n") == 1, err
+    code, _, err = run_main(sample_mod.main, ckpt + ["--eta", "-1"])
+    assert code == 2 and "--eta -1.0" in err and err.count("\n") == 1, err

@@ -32,9 +32,13 @@ def test_samples_npz_against_a_reference_npz(tmp_path, monkeypatch):
     monkeypatch.setenv("FASTDDPM_CACHE", str(tmp_path / "cache"))
     samples = write_npz(tmp_path / "samples.npz", make_shapes(6, 1))
     ref = write_npz(tmp_path / "ref.npz", noise_images(6))
-    argv = ["--samples", samples, "--ref", ref, "--json", str(tmp_path / "out" / "r.json"), "--no-progress"]
+    argv = ["--samples", samples, "--ref", ref, "--json", str(tmp_path / "out" / "r.json"), "--no-progress",
+            "--compare", str(tmp_path / "out" / "compare.png")]
     code, out, err = run_main(evaluate.main, argv)
     assert code == 0, err
+    from PIL import Image
+
+    assert Image.open(tmp_path / "out" / "compare.png").size[0] > 2 * 8 * 32  # both grids, side by side
     lines = out.splitlines()
     assert any(line.startswith("FID ") and line.endswith(f"(N=6 vs 6 {ref})") for line in lines), out
     assert any(line.startswith("KID ") and "N=6 vs 6" in line for line in lines), out
@@ -62,14 +66,19 @@ def test_checkpoint_is_sampled_timed_and_scored_against_named_data(tmp_path, mon
     trainer = Trainer(tiny_config(T=5), tmp_path / "run", torch.device("cpu"), progress=False)
     trainer.fit()
     ckpt = str(tmp_path / "run" / "checkpoint.pt")
-    code, out, err = run_main(evaluate.main, ["--checkpoint", ckpt, "--n", "4", "--ref", "shapes-test", "--no-progress",
+    # no --ref: the training split of the data the checkpoint records (shapes), not some other default
+    code, out, err = run_main(evaluate.main, ["--checkpoint", ckpt, "--n", "4", "--no-progress",
                                               "--save-samples", str(tmp_path / "s.npz"),
                                               "--json", str(tmp_path / "r.json")])
     assert code == 0, err
-    assert "sampled 4 images" in out and "FID " in out and "(N=4 vs 4 shapes (procedural) test)" in out
+    assert "sampled 4 images" in out and "FID " in out and "(N=4 vs 4 shapes (procedural) train)" in out
+    assert "compile/capture/first step" in out  # the one-off part of the time is said apart
     result = json.loads((tmp_path / "r.json").read_text())
-    assert result["checkpoint"] == ckpt and result["sampling_seconds"] > 0 and result["n_ref"] == 4
-    assert result["ref_label"] == "shapes (procedural) test" and np.isfinite(result["fid"])
+    assert result["checkpoint"] == ckpt and result["n_ref"] == 4 and result["ref"] == "shapes:train"
+    timing = result["sampling"]
+    assert timing["seconds"] == pytest.approx(timing["warmup_seconds"] + timing["steady_seconds"])
+    assert timing["image_steps"] == 4 * 5 and timing["steady_image_steps_per_s"] > 0
+    assert result["ref_label"] == "shapes (procedural) train" and np.isfinite(result["fid"])
     with np.load(tmp_path / "s.npz") as z:
         assert z["images"].shape == (4, 32, 32, 3) and z["images"].dtype == np.uint8
 
@@ -121,7 +130,7 @@ def _bad_inputs(tmp):
     cases = {
         "nothing": [],
         "both sources": ["--samples", good, "--checkpoint", "x.pt"],
-        "missing samples": ["--samples", str(tmp / "missing.npz")],
+        "missing samples": ["--samples", str(tmp / "missing.npz"), "--ref", good],
         "channels first": ["--samples", wrong_shape, "--ref", good],
         "float images": ["--samples", floats, "--ref", good],
         "two arrays": ["--samples", two, "--ref", good],
@@ -137,6 +146,7 @@ def _bad_inputs(tmp):
         "save without checkpoint": ["--samples", good, "--ref", good, "--save-samples", str(tmp / "s.npz")],
         "bad device": ["--samples", good, "--ref", good, "--device", "tpu"],
         "json is a folder": ["--samples", good, "--ref", good, "--json", str(tmp)],
+        "samples without ref": ["--samples", good],
     }
     assert sorted(cases) == sorted(BAD_CASES)
     return cases
@@ -144,7 +154,8 @@ def _bad_inputs(tmp):
 
 BAD_CASES = ["nothing", "both sources", "missing samples", "channels first", "float images", "two arrays",
              "not an npz", "no split", "both splits", "bad split", "n too small", "n too large", "n-ref too large",
-             "bad weights", "bad checkpoint", "save without checkpoint", "bad device", "json is a folder"]
+             "bad weights", "bad checkpoint", "save without checkpoint", "bad device", "json is a folder",
+             "samples without ref"]
 
 
 @pytest.mark.parametrize("case", BAD_CASES)
@@ -153,3 +164,5 @@ def test_bad_input_is_one_line_and_exit_2(tmp_path, case):
     assert code == 2, (out, err)
     assert err.count("\n") == 1 and "Traceback" not in err, err
     assert "FID" not in out
+    if case == "samples without ref":  # never a silent default reference for samples of unknown origin
+        assert "--ref: required with --samples" in err

@@ -3,6 +3,7 @@ bookkeeping of its in-kernel Philox noise. TRITON_INTERPRET=1 on a CPU-only mach
 import math
 import os
 
+import numpy as np
 import torch
 
 if not torch.cuda.is_available():
@@ -150,3 +151,56 @@ def test_cuda_graph_replay_draws_fresh_noise(tables):
         outs.append(out.clone())
         torch.testing.assert_close(out, reverse_step(x, eps, step, 11, **tables), atol=0, rtol=0)
     assert not torch.equal(outs[0], outs[1])
+
+
+# --- the noise stream, from its counters: an independent Philox4x32-10 (Salmon et al. 2011) --------
+
+def _philox4x32_10(key: int, counters: np.ndarray) -> np.ndarray:
+    """Philox4x32-10 of (N, 4) uint32 counters under a 64-bit key (lo word first, as curand and
+    Triton split it): (N, 4) uint32 outputs."""
+    m0, m1, w0, w1 = np.uint64(0xD2511F53), np.uint64(0xCD9E8D57), 0x9E3779B9, 0xBB67AE85
+    c = counters.astype(np.uint64)
+    k0, k1 = key & 0xFFFFFFFF, key >> 32
+    mask = np.uint64(0xFFFFFFFF)
+    for _ in range(10):
+        p0, p1 = m0 * c[:, 0], m1 * c[:, 2]  # 32 x 32 -> 64-bit products
+        c = np.stack([(p1 >> np.uint64(32)) ^ c[:, 1] ^ np.uint64(k0), p1 & mask,
+                      (p0 >> np.uint64(32)) ^ c[:, 3] ^ np.uint64(k1), p0 & mask], axis=1)
+        k0, k1 = (k0 + w0) & 0xFFFFFFFF, (k1 + w1) & 0xFFFFFFFF
+    return c.astype(np.uint32)
+
+
+def _box_muller(r0: np.ndarray, r1: np.ndarray) -> np.ndarray:
+    """The first normal of a pair of uint32 words, as Triton's uint_to_uniform_float and
+    pair_uniform_to_normal compute it."""
+    def uniform(r):
+        i = r.view(np.int32).astype(np.int64)
+        return np.where(i < 0, -i - 1, i).astype(np.float64) * 4.6566127342e-10
+
+    u1, u2 = np.maximum(1e-7, uniform(r0)), uniform(r1)
+    return np.sqrt(-2.0 * np.log(u1)) * np.cos(2 * np.pi * u2)
+
+
+def _counters(idx: np.ndarray, t: int, stream: int) -> np.ndarray:
+    return np.stack([idx & 0xFFFFFFFF, idx >> 32, np.full_like(idx, t), np.full_like(idx, stream)], 1).astype(np.uint32)
+
+
+def test_noise_stream_is_disjoint_from_torch_cuda_randn():
+    """z for element i at step t is Philox4x32-10(key=seed, counter=(i lo, i hi, t, NOISE_STREAM)).
+    PyTorch's CUDA randn draws x_T from the same generator family with the same key, at counters
+    (offset/4 lo, offset/4 hi, thread lo, thread hi = 0): ATen's distribution kernels call
+    curand_init(seed, subsequence=thread index, offset) (aten/src/ATen/native/cuda/
+    DistributionTemplates.h), and curand puts the subsequence in counter words 2-3 and the offset
+    in words 0-1 (curand_philox4x32_x.h). The kernel's fourth word is a nonzero constant, so no
+    counter it uses is one torch uses, whatever the seed, t, offset or grid."""
+    from fastddpm.kernels.reverse_step import NOISE_STREAM
+
+    assert NOISE_STREAM != 0 and NOISE_STREAM < 2 ** 32
+    seed, t, offset = 0x1234_5678_9ABC, 7, 2 ** 32 - 5  # elements straddle the 32-bit boundary
+    z = reverse_step_noise((3, 5), t, seed, offset=offset, device=DEVICE).cpu().numpy().reshape(-1)
+    idx = offset + np.arange(z.size, dtype=np.uint64)
+    words = _philox4x32_10(seed, _counters(idx, t, NOISE_STREAM))
+    np.testing.assert_allclose(z, _box_muller(words[:, 0], words[:, 1]), rtol=1e-4, atol=1e-4)
+    # before the fix the fourth word was 0: exactly the blocks torch's thread t uses for x_T
+    shared = _philox4x32_10(seed, _counters(idx, t, 0))
+    assert not np.allclose(z, _box_muller(shared[:, 0], shared[:, 1]), atol=1e-3)

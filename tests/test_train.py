@@ -224,3 +224,114 @@ def test_resume_with_another_layout_keeps_the_fused_optimizer_working(tmp_path):
         p.grad = torch.ones_like(p)
     fused.step()  # raises on moments laid out unlike their parameter
     assert all(torch.isfinite(p).all() for p in params)
+
+
+class _FakeClock:
+    """Wall time that moves only when a training step runs: one second a step."""
+
+    def __init__(self):
+        self.now = 1000.0
+
+    def __call__(self):
+        return self.now
+
+
+def _budgeted(tmp_path, budget_minutes, clock, resume=None, **overrides):
+    cfg = tiny_config(time_budget=budget_minutes, epochs=10_000, train_size=112, batch_size=16, val_size=0,
+                      **overrides)  # 7 steps an epoch: budget checks fall at epoch ends and every 10 steps
+    trainer = Trainer(cfg, tmp_path, torch.device("cpu"), progress=False)
+    if resume:
+        trainer.restore(read_checkpoint(tmp_path / "checkpoint.pt"))
+    trainer.clock = clock
+    seen = []  # (training seconds when the step starts, its lr)
+    real_step = trainer.train_step
+
+    def step(x0):
+        seen.append((trainer.elapsed(), trainer.opt.param_groups[0]["lr"]))
+        clock.now += 1.0
+        return real_step(x0)
+
+    trainer.train_step = step
+    return trainer, seen
+
+
+def test_time_budget_stops_the_run_drops_the_lr_at_80_percent_and_resumes_its_clock(tmp_path):
+    clock = _FakeClock()
+    trainer, seen = _budgeted(tmp_path, 1.0, clock)  # 60 s: 60 steps of one second
+    records = trainer.fit()
+    assert 60 <= trainer.step <= 60 + train_mod.CHECK_EVERY  # stops at the first check past the budget
+    drop = next(t for t, lr in seen if lr < 1e-3)
+    assert 48 <= drop <= 48 + train_mod.CHECK_EVERY and all(lr == pytest.approx(1e-4) for t, lr in seen if t > drop)
+    assert records[-1]["event"] == "time_budget" and records[-1]["step"] == trainer.step
+    assert read_checkpoint(tmp_path / "checkpoint.pt")["step"] == trainer.step  # stopped with a checkpoint
+    stopped_at = trainer.step
+    # --resume with a larger budget continues the clock where it stopped instead of restarting it
+    again, seen = _budgeted(tmp_path, 1.5, _FakeClock(), resume=True)
+    again.fit()
+    assert seen[0][0] >= stopped_at and 90 <= again.step <= 90 + train_mod.CHECK_EVERY
+    assert seen[0][1] == pytest.approx(1e-3)  # 80 % of 90 s is 72 s: full lr again until then
+    assert next(t for t, lr in seen if lr < 1e-3) >= 72
+    metrics = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["event"] for r in metrics if "event" in r] == ["time_budget"]  # the first stop's record is replaced
+    assert metrics[-1]["elapsed_seconds"] >= 90
+
+
+def test_ckpt_minutes_spaces_epoch_end_checkpoints_and_the_end_is_always_saved(tmp_path, monkeypatch):
+    clock = _FakeClock()
+    trainer, _ = _budgeted(tmp_path, 1.0, clock, ckpt_minutes=0.5)  # 7-second epochs, a checkpoint every 30 s
+    saved = []
+    real_save = trainer.save
+    monkeypatch.setattr(trainer, "save", lambda: saved.append(trainer.step) or real_save())
+    trainer.fit()
+    assert saved[-1] == trainer.step and len(saved) <= 3, saved
+    assert all(b - a >= 28 for a, b in zip(saved, saved[1:-1]))
+
+
+def test_epoch_records_time_the_first_step_apart(tmp_path):
+    """A first step that takes a second longer (as a compiling one does) is reported as warmup_seconds
+    and left out of images_per_s."""
+    import time
+
+    trainer = Trainer(tiny_config(epochs=2), tmp_path, torch.device("cpu"), progress=False)
+    real_step = trainer.train_step
+
+    def step(x0):
+        if trainer.step == 0:
+            time.sleep(1.0)
+        return real_step(x0)
+
+    trainer.train_step = step
+    records = trainer.fit()
+    first, second = records
+    assert first["warmup_seconds"] >= 1.0 and "warmup_seconds" not in second
+    assert first["images_per_s"] > 2 * 4 * 16 / first["epoch_seconds"]  # not the epoch's rate with the slow step
+    assert first["train_images"] == 64
+
+
+def test_validation_off_is_said_once_at_the_start(tmp_path, capsys):
+    trainer = Trainer(tiny_config(val_size=0, epochs=2), tmp_path / "a", torch.device("cpu"), progress=False)
+    trainer.fit()
+    out = capsys.readouterr().out
+    assert out.count("validation loss: off (--val-size 0)") == 1 and "val n/a" not in out
+    folder = tmp_path / "only-train"
+    (folder / "train" / "a").mkdir(parents=True)
+    from PIL import Image
+
+    for i in range(16):
+        Image.new("RGB", (32, 32), (i * 10, 0, 0)).save(folder / "train" / "a" / f"{i}.png")
+    Trainer(tiny_config(data=str(folder), train_size=0), tmp_path / "b", torch.device("cpu"), progress=False)
+    out = capsys.readouterr().out
+    assert out.count("validation loss: off") == 1 and "has no test split" in out, out
+
+
+def test_samples_use_the_runs_own_schedule(tmp_path, monkeypatch):
+    """write_samples hands sample() the trainer's Diffusion, so custom betas reach the sampler."""
+    trainer = Trainer(tiny_config(beta_start=1e-3, beta_end=0.05, n_samples=2), tmp_path, torch.device("cpu"),
+                      progress=False)
+    from fastddpm import sampling
+
+    got = {}
+    real = sampling.sample
+    monkeypatch.setattr(sampling, "sample", lambda *a, **k: got.update(k) or real(*a, **k))
+    trainer.write_samples()
+    assert got["diffusion"].config() == {"T": 20, "beta_start": 1e-3, "beta_end": 0.05}

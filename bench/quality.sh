@@ -1,0 +1,96 @@
+#!/usr/bin/env bash
+# The paper's result on real CIFAR-10 in one GPU call (issue 10): train the paper's U-Net (bf16,
+# T = 1000, EMA on, the compiled training path) for a wall-clock budget, then sample 5,120 images with
+# its EMA weights by DDIM-50 and 5,120 by the paper's sampler (DDPM, all 1,000 steps), and leave what
+# comes back in $OUT. Scoring happens afterwards, here on the CPU:
+#   python -m bench.quality record --returned <the folder the files came back to>
+#
+#   GPU:  FASTDDPM_GIT_COMMIT=$(git rev-parse HEAD) bash bench/quality.sh          (about 9 min, H100)
+#         data: data-carry/cifar10-jpeg/{train,test}.zip, copies of ../shared/data/cifar10-jpeg
+#         (an ignored folder, named in the device call's carry)
+#   CPU:  bash bench/quality.sh --smoke   (the same script: tiny preset, T = 20, a JPEG zip of 256
+#         shapes images, seconds of budget, 8 images, DDIM-2 on the fast engine in Triton's
+#         interpreter and its guard, DDPM on the eager one; CI runs it)
+#
+# Into $OUT (else runs/quality or runs/quality-smoke), at most 8 files, the device's limit:
+#   samples-ddim50.npz samples-ddpm1000.npz  uint8 (N, 32, 32, 3) samples of the EMA weights
+#   ema-fp16.pt.part0 ema-fp16.pt.part1      the EMA weights, export_weights(), split under 16 MiB
+#   metrics.jsonl   the training record        run.json   card, commit, command, timings, summary
+#   quality.log     all that was printed       pictures.tar   loss.png, the grids, nvidia-smi.txt
+# Stages run under caps that fit QUALITY_BUDGET_S (default 575 s: a device call of timeout_s 600); a
+# stage cut off leaves what the next needs (training checkpoints every CKPT_MINUTES and at its end).
+# Knobs: QUALITY_BUDGET_S, TRAIN_MINUTES (default 5), QUALITY_N (5120), DDIM_STEPS (50),
+# QUALITY_DATA (default data-carry), CKPT_MINUTES (2), VAL_SIZE (2000), PYTHON (python3).
+set -uo pipefail
+cd "$(dirname "$0")/.."
+SMOKE=0
+[[ ${1:-} == --smoke ]] && SMOKE=1
+export PYTHONPATH=".${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
+PY=${PYTHON:-python3}
+START=$(date +%s)
+WORK=$(mktemp -d)
+if (( SMOKE )); then
+  DEST=${OUT:-runs/quality-smoke}
+  BUDGET=${QUALITY_BUDGET_S:-300}; MINUTES=${TRAIN_MINUTES:-0.05}; N=${QUALITY_N:-8}; DDIM=${DDIM_STEPS:-2}
+  export FASTDDPM_DATA="$WORK/data" FASTDDPM_CACHE="$WORK/cache" TRITON_INTERPRET=1
+  SIZE=(--preset tiny --T 20 --batch-size 16 --val-size 32 --device cpu)
+  ENGINE=(--engine fast --ddpm-engine eager)  # the fast engine runs in Triton's interpreter here: DDIM only
+else
+  DEST=${OUT:-runs/quality}
+  BUDGET=${QUALITY_BUDGET_S:-575}; MINUTES=${TRAIN_MINUTES:-5}; N=${QUALITY_N:-5120}; DDIM=${DDIM_STEPS:-50}
+  export FASTDDPM_DATA=${QUALITY_DATA:-data-carry}
+  SIZE=(--T 1000 --val-size "${VAL_SIZE:-2000}")
+  ENGINE=(--engine auto)
+fi
+RUN="$WORK/run"
+mkdir -p "$DEST" "$WORK/pictures"
+LOG="$DEST/quality.log"
+: >"$LOG"
+RESERVE=20  # seconds for packing after the stages
+source bench/stages.sh
+
+nvidia-smi >"$WORK/pictures/nvidia-smi.txt" 2>&1 \
+    || echo "no nvidia-smi (smoke: $SMOKE)" >"$WORK/pictures/nvidia-smi.txt"
+head -n 20 "$WORK/pictures/nvidia-smi.txt" >>"$LOG"
+say "commit ${FASTDDPM_GIT_COMMIT:-unknown}, smoke $SMOKE, budget ${BUDGET}s, training ${MINUTES} min, N $N, DDIM-$DDIM"
+if (( SMOKE )); then
+  "$PY" -m bench.quality smoke-data "$FASTDDPM_DATA" 2>&1 | tee -a "$LOG"; (( PIPESTATUS[0] == 0 )) || exit 1
+elif [[ ! -f "$FASTDDPM_DATA/cifar10-jpeg/train.zip" ]]; then
+  say "no $FASTDDPM_DATA/cifar10-jpeg/train.zip: copy ../shared/data/cifar10-jpeg/*.zip there and carry it"
+  exit 2
+fi
+
+# The reverse-step kernel's native tests beside the training's start-up (small tensors, seconds):
+# DDPM sampling runs that kernel; the DDIM guard after training checks the rest of the fast engine
+# (GroupNorm kernels, CUDA graph) against eager on the trained model itself.
+if (( ! SMOKE )); then
+  (timeout -k 10 180 "$PY" -m pytest -q -x -p no:cacheprovider tests/test_kernels_reverse_step.py \
+     >"$WORK/pictures/kernel-tests.txt" 2>&1
+   echo "exit $?" >>"$WORK/pictures/kernel-tests.txt") &
+fi
+
+TRAIN=(-m fastddpm.train --data cifar10-jpeg --dtype bf16 --time-budget "$MINUTES" --ckpt-minutes "${CKPT_MINUTES:-2}"
+       --n-samples 0 --no-progress --out "$RUN" "${SIZE[@]}")
+COMMAND="FASTDDPM_DATA=$FASTDDPM_DATA python ${TRAIN[*]/#$WORK/WORK}; then bash bench/quality.sh's sampling"
+stage "train (${MINUTES} min budget)" "$(awk "BEGIN { print int($MINUTES * 60) + 150 }")" "$PY" "${TRAIN[@]}"
+TRAIN_RC=$?
+wait
+if [[ -f "$WORK/pictures/kernel-tests.txt" ]]; then
+  say "native reverse-step kernel tests:"; tail -n 3 "$WORK/pictures/kernel-tests.txt" | tee -a "$LOG"
+  if [[ $(tail -n 1 "$WORK/pictures/kernel-tests.txt") != "exit 0" ]]; then
+    say "the fused reverse step failed its native tests: DDPM samples with the compiled engine instead"
+    ENGINE+=(--ddpm-engine compiled)
+  fi
+fi
+if [[ ! -f "$RUN/checkpoint.pt" ]]; then
+  say "training left no checkpoint (exit $TRAIN_RC): nothing to sample"
+else
+  cp "$RUN/metrics.jsonl" "$DEST/metrics.jsonl"
+  cp "$RUN/loss.png" "$WORK/pictures/" 2>/dev/null
+  stage "sample (weights, DDIM-$DDIM, DDPM, guard)" 600 "$PY" -m bench.quality sample --run "$RUN" --out "$DEST" \
+    --work "$WORK/pictures" --n "$N" --ddim-steps "$DDIM" "${ENGINE[@]}" --train-exit "$TRAIN_RC" \
+    --command "$COMMAND" $( (( SMOKE )) && echo --smoke)
+fi
+tar -cf "$DEST/pictures.tar" -C "$WORK/pictures" .
+say "done in $(( $(date +%s) - START ))s: $(ls "$DEST" | tr '\n' ' ')"
+rm -rf "$WORK"

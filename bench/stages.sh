@@ -1,0 +1,19 @@
+# Sourced by bench/gpu.sh and bench/quality.sh: logging and time-capped stages for a GPU call that
+# must end inside its limit. The caller sets LOG (the log file), BUDGET (seconds for the whole
+# script), START ($(date +%s) at its start) and RESERVE (seconds kept for what runs after the stages).
+
+say() { echo "== $*" | tee -a "$LOG"; }
+
+# stage NAME CAP_SECONDS CMD...: runs CMD under min(CAP, what the budget leaves minus RESERVE). A stage
+# that would get under 20 s is skipped (exit 124); SIGINT first, so that Python code can stop cleanly.
+stage() {
+  local name=$1 cap=$2; shift 2
+  local left=$(( BUDGET - ($(date +%s) - START) - RESERVE ))
+  local t=$(( left < cap ? left : cap ))
+  if (( t < 20 )); then say "$name: skipped, the time budget is spent"; return 124; fi
+  say "$name: up to ${t}s"
+  timeout -s INT -k 20 "$t" "$@" 2>&1 | tee -a "$LOG"
+  local rc=${PIPESTATUS[0]}
+  say "$name: exit $rc$( (( rc == 124 )) && echo ' (cut off by its time cap)') after $(( $(date +%s) - START ))s in all"
+  return "$rc"
+}

@@ -1,0 +1,479 @@
+"""Sampling: the reverse chain from x_T ~ N(0, I) with the paper's sampler (eq. 5, all T steps) or a
+few-step one (DDIM; DPM-Solver++(2M)). ``fastddpm.sample`` is ``sample`` here; ``python -m
+fastddpm.sample`` runs ``main``.
+
+``sample(model_or_checkpoint, n)`` is deterministic for a seed and independent of the batch size:
+x_T and every step's noise z are drawn for all n images at once (from one generator seeded by
+``seed``, or from the fused kernel's Philox stream keyed by (seed, t, element)), and the network is
+evaluated batch by batch in between.
+"""
+from __future__ import annotations
+
+import contextlib
+import copy
+import math
+import time
+
+import torch
+
+from fastddpm.config import DTYPES
+from fastddpm.diffusion import Diffusion, LinearStep
+from fastddpm.errors import ArgumentParser, UsageError
+from fastddpm.progress import progress_bar, progress_enabled
+
+ENGINES = ("auto", "eager", "compiled", "fast")
+SAMPLERS = ("ddpm", "ddim", "dpm++")
+NOISES = ("auto", "torch", "philox")
+DEFAULT_STEPS = {"ddim": 50, "dpm++": 20}
+# Images per network call at most, by device: on CUDA the batch the bench measured (bench/results/
+# 2026-11-26-h200.json, sampling at batch 2,560); n is split evenly into the fewest such chunks.
+MAX_BATCH = {"cuda": 2560, "cpu": 256}
+
+
+def resolve_dtype(dtype) -> torch.dtype:
+    if isinstance(dtype, torch.dtype) and dtype in DTYPES.values():
+        return dtype
+    if dtype not in DTYPES:
+        raise UsageError(f"dtype {dtype!r}: choose one of {', '.join(DTYPES)}")
+    return DTYPES[dtype]
+
+
+def autocast(device: torch.device, dtype: torch.dtype):
+    """Mixed precision where asked for; fp32 runs plain."""
+    if dtype == torch.float32:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def default_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def to_uint8(x: torch.Tensor) -> torch.Tensor:
+    """[-1, 1] floats -> uint8 images in [0, 255]."""
+    return ((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+
+
+def chunk_size(n: int, batch_size: int | None, device: torch.device) -> int:
+    """Images per network call: ``batch_size`` where given, else ``n`` split evenly into the fewest
+    chunks of at most MAX_BATCH[device] (5,120 on CUDA: 2 x 2,560). The CUDA graph always runs whole
+    chunks, so even chunks waste less than one image per chunk instead of most of a batch."""
+    if batch_size:
+        return min(batch_size, n)
+    cap = MAX_BATCH.get(device.type, MAX_BATCH["cpu"])
+    return -(-n // -(-n // cap))
+
+
+def auto_engine(device: torch.device, dtype: torch.dtype, triton_ok: bool) -> str:
+    """What engine="auto" runs: on CUDA the engine that sampled fastest in that dtype on the one GPU
+    measured so far (bench/results/2026-11-26-h200.json, batch 2,560, image-steps/s): bf16 fast
+    108,379 vs compiled 108,244 (a tie: fast, whose noise is batch-size independent in one CUDA
+    graph); fp16 compiled 112,847 vs fast 91,289; fp32 compiled 59,802 vs fast 51,142. Elsewhere the
+    eager loop (no compilation to wait for)."""
+    if device.type != "cuda":
+        return "eager"
+    return "fast" if dtype == torch.bfloat16 and triton_ok else "compiled"
+
+
+def _named(key: str, value, cli: bool) -> str:
+    """How an error names what was given: ``steps=0`` from Python, ``--steps 0`` from a command."""
+    return f"--{key.replace('_', '-')} {value}" if cli else f"{key}={value!r}"
+
+
+def check_arguments(T: int, *, n, batch_size=None, sampler="ddpm", steps=None, eta=None, engine="auto",
+                    noise="auto", seed=0, trajectory_at=None, cli: bool = False) -> None:
+    """Every sampling argument against what is allowed; a UsageError (a ValueError) naming the value given."""
+    def bad(key, value, allowed):
+        return UsageError(f"{_named(key, value, cli)}: {allowed}")
+
+    def is_int(v):
+        return isinstance(v, int) and not isinstance(v, bool)
+
+    if not is_int(n) or n < 1:
+        raise bad("n", n, "the number of images must be a positive integer")
+    if batch_size is not None and (not is_int(batch_size) or batch_size < 1):
+        raise bad("batch_size", batch_size, "images per network call must be a positive integer (or None: "
+                                            "fill the device)")
+    if sampler not in SAMPLERS:
+        raise bad("sampler", sampler, f"choose one of {', '.join(SAMPLERS)}")
+    if engine not in ENGINES:
+        raise bad("engine", engine, f"choose one of {', '.join(ENGINES)}")
+    if noise not in NOISES:
+        raise bad("noise", noise, f"choose one of {', '.join(NOISES)}")
+    if not is_int(seed) or not 0 <= seed < 2 ** 63:
+        raise bad("seed", seed, "must be an integer in [0, 2**63)")
+    if steps is not None:
+        if sampler == "ddpm" and steps != T:
+            raise bad("steps", steps, f"the ddpm sampler runs all T={T} steps of the model; for fewer choose "
+                                      "the ddim or dpm++ sampler")
+        if not is_int(steps) or not 1 <= steps <= T:
+            raise bad("steps", steps, f"must be an integer between 1 and the model's T={T}")
+    if eta is not None:
+        if not isinstance(eta, (int, float)) or not math.isfinite(eta) or eta < 0:
+            raise bad("eta", eta, "the DDIM noise scale must be a finite number >= 0 (0: deterministic)")
+        if sampler != "ddim" and eta != 0:
+            raise bad("eta", eta, f"applies to the ddim sampler only (sampler is {sampler})")
+    for t in trajectory_at or ():
+        if not is_int(t) or not 0 <= t < T:
+            raise bad("trajectory_at", t, f"step indices must be integers in [0, T={T})")
+
+
+def _resolve(model_or_path, T, diffusion, device, dtype):
+    """(model, diffusion, dtype) from a bare model or a checkpoint path."""
+    if diffusion is not None and not isinstance(diffusion, Diffusion):
+        raise UsageError(f"diffusion={diffusion!r}: give a fastddpm.Diffusion (or leave it out)")
+    if isinstance(model_or_path, torch.nn.Module):
+        if diffusion is None:
+            if T is None:
+                raise UsageError("sample(model, n): give T= (the number of diffusion steps the model was trained "
+                                 "with) or diffusion=, or pass a checkpoint path, which records both")
+            diffusion = Diffusion(T)
+        elif T is not None and T != diffusion.T:
+            raise UsageError(f"T={T} disagrees with diffusion.T={diffusion.T}; give one of them")
+        model = model_or_path
+        param = next(model.parameters())
+        device = check_device(device, cli=False) if device is not None else param.device
+        if device.type == "cuda" and device.index is None:  # "cuda" is the current device: no needless copy
+            device = torch.device("cuda", torch.cuda.current_device())
+        if param.device != device:
+            model = copy.deepcopy(model).to(device)
+        return model, diffusion.to(device), resolve_dtype(dtype or "fp32")
+    from fastddpm.checkpoint import load_checkpoint
+
+    device = check_device(device, cli=False) if device is not None else default_device()
+    model, recorded, config = load_checkpoint(model_or_path)
+    if T is not None and T != recorded.T:
+        raise UsageError(f"T={T} disagrees with the checkpoint's T={recorded.T}; leave T out")
+    if diffusion is not None and diffusion.config() != recorded.config():
+        raise UsageError(f"diffusion {diffusion.config()} disagrees with the checkpoint's {recorded.config()}; "
+                         "leave diffusion out")
+    return model.to(device), recorded.to(device), resolve_dtype(dtype or config.dtype)
+
+
+@contextlib.contextmanager
+def engine_model(model, engine: str, device: torch.device):
+    """The network as ``engine`` runs it: "eager" as given; "compiled" torch kernels under
+    torch.compile; "fast" Triton kernels (+ torch.compile on CUDA). The caller's model keeps its
+    kernel setting afterwards."""
+    previous = getattr(model, "kernels", None)
+    if previous is not None and engine in ("compiled", "fast"):
+        model.set_kernels("torch" if engine == "compiled" else "triton")
+    try:
+        yield torch.compile(model) if engine == "compiled" or (engine == "fast" and device.type == "cuda") else model
+    finally:
+        if previous is not None:
+            model.set_kernels(previous)
+
+
+class NoiseStream:
+    """z for each step. "torch": a torch.Generator on the device, continuing after x_T.
+    "philox": the fused kernel's counter-based Philox, a function of (seed, t, element) only."""
+
+    def __init__(self, kind: str, gen: torch.Generator, seed: int):
+        self.kind, self.gen, self.seed = kind, gen, seed
+
+    def __call__(self, t: int, like: torch.Tensor) -> torch.Tensor | None:
+        if t == 0:
+            return None
+        if self.kind == "philox":
+            from fastddpm.kernels.reverse_step import reverse_step_noise
+
+            return reverse_step_noise(like.shape, t, self.seed, device=like.device)
+        return torch.randn(like.shape, generator=self.gen, device=like.device)
+
+
+def predict_eps(net, x: torch.Tensor, t: int, batch_size: int, dtype: torch.dtype) -> torch.Tensor:
+    """eps_theta(x_t, t) for all images, batch by batch, in fp32."""
+    eps = torch.empty_like(x)
+    for s in range(0, len(x), batch_size):
+        xb = x[s:s + batch_size]
+        with autocast(x.device, dtype):
+            eps[s:s + batch_size] = net(xb, torch.full((len(xb),), t, device=x.device, dtype=torch.long)).float()
+    return eps
+
+
+class Clock:
+    """Wall time of a sampling call, split into the one-off part (compilation, CUDA-graph capture, the
+    first step) and the steady part, so that a short call does not look slow nor a long one fast."""
+
+    def __init__(self, device: torch.device):
+        self.device, self.start, self.warm = device, time.perf_counter(), None
+
+    def sync(self):
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+    def warmed_up(self):
+        """The one-off work is done (call once, after it)."""
+        if self.warm is None:
+            self.sync()
+            self.warm = time.perf_counter()
+
+    def report(self, image_steps: int, computed_image_steps: int, steady_image_steps: int, **info) -> dict:
+        self.sync()
+        end = time.perf_counter()
+        warm = self.warm if self.warm is not None else self.start
+        steady = end - warm
+        return {"seconds": end - self.start, "warmup_seconds": warm - self.start, "steady_seconds": steady,
+                "image_steps": image_steps, "computed_image_steps": computed_image_steps,
+                "steady_image_steps_per_s": steady_image_steps / steady if steady > 0 else None, **info}
+
+
+def _capture(step, reset):
+    """Warm ``step`` up on a side stream (compilation, autotuning, allocator), then capture one call
+    of it as a CUDA graph. ``reset`` runs before each warm-up call (the step index must stay in its
+    table, however few steps the plan has)."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(3):
+            reset()
+            step()
+    torch.cuda.current_stream().wait_stream(side)
+    reset()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        step()
+    return graph
+
+
+def graph_chain(net, diffusion: Diffusion, sampler: str, plan: list[LinearStep], x: torch.Tensor, seed: int, b: int,
+                dtype: torch.dtype, progress, clock: Clock) -> tuple[torch.Tensor, dict]:
+    """The fast engine: one network call and one update captured once as a CUDA graph (on CUDA; on
+    other devices the same step runs eagerly) and replayed for every step of ``plan``; the step index,
+    the seed and the chunk offset live in device tensors, so there is no host sync inside the loop.
+    DDPM updates with the fused reverse-step kernel (eq. 5, in-kernel Philox noise); the few-step
+    samplers with the plan's LinearStep rows (and, for DDIM with eta > 0, the same Philox stream)."""
+    from fastddpm.kernels.reverse_step import reverse_step, reverse_step_noise
+
+    device, n, shape = x.device, len(x), (b, *x.shape[1:])
+    fused_ddpm = sampler == "ddpm"
+    rows = torch.tensor([r[1:] for r in plan], dtype=torch.float32, device=device).view(len(plan), 6, 1, 1, 1, 1)
+    ts = torch.tensor([r.t for r in plan], device=device)
+    stochastic = any(r.s > 0 for r in plan)
+    tables = diffusion.reverse_tables(device) if fused_ddpm else None
+    i_dev = torch.zeros(1, dtype=torch.long, device=device)
+    seed_dev = torch.tensor([seed], device=device)
+    offset_dev = torch.zeros(1, dtype=torch.long, device=device)
+    xs, x0s = torch.zeros(shape, device=device), torch.zeros(shape, device=device)
+
+    def step():
+        t = ts.index_select(0, i_dev)
+        with autocast(device, dtype):
+            eps = net(xs, t.expand(b))
+        if fused_ddpm:
+            reverse_step(xs, eps, t, seed_dev, **tables, offset=offset_dev, out=xs)
+        else:
+            a, b_, c, s, p, q = rows.index_select(0, i_dev)[0]
+            eps = eps.float()
+            nxt = a * xs + b_ * eps + c * x0s
+            if stochastic:
+                nxt += s * reverse_step_noise(shape, t, seed_dev, offset_dev, device=device)
+            x0s.copy_(p * xs + q * eps)
+            xs.copy_(nxt)
+        i_dev.add_(1)
+
+    replay = step
+    if device.type == "cuda":
+        replay = _capture(step, i_dev.zero_).replay
+    clock.warmed_up()
+    out = torch.empty_like(x)
+    chunks = -(-n // b)
+    bar = progress_bar(total=len(plan) * chunks, desc="sampling (CUDA graph)" if device.type == "cuda" else "sampling",
+                       unit="step", enabled=progress)
+    for s in range(0, n, b):
+        m = min(b, n - s)
+        xs[:m].copy_(x[s:s + m])
+        i_dev.zero_()
+        offset_dev.fill_(s * x[0].numel())
+        for _ in plan:
+            replay()
+            bar.update(1)
+        out[s:s + m] = xs[:m]
+    bar.close()
+    return out, {"batch_size": b, "chunks": chunks, "network_calls": chunks * len(plan),
+                 "computed_image_steps": chunks * b * len(plan), "cuda_graph": device.type == "cuda"}
+
+
+@torch.no_grad()
+def sample(model_or_checkpoint_path, n: int, *, T: int | None = None, diffusion: Diffusion | None = None,
+           batch_size: int | None = None, device=None, dtype=None, seed: int = 0, progress: bool | None = None,
+           trajectory_at=None, sampler: str = "ddpm", steps: int | None = None, eta: float | None = None,
+           engine: str = "auto", noise: str = "auto", timings: dict | None = None):
+    """Generate ``n`` images: a uint8 tensor (n, 3, 32, 32) on the CPU.
+
+    With a checkpoint path, the schedule (T, betas) and the default dtype come from the checkpoint
+    (EMA weights are used where it has them); with a bare model give ``T=`` (the paper's linear
+    schedule over T steps) or ``diffusion=`` (any ``fastddpm.Diffusion``).
+    ``sampler``: "ddpm" (eq. 5, all T steps), "ddim" (``steps`` strided steps, default 50; ``eta``
+    0 = deterministic) or "dpm++" (DPM-Solver++(2M), ``steps`` steps, default 20, deterministic).
+    ``engine``: "eager", "compiled", "fast" (Triton kernels, fused update, one CUDA graph replayed
+    for every step on CUDA) or "auto" (on CUDA the measured fastest: fast in bf16, compiled in fp16
+    and fp32; eager elsewhere). ``noise``: "torch" (a torch.Generator: the
+    eager engines' default) or "philox" (the fused kernel's stream: the fast engine's); x_T always
+    comes from the torch.Generator. Deterministic for (seed, engine) and independent of batch_size
+    (default: ``n`` split evenly into chunks of at most 2,560 on CUDA, 256 elsewhere).
+    ``trajectory_at``: step indices at which to also keep x_t (the paper's Figs. 19-20); then returns
+    (images, {t: uint8 images}). ``timings``: a dict to fill with the wall time, split into the
+    one-off part (compile, capture, first step) and the steady part, and the work done.
+    ``progress``: a bar on stderr (default: when stderr is a terminal).
+    Bad arguments raise a ValueError naming the value given and what is allowed.
+    """
+    model, diffusion, dtype = _resolve(model_or_checkpoint_path, T, diffusion, device, dtype)
+    check_arguments(diffusion.T, n=n, batch_size=batch_size, sampler=sampler, steps=steps, eta=eta, engine=engine,
+                    noise=noise, seed=seed, trajectory_at=trajectory_at)
+    device = next(model.parameters()).device
+    from fastddpm.kernels import unavailable_reason
+
+    if engine == "auto":
+        engine = auto_engine(device, dtype, unavailable_reason(device) is None)
+    if engine == "fast" or noise == "philox":
+        if unavailable_reason(device):
+            raise UsageError(f"engine {engine!r} / noise {noise!r}: {unavailable_reason(device)}")
+    noise = ("philox" if engine == "fast" else "torch") if noise == "auto" else noise
+    steps = steps or DEFAULT_STEPS.get(sampler, diffusion.T)
+    eta = eta or 0.0
+    b = chunk_size(n, batch_size, device)
+    plan = diffusion.plan(sampler, steps, eta)
+    keep = set(trajectory_at or ())
+    trajectory = {}
+    progress = progress_enabled(progress)
+    clock = Clock(device)
+    gen = torch.Generator(device).manual_seed(seed)
+    x = torch.randn((n, 3, 32, 32), generator=gen, device=device)
+    draw = NoiseStream(noise, gen, seed)
+    was_training = model.training
+    model.eval()
+    try:
+        with engine_model(model, engine, device) as net:
+            if engine == "fast" and noise == "philox" and not keep:
+                with torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext():
+                    x, info = graph_chain(net, diffusion, sampler, plan, x, seed, b, dtype, progress, clock)
+            else:
+                ts = [r.t for r in plan]
+                x0 = None
+                for i, t in enumerate(progress_bar(ts, desc="sampling", unit="step", enabled=progress)):
+                    if t in keep:
+                        trajectory[t] = to_uint8(x).cpu()
+                    eps = predict_eps(net, x, t, b, dtype)
+                    if sampler == "ddpm":
+                        x = diffusion.reverse_step(x, t, eps, draw(t, x))
+                    elif sampler == "ddim":
+                        t_prev = ts[i + 1] if i + 1 < len(ts) else -1
+                        x = diffusion.ddim_step(x, t, t_prev, eps, eta, draw(t, x) if eta > 0 else None)
+                    else:
+                        x, x0 = diffusion.dpm_solver_step(x, eps, ts, i, x0)
+                    clock.warmed_up()
+                info = {"batch_size": b, "chunks": -(-n // b), "network_calls": -(-n // b) * len(plan),
+                        "computed_image_steps": n * len(plan), "cuda_graph": False}
+    finally:
+        model.train(was_training)
+    images = to_uint8(x).cpu()
+    if timings is not None:
+        steady_steps = info["computed_image_steps"] - (0 if info["cuda_graph"] else n)
+        timings.update(clock.report(n * len(plan), steady_image_steps=steady_steps, engine=engine, sampler=sampler,
+                                    steps=len(plan), **info))
+    return (images, trajectory) if trajectory_at is not None else images
+
+
+def save_npz(images: torch.Tensor, path) -> None:
+    """uint8 (N, 3, 32, 32) -> .npz holding one array 'images' (N, 32, 32, 3), the evaluator's format."""
+    import numpy as np
+
+    from fastddpm.files import atomic_write
+
+    with atomic_write(path) as f:
+        np.savez(f, images=images.permute(0, 2, 3, 1).numpy())
+
+
+def describe_timings(t: dict) -> str:
+    """'12.3 s (compile/capture/first step 4.0 s, then 123,456 image-steps/s)'."""
+    rate = t["steady_image_steps_per_s"]
+    steady = f", then {rate:,.0f} image-steps/s" if rate else ""
+    return f"{t['seconds']:.1f} s (compile/capture/first step {t['warmup_seconds']:.1f} s{steady})"
+
+
+def add_sampler_flags(p) -> None:
+    """How images are sampled: the flags shared by the sample, evaluate and study commands."""
+    p.add_argument("--sampler", choices=SAMPLERS, default="ddpm",
+                   help="ddpm: the paper's eq. 5 over all T steps (default); ddim: --steps strided steps; "
+                        "dpm++: DPM-Solver++(2M) in --steps steps")
+    p.add_argument("--steps", type=int, help="steps of the ddim (default 50) or dpm++ (default 20) sampler")
+    p.add_argument("--eta", type=float, help="DDIM eta (default 0: deterministic; 1: DDPM-like)")
+    p.add_argument("--engine", choices=ENGINES, default="auto",
+                   help="auto (default: on CUDA the measured fastest, fast in bf16 and compiled in fp16/fp32; "
+                        "eager elsewhere), eager, compiled, fast")
+
+
+def sampler_settings(a) -> dict:
+    """sample()'s keyword arguments for the flags of ``add_sampler_flags``."""
+    settings = {"sampler": a.sampler, "engine": a.engine}
+    if a.steps is not None:
+        settings["steps"] = a.steps
+    if a.eta is not None:
+        settings["eta"] = a.eta
+    return settings
+
+
+def describe_sampler(settings: dict, T: int | None = None) -> str:
+    sampler = settings["sampler"]
+    if sampler == "ddpm":
+        how = f"DDPM, all {T or 'T'} steps"
+    else:
+        steps = settings.get("steps", DEFAULT_STEPS[sampler])
+        how = {"ddim": f"DDIM {steps} steps, eta {settings.get('eta', 0.0)}",
+               "dpm++": f"DPM++(2M) {steps} steps"}[sampler]
+    return f"{how}, engine {settings['engine']}"
+
+
+def main(argv=None) -> int:
+    p = ArgumentParser(prog="python -m fastddpm.sample", description="Generate images from a checkpoint.")
+    p.add_argument("--checkpoint", required=True, help="a checkpoint written by fastddpm.train")
+    p.add_argument("--n", type=int, default=64, help="number of images (default 64)")
+    p.add_argument("--out", default="samples.png", help="PNG grid to write (default samples.png)")
+    p.add_argument("--npz", help="also write the images as .npz (N, 32, 32, 3) uint8 for fastddpm.evaluate")
+    p.add_argument("--batch-size", type=int, help=f"images per network call (default: --n split evenly into chunks "
+                                                  f"of at most {MAX_BATCH['cuda']} on CUDA, {MAX_BATCH['cpu']} on CPU)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--dtype", choices=list(DTYPES), help="default: the checkpoint's training dtype")
+    p.add_argument("--device", help="default: cuda if available, else cpu")
+    add_sampler_flags(p)
+    p.add_argument("--no-progress", dest="progress", action="store_false", default=None,
+                   help="no progress bar (default: a bar when stderr is a terminal)")
+    a = p.parse_args(argv)
+    device = check_device(a.device)
+    from fastddpm.checkpoint import read_checkpoint
+    from fastddpm.images import save_grid
+
+    T = read_checkpoint(a.checkpoint)["config"]["T"]
+    settings = sampler_settings(a)
+    check_arguments(T, n=a.n, batch_size=a.batch_size, seed=a.seed, cli=True, **settings)
+    timings = {}
+    images = sample(a.checkpoint, a.n, batch_size=a.batch_size, device=device, dtype=a.dtype, seed=a.seed,
+                    progress=a.progress, timings=timings, **settings)
+    save_grid(images, a.out)
+    print(f"wrote {a.out} ({a.n} images, {describe_sampler(settings, T)}, {describe_timings(timings)} on {device})")
+    if a.npz:
+        save_npz(images, a.npz)
+        print(f"wrote {a.npz}")
+    return 0
+
+
+def check_device(name, cli: bool = True) -> torch.device:
+    """--device (or device=), validated: a CUDA device on a machine without one is a UsageError."""
+    if name is None:
+        return default_device()
+    given = _named("device", name, cli)
+    try:
+        device = torch.device(name)
+    except (RuntimeError, TypeError):
+        raise UsageError(f"{given}: not a device name; use cpu, cuda or cuda:N") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UsageError(f"{given}: CUDA is not available here; use cpu")
+    if device.type == "cuda" and device.index is not None:
+        if device.index >= torch.cuda.device_count():
+            raise UsageError(f"{given}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+        if cli:
+            torch.cuda.set_device(device)  # Triton launches and CUDA graphs use the current device
+    return device
+

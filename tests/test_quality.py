@@ -1,0 +1,67 @@
+"""The quality run's script (bench/quality.sh) in its smoke mode: the same script as the GPU run, on
+the CPU with the tiny preset, a JPEG zip and seconds of budget. It must produce every file the GPU run
+brings back, within the device's limits, and the record step must turn them into the results JSON."""
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from tests.conftest import ROOT
+
+
+RETURNED = {"samples-ddim2.npz", "samples-ddpm20.npz", "ema-fp16.pt.part0", "metrics.jsonl", "run.json",
+            "quality.log", "pictures.tar"}
+
+
+@pytest.fixture(scope="module")
+def returned(tmp_path_factory):
+    out = tmp_path_factory.mktemp("returned")
+    env = {**os.environ, "OUT": str(out), "PYTHON": sys.executable}
+    proc = subprocess.run(["bash", "bench/quality.sh", "--smoke"], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return out
+
+
+def test_smoke_run_brings_back_every_file_within_the_device_limits(returned):
+    files = {p.name for p in returned.iterdir()}
+    assert RETURNED <= files and len(files) <= 8, files
+    assert all(p.stat().st_size < 16 * 2 ** 20 for p in returned.iterdir())
+    for name in ("samples-ddim2.npz", "samples-ddpm20.npz"):
+        images = np.load(returned / name)["images"]
+        assert images.shape == (8, 32, 32, 3) and images.dtype == np.uint8
+    run = json.loads((returned / "run.json").read_text())
+    assert run["training"]["stopped_by_time_budget"] and run["training"]["steps"] >= 1
+    assert run["samplers"]["ddim2"]["guard"]["passed"]  # the fast engine checked against eager
+    assert run["samplers"]["ddim2"]["timings"]["engine"] == "fast"
+    assert run["weights"] == ["ema-fp16.pt.part0"]
+    import tarfile
+
+    with tarfile.open(returned / "pictures.tar") as tar:
+        names = {n.lstrip("./") for n in tar.getnames()}
+    assert {"loss.png", "samples-ddim2.png", "samples-ddpm20.png", "nvidia-smi.txt"} <= names
+
+
+def test_record_scores_the_returned_samples(returned, tmp_path):
+    from bench import quality
+    from fastddpm.checkpoint import load_checkpoint
+
+    before = sorted(p.name for p in returned.iterdir())
+    code = quality.main(["record", "--returned", str(returned), "--results", str(tmp_path), "--ref", "shapes:train",
+                         "--subset", "8", "--card", "smoke", "--work", str(tmp_path / "work")])
+    assert code == 0
+    assert sorted(p.name for p in returned.iterdir()) == before  # the returned files may be read-only: untouched
+    record = json.loads(next(tmp_path.glob("*-smoke-quality.json")).read_text())
+    for name in ("ddim2", "ddpm20"):
+        r = record["results"][name]
+        assert np.isfinite(r["fid"]) and r["n"] == r["n_ref"] == 8 and r["ref"] == "shapes:train"
+    assert record["subset"]["n"] == 8 and np.isfinite(record["subset"]["fid"])
+    assert record["seed_table1"]["fid"] == 25.517 and record["data_label"] == "CIFAR-10 (JPEG copy)"
+    assert record["training"]["images_seen"] == record["training"]["steps"] * 16
+    for suffix in ("samples.npz", "grid.png", "loss.png"):
+        assert next(tmp_path.glob(f"*-smoke-{suffix}")).stat().st_size > 0
+    model, diffusion, config = load_checkpoint(tmp_path / "work" / "ema-fp16.pt")  # the joined export loads
+    assert config.preset == "tiny" and diffusion.T == 20

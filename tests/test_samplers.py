@@ -1,0 +1,140 @@
+"""The few-step samplers against independent implementations: DPM-Solver++(2M) against diffusers'
+DPMSolverMultistepScheduler, DDIM against its eq. 12 written out here; each sampler's LinearStep
+table (what the fast engine's CUDA graph replays) against its formula; determinism and batch-size
+independence through sample()."""
+import math
+
+import numpy as np
+import pytest
+import torch
+from diffusers import DPMSolverMultistepScheduler
+
+from fastddpm.diffusion import Diffusion
+from fastddpm.model import UNet
+from fastddpm.sampling import Clock, graph_chain, sample
+
+
+class _Analytic(torch.nn.Module):
+    """A smooth stand-in network: eps depends on x and t nonlinearly, so every coefficient matters."""
+
+    def __init__(self, T):
+        super().__init__()
+        self.T = T
+        self.anchor = torch.nn.Parameter(torch.zeros(()))  # sample() reads the device off a parameter
+
+    def forward(self, x, t):
+        s = (t.to(x.dtype) / self.T)[:, None, None, None]
+        return torch.tanh(0.7 * x + s) * (0.5 + s) + 0.1 * torch.sin(3 * x) + self.anchor
+
+
+def _diffusers(T, steps):
+    sched = DPMSolverMultistepScheduler(num_train_timesteps=T, beta_start=1e-4, beta_end=0.02, beta_schedule="linear",
+                                        algorithm_type="dpmsolver++", solver_order=2)
+    sched.set_timesteps(steps)
+    return sched
+
+
+@pytest.mark.parametrize("T,steps", [(1000, 20), (1000, 10), (1000, 1), (1000, 2), (500, 15), (37, 7)])
+def test_dpm_solver_matches_diffusers(T, steps):
+    """Same x_T, same network, diffusers' defaults otherwise (linspace spacing, first order at the first
+    and last step, the last step to sigma = 0). Tolerance 1e-4: diffusers keeps its sigmas and the
+    update in float32 (relative error ~1e-7 per coefficient), ours are float64 until they meet x."""
+    d, net, sched = Diffusion(T), _Analytic(T), _diffusers(T, steps)
+    ts = d.dpm_solver_timesteps(steps)
+    assert ts == sched.timesteps.tolist()
+    g = torch.Generator().manual_seed(0)
+    x_ref = torch.randn(2, 3, 8, 8, generator=g)
+    x, x0 = x_ref.double(), None
+    for i, t in enumerate(ts):
+        x_ref = sched.step(net(x_ref, torch.full((2,), t)), t, x_ref).prev_sample
+        x, x0 = d.dpm_solver_step(x, net(x, torch.full((2,), t)), ts, i, x0)
+        torch.testing.assert_close(x.float(), x_ref, atol=1e-4, rtol=1e-4)
+    assert x_ref.abs().max() > 0.1  # a nontrivial result
+
+
+def test_dpm_solver_through_sample_matches_diffusers_images():
+    """The whole API call (timesteps, multistep state, uint8 conversion) against a diffusers loop fed
+    the same x_T: the same images up to one grey level of rounding."""
+    T, steps = 1000, 12
+    net, sched = _Analytic(T), _diffusers(T, steps)
+    ours = sample(net, 3, T=T, sampler="dpm++", steps=steps, seed=4, progress=False)
+    x = torch.randn((3, 3, 32, 32), generator=torch.Generator().manual_seed(4))  # sample()'s x_T
+    for t in sched.timesteps:
+        x = sched.step(net(x, torch.full((3,), int(t))), t, x).prev_sample
+    theirs = ((x.clamp(-1, 1) + 1) * 127.5).round()
+    assert (ours.float() - theirs).abs().max() <= 1
+
+
+def _eq12_chain(T, ts, x, net, eta, noises):
+    """DDIM (Song et al. 2021, eq. 12) from the betas, in float64, independent of fastddpm.diffusion."""
+    ab = np.cumprod(1.0 - np.linspace(1e-4, 0.02, T))
+    for i, t in enumerate(ts):
+        prev = ts[i + 1] if i + 1 < len(ts) else None
+        a_t, a_prev = ab[t], (ab[prev] if prev is not None else 1.0)
+        eps = net(x, torch.full((len(x),), t)).double()
+        sigma = eta * math.sqrt((1 - a_prev) / (1 - a_t)) * math.sqrt(1 - a_t / a_prev)
+        pred_x0 = (x - math.sqrt(1 - a_t) * eps) / math.sqrt(a_t)
+        x = math.sqrt(a_prev) * pred_x0 + math.sqrt(1 - a_prev - sigma ** 2) * eps + sigma * noises[i]
+    return x
+
+
+@pytest.mark.parametrize("eta", [0.0, 1.0])
+def test_ddim_matches_eq12_written_out(eta):
+    T, steps = 200, 9
+    d, net = Diffusion(T), _Analytic(T)
+    ts = d.ddim_timesteps(steps)
+    assert ts[0] == T - 1 and ts[-1] == 0 and len(ts) == steps
+    g = torch.Generator().manual_seed(1)
+    x0 = torch.randn(2, 3, 4, 4, generator=g, dtype=torch.float64)
+    noises = [torch.randn(2, 3, 4, 4, generator=g, dtype=torch.float64) for _ in ts]
+    x = x0.float()
+    for i, t in enumerate(ts):
+        x = d.ddim_step(x, t, ts[i + 1] if i + 1 < len(ts) else -1, net(x, torch.full((2,), t)), eta, noises[i].float())
+    torch.testing.assert_close(x.double(), _eq12_chain(T, ts, x0, net, eta, noises), atol=2e-4, rtol=2e-4)
+
+
+@pytest.mark.parametrize("sampler,steps,eta", [("ddpm", None, 0.0), ("ddim", 7, 0.0), ("ddim", 7, 0.6),
+                                               ("dpm++", 8, 0.0), ("dpm++", 1, 0.0)])
+def test_each_plan_row_is_its_formula(sampler, steps, eta):
+    """x_next = a x + b eps + c x0_prev + s z and x0 = p x + q eps, row by row, against the formula
+    the eager engine runs, in float64."""
+    T = 30
+    d = Diffusion(T)
+    plan = d.plan(sampler, steps, eta)
+    ts = [r.t for r in plan]
+    g = torch.Generator().manual_seed(2)
+    x, eps, z, x0_prev = (torch.randn(2, 3, 4, 4, generator=g, dtype=torch.float64) for _ in range(4))
+    for i, row in enumerate(plan):
+        got = row.a * x + row.b * eps + row.c * x0_prev + row.s * z
+        if sampler == "ddpm":
+            want = d.reverse_step(x, row.t, eps, z)
+        elif sampler == "ddim":
+            want = d.ddim_step(x, row.t, ts[i + 1] if i + 1 < len(ts) else -1, eps, eta, z)
+        else:
+            want, x0 = d.dpm_solver_step(x, eps, ts, i, x0_prev)
+            torch.testing.assert_close(row.p * x + row.q * eps, x0.double(), rtol=1e-9, atol=1e-9)
+        torch.testing.assert_close(got, want.double(), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("sampler,steps,eta", [("ddim", 6, 0.0), ("ddim", 6, 1.0), ("dpm++", 6, 0.0)])
+def test_the_fast_engines_step_loop_matches_the_eager_loop(sampler, steps, eta):
+    """graph_chain (the loop a CUDA graph replays on the GPU; eagerly here) with the plan's rows,
+    chunked, against the formula loop fed the same Philox noise."""
+    T = 50
+    d, net = Diffusion(T), _Analytic(T)
+    x = torch.randn((5, 3, 32, 32), generator=torch.Generator().manual_seed(3))
+    fast, info = graph_chain(net, d, sampler, d.plan(sampler, steps, eta), x, 3, 2, torch.float32, False,
+                             Clock(torch.device("cpu")))
+    eager = sample(net, 5, T=T, sampler=sampler, steps=steps, eta=eta, seed=3, noise="philox", progress=False)
+    assert info["chunks"] == 3 and info["network_calls"] == 3 * steps
+    assert ((fast.clamp(-1, 1) + 1) * 127.5).round().sub(eager.float()).abs().max() <= 1
+
+
+@pytest.mark.parametrize("sampler,steps,eta", [("ddim", 5, 1.0), ("dpm++", 5, None)])
+def test_few_step_samplers_are_deterministic_and_batch_independent(sampler, steps, eta):
+    torch.manual_seed(0)
+    model = UNet(base_channels=4)
+    a = sample(model, 5, T=40, sampler=sampler, steps=steps, eta=eta, batch_size=2, seed=7, progress=False)
+    b = sample(model, 5, T=40, sampler=sampler, steps=steps, eta=eta, batch_size=5, seed=7, progress=False)
+    c = sample(model, 5, T=40, sampler=sampler, steps=steps, eta=eta, batch_size=5, seed=8, progress=False)
+    assert torch.equal(a, b) and not torch.equal(a, c)
