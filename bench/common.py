@@ -56,16 +56,16 @@ def grid(impls=IMPLS) -> list[dict]:
 # gpu: the paper's model at full size; cpu: the tiny preset, small enough for Triton's interpreter;
 # smoke: the CI pass (--benchmark-disable) that only proves the files still run.
 SIZES = {
-    "gpu": dict(preset="seed", train_batch=256, train_rounds=10, sample_batch=2560, sample_steps=10,
-                sample_probe_steps=2, sample_rounds=3, kernel_batch=256,
+    "gpu": dict(preset="seed", train_batch=256, train_batches=(64, 128, 256, 512, 1024), train_rounds=10,
+                sample_batch=2560, sample_steps=10, sample_probe_steps=2, sample_rounds=3, kernel_batch=256,
                 gn_shapes=((64, 32, 32), (128, 16, 16), (256, 8, 8), (256, 4, 4)),
                 gn_variant_shapes=((64, 32, 32), (256, 8, 8)), step_shape=(2560, 3, 32, 32),
                 kernel_rounds=5, warmup=1),  # warm-up rounds of train steps and kernels
-    "cpu": dict(preset="tiny", train_batch=2, train_rounds=2, sample_batch=1, sample_steps=2,
-                sample_probe_steps=1, sample_rounds=2, kernel_batch=2, gn_shapes=((16, 16, 16),),
+    "cpu": dict(preset="tiny", train_batch=2, train_batches=(1, 3), train_rounds=2, sample_batch=1,
+                sample_steps=2, sample_probe_steps=1, sample_rounds=2, kernel_batch=2, gn_shapes=((16, 16, 16),),
                 gn_variant_shapes=((16, 16, 16),), step_shape=(2, 3, 32, 32), kernel_rounds=3, warmup=0),
-    "smoke": dict(preset="tiny", train_batch=1, train_rounds=1, sample_batch=1, sample_steps=2,
-                  sample_probe_steps=1, sample_rounds=1, kernel_batch=1, gn_shapes=((8, 8, 8),),
+    "smoke": dict(preset="tiny", train_batch=1, train_batches=(1, 3), train_rounds=1, sample_batch=1,
+                  sample_steps=2, sample_probe_steps=1, sample_rounds=1, kernel_batch=1, gn_shapes=((8, 8, 8),),
                   gn_variant_shapes=((8, 8, 8),), step_shape=(1, 3, 8, 8), kernel_rounds=1, warmup=0),
 }
 SIZE = os.environ.get("FASTDDPM_BENCH_SIZE") or ("gpu" if CUDA else "cpu")
@@ -259,6 +259,18 @@ def run(benchmark, build: Callable[[], Case]) -> dict:
 
 
 def _run(benchmark, build: Callable[[], Case]) -> dict:
+    try:
+        return _run_case(benchmark, build)
+    except Exception as e:  # a size this device cannot hold is a skip that says so, not a crash
+        cause = e
+        while cause is not None and not isinstance(cause, torch.OutOfMemoryError):
+            cause = cause.__cause__ or cause.__context__  # torch.compile wraps what its backend raised
+        if cause is None:
+            raise
+        raise Unavailable(f"out of memory on {DEVICE.type}: {str(cause).splitlines()[0][:200]}") from None
+
+
+def _run_case(benchmark, build: Callable[[], Case]) -> dict:
     case = build()  # may raise Unavailable
     guard_info = case.check() if case.check else {"metric": "reference", "value": 0.0, "tol": 0.0}
     if CUDA:

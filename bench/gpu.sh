@@ -14,12 +14,15 @@
 #   bench.log (everything printed), graph-test.log (the CUDA-graph test), nvidia-smi.txt
 # Usage, from the repository root (the GPU machine's copy has no .git, so pass the commit in):
 #   FASTDDPM_GIT_COMMIT=$(git rev-parse HEAD) bash bench/gpu.sh
-# Opt-in stages: profile (bench.profile_step -> profile.json) and tune (bench.tune_groupnorm ->
-# tune.json), e.g. BENCH_STAGES="tests tune profile".
+# Opt-in stages: profile (bench.profile_step -> profile.json), tune (bench.tune_groupnorm ->
+# tune.json) and batch (bench/test_train_batch.py: training images/s at batch 64 to 1,024, eager and
+# compiled, into the same JSON), e.g. BENCH_STAGES="tests tune profile" or "tests batch".
 # Knobs: BENCH_BUDGET_S (default 530: the whole script), BENCH_STAGES (default "tests train sample
 # kernels"), TRAIN_DTYPES / SAMPLE_DTYPES (default bf16,fp32), KERNEL_DTYPES (default bf16),
-# TRAIN_CAP_S / SAMPLE_CAP_S / KERNEL_CAP_S / PROFILE_CAP_S / TUNE_CAP_S (seconds per stage),
-# PROFILE_IMPLS (default compiled,eager), PYTHON (default python3).
+# BATCH_DTYPES (default bf16), TRAIN_CAP_S / SAMPLE_CAP_S / KERNEL_CAP_S / PROFILE_CAP_S / TUNE_CAP_S /
+# BATCH_CAP_S (seconds per stage),
+# PROFILE_IMPLS (default compiled,eager), PROFILE_KNOBS (default none; e.g.
+# none,cudnn_benchmark,force_layout,cudagraphs: see bench/profile_step.py), PYTHON (default python3).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONPATH=".${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
@@ -51,7 +54,10 @@ say "device $CARD, commit ${FASTDDPM_GIT_COMMIT:-unknown}, stages: $STAGES, budg
 
 bench() {  # bench NAME CAP DTYPES: one bench module, through pytest-benchmark or, without it, bench.run
   local name=$1 cap=$2 file
-  case $name in train) file=test_train_step.py ;; sample) file=test_sampling.py ;; kernels) file=test_kernels.py ;; esac
+  case $name in
+    train) file=test_train_step.py ;; batch) file=test_train_batch.py ;;
+    sample) file=test_sampling.py ;; kernels) file=test_kernels.py ;;
+  esac
   export FASTDDPM_BENCH_DTYPES=$3 FASTDDPM_BENCH_LOG="$WORK/$name.jsonl"
   if "$PY" -c "import pytest_benchmark" 2>/dev/null; then
     stage "bench $name ($3)" "$cap" "$PY" -m pytest -q -p no:cacheprovider \
@@ -92,9 +98,11 @@ for s in $STAGES; do
     train) bench train "${TRAIN_CAP_S:-170}" "${TRAIN_DTYPES:-bf16,fp32}" ;;
     sample) bench sample "${SAMPLE_CAP_S:-120}" "${SAMPLE_DTYPES:-bf16,fp32}" ;;
     kernels) bench kernels "${KERNEL_CAP_S:-110}" "${KERNEL_DTYPES:-bf16}" ;;
+    batch) bench batch "${BATCH_CAP_S:-300}" "${BATCH_DTYPES:-bf16}" ;;
     profile)  # where a training step's time goes, NCHW vs NHWC (ratios from one process)
       stage "profile training step (bf16)" "${PROFILE_CAP_S:-200}" "$PY" -m bench.profile_step \
-        --impls "${PROFILE_IMPLS:-compiled,eager}" --dtype bf16 --json "$DEST/profile.json" ;;
+        --impls "${PROFILE_IMPLS:-compiled,eager}" --knobs "${PROFILE_KNOBS:-none}" --dtype bf16 \
+        --json "$DEST/profile.json" ;;
     tune)  # the GroupNorm kernels' launch parameters and reduction style, against Inductor
       stage "GroupNorm launch sweep (bf16)" "${TUNE_CAP_S:-200}" "$PY" -m bench.tune_groupnorm \
         --dtype bf16 --json "$DEST/tune.json" ;;
@@ -108,7 +116,7 @@ inputs=("$WORK"/*.jsonl "$WORK"/*.json)
 if (( ${#inputs[@]} )); then
   knobs=""
   while IFS='=' read -r k v; do knobs+="$k=$(printf '%q' "$v") "; done \
-    < <(env | grep -E '^(BENCH_|TRAIN_|SAMPLE_|KERNEL_|PROFILE_|TUNE_|FASTDDPM_BENCH_(SIZE|COMPILE))' | sort)
+    < <(env | grep -E '^(BENCH_|TRAIN_|BATCH_|SAMPLE_|KERNEL_|PROFILE_|TUNE_|FASTDDPM_BENCH_(SIZE|COMPILE))' | sort)
   "$PY" -m bench.report "${inputs[@]}" --merge "$DEST/$NAME.json" --command "${knobs}bash bench/gpu.sh" \
     >"$DEST/report.md" 2>>"$LOG"
   cat "$DEST/report.md"

@@ -3,16 +3,19 @@ and memory layout, from ``torch.profiler``: the step time (CUDA events around se
 time per kernel category (convolution, layout copies, matmul, attention, GroupNorm, optimizer and
 EMA, other) and the top kernels. The same trainer and batch as the train bench
 (``bench.test_train_step.trainer``); each setting also runs in NHWC (``--channels-last``), so the
-layout question (``--layouts nchw,nhwc``) is answered by ratios measured in one process. On the CPU it profiles operators
-(smoke size: it proves only that it runs).
+layout question (``--layouts nchw,nhwc``) is answered by ratios measured in one process. On the CPU
+it profiles operators (smoke size: it proves only that it runs).
 
     python -m bench.profile_step --impls eager,compiled,fast --dtype bf16 --layouts nchw,nhwc --json prof.json
-    python -m bench.profile_step --impls compiled --layouts nchw,nhwc --knobs none,cudnn_benchmark,force_layout
+    python -m bench.profile_step --impls compiled --layouts nchw,nhwc \
+        --knobs none,cudnn_benchmark,force_layout,cudagraphs
 
 ``--knobs`` crosses each setting with backend switches the training step may gain from (hypothesis 1
 of ../shared/notes/training-step-analysis.md): ``cudnn_benchmark`` (cuDNN picks its convolution
 algorithms by timing them) and ``force_layout`` (Inductor's NHWC layout optimisation, which its own
-heuristic refuses for this training graph), ``+``-joined to combine them; ``none`` is today's step.
+heuristic refuses for this training graph) and ``cudagraphs`` (Inductor replays the compiled forward
+and backward as CUDA graphs: ``--compile-mode reduce-overhead``, hypothesis 3's host cost),
+``+``-joined to combine them; ``none`` is today's step.
 """
 from __future__ import annotations
 
@@ -85,7 +88,7 @@ def kernel_times(tr, x0, steps: int) -> dict[str, tuple[float, float]]:
     return out
 
 
-KNOBS = ("cudnn_benchmark", "force_layout")
+KNOBS = ("cudnn_benchmark", "force_layout", "cudagraphs")
 
 
 def set_knobs(knobs: str) -> list[str]:
@@ -96,6 +99,7 @@ def set_knobs(knobs: str) -> list[str]:
     import torch._inductor.config as inductor_config
 
     inductor_config.force_layout_optimization = "force_layout" in names
+    inductor_config.triton.cudagraphs = "cudagraphs" in names  # what mode="reduce-overhead" sets
     return names
 
 

@@ -1,4 +1,4 @@
-"""``python -m bench.run [-k TEXT ...] [--only kernels,train,sample] [--json PATH]``: the bench suite
+"""``python -m bench.run [-k TEXT ...] [--only kernels,train,batch,sample] [--json PATH]``: the bench suite
 without pytest-benchmark. It runs the very ``CASES``/``build`` of bench/test_*.py through the same
 ``bench.common.run`` (guard, timing, extra_info) with a plain timer, writes pytest-benchmark-shaped
 JSON, and prints bench.report's tables. Exit status 1 if any case failed (a guard included)."""
@@ -13,7 +13,8 @@ from pathlib import Path
 
 from bench import common
 
-MODULES = {"kernels": "test_kernels", "train": "test_train_step", "sample": "test_sampling"}
+MODULES = {"kernels": "test_kernels", "train": "test_train_step", "batch": "test_train_batch",
+           "sample": "test_sampling"}
 
 
 def main(argv=None) -> int:

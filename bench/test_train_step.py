@@ -14,12 +14,12 @@ CASES = C.grid()
 PATHS = {"eager": ("torch", False), "compiled": ("torch", True), "fast": ("triton", True)}
 
 
-def trainer(dtype, impl, channels_last=False):
+def trainer(dtype, impl, channels_last=False, batch=None):
     from fastddpm.config import TrainConfig
     from fastddpm.train import Trainer
 
     kernels, compile_ = PATHS[impl]
-    b = C.S["train_batch"]
+    b = batch or C.S["train_batch"]
     cfg = TrainConfig(data="shapes", preset=C.S["preset"], dtype=dtype, batch_size=b, train_size=b, val_size=0,
                       n_samples=0, compile=compile_, kernels=kernels, channels_last=channels_last)
     out = tempfile.mkdtemp(prefix="fastddpm-bench-")
@@ -29,9 +29,9 @@ def trainer(dtype, impl, channels_last=False):
         shutil.rmtree(out, ignore_errors=True)  # train_step writes nothing there
 
 
-def fixed_batch() -> torch.Tensor:
+def fixed_batch(batch=None) -> torch.Tensor:
     """The one batch every timed step trains on (images in [-1, 1], seeded)."""
-    b = C.S["train_batch"]
+    b = batch or C.S["train_batch"]
     return (torch.rand(b, 3, 32, 32, generator=torch.Generator().manual_seed(0)) * 2 - 1).to(C.DEVICE)
 
 
@@ -41,17 +41,18 @@ def first_step(tr, x0):
     return loss, torch.cat([p.grad.detach().float().flatten() for p in tr.model.parameters()])
 
 
-def build(dtype, impl):
-    b = C.S["train_batch"]
-    x0 = fixed_batch()
-    tr = trainer(dtype, impl)
-    key = ("train", dtype)
+def build(dtype, impl, batch=None):
+    """The case at the headline batch (sizes' train_batch) or, for the batch sweep, at ``batch``."""
+    b = batch or C.S["train_batch"]
+    x0 = fixed_batch(b)
+    tr = trainer(dtype, impl, batch=b)
+    key = ("train", dtype, b)
     if impl == "eager":
         C.reference(key, lambda: first_step(tr, x0))
         check = None
     else:
         def check():
-            ref_loss, ref_grads = C.reference(key, lambda: first_step(trainer(dtype, "eager"), x0))
+            ref_loss, ref_grads = C.reference(key, lambda: first_step(trainer(dtype, "eager", batch=b), x0))
             loss, grads = first_step(tr, x0)
             tol_loss, tol_grad = C.TOL[dtype]
             out = C.guard(f"loss vs eager ({dtype})", C.rel(loss, ref_loss), tol_loss)

@@ -8,6 +8,7 @@ import torch
 # base_channels of the U-Net: "seed" is the paper's model (12,920,323 parameters); "tiny" trains in
 # minutes on a CPU (tests, the demo).
 PRESETS = {"seed": 64, "tiny": 16}
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
@@ -32,6 +33,9 @@ class TrainConfig:
     n_samples: int = 64  # images in OUT/samples.png at the end
     val_size: int = 10000  # validation images (the test split) used for the per-epoch val loss
     compile: bool | None = None  # torch.compile the model; None: on CUDA only
+    # torch.compile's mode: "reduce-overhead" replays the compiled forward and backward as CUDA graphs
+    # (no per-kernel launch cost on the host); "default" until a GPU run measures the others faster
+    compile_mode: str = "default"
     kernels: str = "auto"  # GroupNormGELU path: auto (see train.training_kernels), triton, torch
     channels_last: bool = False  # NHWC activations and weights; off until a GPU measures it faster
     train_size: int = 0  # a fixed random subset of N training images (0: all); quick experiments and tests
@@ -74,6 +78,8 @@ class TrainConfig:
             (self.n_samples >= 0, f"--n-samples {self.n_samples}: must be 0 or positive"),
             (self.val_size >= 0, f"--val-size {self.val_size}: must be 0 or positive"),
             (self.kernels in ("auto", "triton", "torch"), f"--kernels {self.kernels}: choose auto, triton or torch"),
+            (self.compile_mode in COMPILE_MODES,
+             f"--compile-mode {self.compile_mode}: choose one of {', '.join(COMPILE_MODES)}"),
             (self.train_size >= 0, f"--train-size {self.train_size}: must be 0 (all) or positive"),
             (0 <= self.time_budget < float("inf"),
              f"--time-budget {self.time_budget}: minutes must be 0 (no budget) or positive"),

@@ -148,8 +148,12 @@ class Trainer:
             from torch.nn.parallel import DistributedDataParallel
 
             self.net = DistributedDataParallel(self.model, device_ids=[device.index] if device.type == "cuda" else None)
+        if cfg.compile_mode != "default" and not compile_:
+            raise UsageError(f"--compile-mode {cfg.compile_mode}: only with torch.compile (--compile; the default on "
+                             f"CUDA), and this run does not compile")
+        self.compiled = compile_
         if compile_:
-            self.net = torch.compile(self.net)
+            self.net = torch.compile(self.net, mode=None if cfg.compile_mode == "default" else cfg.compile_mode)
         self.diffusion = Diffusion(cfg.T, cfg.beta_start, cfg.beta_end, device=device)
         self.opt = torch.optim.Adam(self.model.parameters(), lr=cfg.lr, fused=device.type == "cuda")
         use_scaler = cfg.dtype == "fp16" and cfg.grad_scaler
@@ -229,10 +233,13 @@ class Trainer:
 
     # --- the loop ---------------------------------------------------------------------------
     def train_step(self, x0: torch.Tensor) -> torch.Tensor:
+        if self.compiled:  # a new step for CUDA-graph trees (reduce-overhead): last step's graph outputs are dead
+            torch.compiler.cudagraph_mark_step_begin()
+        # Gradients dropped before the forward: under CUDA-graph trees they may live in the graphs' memory
+        self.opt.zero_grad(set_to_none=True)
         x0 = x0.contiguous(memory_format=self.memory_format)
         with autocast(self.device, self.cfg.torch_dtype):
             loss = self.diffusion.loss(self.net, x0, generator=self.gen)
-        self.opt.zero_grad(set_to_none=True)
         self.scaler.scale(loss).backward()
         self.scaler.step(self.opt)
         self.scaler.update()
@@ -469,6 +476,9 @@ def build_parser() -> ArgumentParser:
     p.add_argument("--compile", dest="compile", action="store_const", const=True,
                    help="torch.compile the model (default: on CUDA)")
     p.add_argument("--no-compile", dest="compile", action="store_const", const=False)
+    p.add_argument("--compile-mode", help="torch.compile mode: default, reduce-overhead (the compiled forward and "
+                                          "backward replayed as CUDA graphs), max-autotune, "
+                                          "max-autotune-no-cudagraphs (default: default)")
     p.add_argument("--kernels", help="GroupNorm+GELU path: auto (default: Inductor's fusion under --compile, "
                                      "Triton on CUDA without it), triton, torch")
     p.add_argument("--channels-last", dest="channels_last", action="store_const", const=True,
@@ -487,8 +497,8 @@ def config_from_args(args, base: TrainConfig, resumed: bool) -> TrainConfig:
                 flag = "--no-grad-scaler" if key == "grad_scaler" else f"--{key.replace('_', '-')}"
                 raise UsageError(f"{flag} {given[key]} disagrees with the checkpoint's {getattr(base, key)}; "
                                  f"drop {flag} to resume it, or train into a new --out")
-    # How to run fast (compile, kernels, layout) is this run's choice, not the checkpoint's.
-    speed = {k: getattr(TrainConfig(), k) for k in ("compile", "kernels", "channels_last")}
+    # How to run fast (compile and its mode, kernels, layout) is this run's choice, not the checkpoint's.
+    speed = {k: getattr(TrainConfig(), k) for k in ("compile", "compile_mode", "kernels", "channels_last")}
     cfg = TrainConfig.from_dict({**base.to_dict(), **speed, **given})
     cfg.validate()
     return cfg

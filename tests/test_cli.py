@@ -38,6 +38,7 @@ def _one_line_error(code, err, *words):
     (["--preset", "huge"], ["--preset huge"]),
     (["--device", "cuda:7"] if not torch.cuda.is_available() else ["--device", "tpu"], ["--device"]),
     (["--lr", "abc"], ["--lr", "invalid float"]),
+    (["--compile-mode", "fastest"], ["--compile-mode fastest", "reduce-overhead"]),
 ])
 def test_bad_train_flags(tmp_path, argv, words):
     code, _, err = run_main(train_mod.main, SMALL + ["--out", str(tmp_path / "o")] + argv)

@@ -5,7 +5,7 @@ import torch
 
 from fastddpm import train as train_mod
 from fastddpm.checkpoint import load_checkpoint, read_checkpoint
-from fastddpm.errors import DivergenceError
+from fastddpm.errors import DivergenceError, UsageError
 from fastddpm.train import EMA, Trainer, training_kernels
 from tests.conftest import tiny_config
 
@@ -172,8 +172,6 @@ def test_ema_turned_on_at_resume_starts_from_the_trained_weights(tmp_path):
 
 
 def test_mid_epoch_checkpoint_resumes_only_with_the_same_number_of_processes(tmp_path):
-    from fastddpm.errors import UsageError
-
     trainer = Trainer(tiny_config(), tmp_path, torch.device("cpu"), progress=False)
     trainer.batch_in_epoch = 1
     trainer.save()
@@ -196,6 +194,30 @@ def test_auto_kernels_for_training_follow_the_measured_faster_path(tmp_path, mon
     monkeypatch.setattr(train_mod, "training_kernels", lambda k, d, compiled: asked.append((k, compiled)) or "torch")
     trainer = Trainer(tiny_config(compile=False, kernels="auto"), tmp_path, cpu, progress=False)
     assert asked == [("auto", False)] and trainer.model.kernels == "torch"
+
+
+def test_compile_mode_reaches_torch_compile_and_marks_each_step(tmp_path, monkeypatch):
+    """--compile-mode is handed to torch.compile ("default": torch's own default), and a compiled
+    trainer opens every step for CUDA-graph trees, whose outputs a step may not read from the last."""
+    modes, steps = [], []
+    monkeypatch.setattr(torch, "compile", lambda net, mode=None: modes.append(mode) or net)
+    monkeypatch.setattr(torch.compiler, "cudagraph_mark_step_begin", lambda: steps.append(1))
+    cpu = torch.device("cpu")
+    for mode in ("default", "reduce-overhead"):
+        trainer = Trainer(tiny_config(compile=True, compile_mode=mode), tmp_path / mode, cpu, progress=False)
+        _losses(trainer, 2)
+    assert modes == [None, "reduce-overhead"] and len(steps) == 4
+    _losses(Trainer(tiny_config(compile=False), tmp_path / "eager", cpu, progress=False), 2)
+    assert len(steps) == 4
+    with pytest.raises(UsageError, match="--compile-mode reduce-overhead: only with torch.compile"):
+        Trainer(tiny_config(compile=False, compile_mode="reduce-overhead"), tmp_path / "x", cpu, progress=False)
+    # a speed setting: this run's choice, not the checkpoint's
+    args = train_mod.build_parser().parse_args(["--compile-mode", "max-autotune"])
+    assert train_mod.config_from_args(args, tiny_config(compile_mode="reduce-overhead"), True).compile_mode == \
+        "max-autotune"
+    args = train_mod.build_parser().parse_args([])
+    assert train_mod.config_from_args(args, tiny_config(compile_mode="reduce-overhead"), True).compile_mode == \
+        "default"
 
 
 def test_channels_last_trains_like_nchw(tmp_path):
