@@ -595,6 +595,8 @@ def _train(args, out: Path, rank: int, world: int, device: torch.device) -> int:
         trainer.log(f"wrote {path} ({cfg.n_samples} images, {'EMA' if trainer.ema else 'raw'} weights, DDPM, "
                     f"{describe_timings(trainer.sample_timings)})")
     trainer.log(f"done: {out / CHECKPOINT}, {out / METRICS}, {out / 'loss.png'}")
+    if world > 1:  # no rank tears its process group down while another still writes: gloo aborts on a closed peer
+        torch.distributed.barrier()
     return 0
 
 
