@@ -14,6 +14,10 @@ commit, command, the training summary from metrics.jsonl, each sampler's timings
 ``record``: scores both .npz files with ``fastddpm.evaluate`` (N images against N of the training
 set), writes ``bench/results/<date>-<card>-quality.json``, a 1,024-image subset of the DDPM samples
 as ``<date>-<card>-samples.npz`` with its own FID@1,024, and the grid and loss curve as PNGs.
+
+``sweep`` (run by bench/sweep.sh, issue 13) and ``sweep-record``: the same weights sampled by every
+sampler of ``SWEEP`` at one N and seed (few-step samplers guarded like DDIM above), then scored here
+into ``bench/results/<date>-<card>-samplers.json`` and a table.
 """
 from __future__ import annotations
 
@@ -90,10 +94,46 @@ def _sample(loaded, n: int, seed: int, **settings):
     return images, timings
 
 
+def guarded_sample(loaded, n: int, seed: int, engine: str, settings: dict):
+    """(images, record): ``n`` samples with ``engine`` (the compiled engine where it raises). A few-step
+    sampler on the fast engine is checked against the eager engine with PyTorch's own GroupNorm (the
+    model's "auto" would be the Triton kernels on CUDA), fed the same x_T and Philox noise, within the
+    bench's sampling tolerance: a fast path that disagrees posts no time, and its images are replaced
+    by the compiled engine's. (DDPM's fused reverse step is checked by its native kernel tests.)"""
+    from bench.common import SAMPLE_TOL
+
+    record = {"settings": settings}
+    try:
+        images, timings = _sample(loaded, n, seed, engine=engine, **settings)
+    except Exception as e:  # noqa: BLE001 - say what broke, sample with the reference engine
+        record["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}"
+        print(f"{settings}: engine {engine} failed ({record['error']}); sampling with the compiled engine", flush=True)
+        images, timings = _sample(loaded, n, seed, engine="compiled", **settings)
+    record["timings"] = timings
+    if settings["sampler"] != "ddpm" and timings["engine"] == "fast":
+        loaded.model.set_kernels("torch")
+        try:
+            eager, eager_timings = _sample(loaded, n, seed, engine="eager", noise="philox", **settings)
+        finally:
+            loaded.model.set_kernels("auto")
+        diff = (images.float() - eager.float()).abs()
+        tol = SAMPLE_TOL[loaded.config.dtype]
+        record["guard"] = {"against": "eager engine, same x_T and Philox noise", "mean_abs_grey": diff.mean().item(),
+                           "max_abs_grey": diff.max().item(), "eager_timings": eager_timings, "tol": tol,
+                           "passed": diff.mean().item() <= tol}
+        if not record["guard"]["passed"]:
+            print(f"{settings}: the fast engine disagrees with eager (mean {diff.mean():.2f} grey levels); its "
+                  "timings are withheld and the compiled engine's images kept", flush=True)
+            record["fast_timings_withheld"] = True
+            images, timings = _sample(loaded, n, seed, engine="compiled", **settings)
+            record["timings"] = timings
+    return images, record
+
+
 def cmd_sample(a) -> int:
     import torch
 
-    from bench.common import SAMPLE_TOL, device_info, git_commit, versions
+    from bench.common import device_info, git_commit, versions
     from fastddpm.checkpoint import export_weights, read_checkpoint
     from fastddpm.images import save_grid
     from fastddpm.sampling import describe_timings, save_npz
@@ -123,46 +163,138 @@ def cmd_sample(a) -> int:
                            (f"ddpm{T}", {"sampler": "ddpm"})):
         engine = a.engine if settings["sampler"] == "ddim" else ddpm_engine
         start = time.perf_counter()
-        record = {"settings": settings}
-        try:
-            images, timings = _sample(loaded, a.n, a.seed, engine=engine, **settings)
-        except Exception as e:  # noqa: BLE001 - say what broke, keep the other sampler's result
-            record["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}"
-            print(f"{name}: engine {engine} failed ({record['error']}); sampling with the compiled engine",
-                  flush=True)
-            images, timings = _sample(loaded, a.n, a.seed, engine="compiled", **settings)
-        record["timings"] = timings
-        if settings["sampler"] == "ddim" and timings["engine"] == "fast":
-            # The guard: the same call on the eager engine with PyTorch's own GroupNorm (the model's
-            # "auto" would be the Triton kernels on CUDA), fed the fast engine's noise stream.
-            loaded.model.set_kernels("torch")
-            try:
-                eager, eager_timings = _sample(loaded, a.n, a.seed, engine="eager", noise="philox", **settings)
-            finally:
-                loaded.model.set_kernels("auto")
-            diff = (images.float() - eager.float()).abs()
-            record["guard"] = {"against": "eager engine, same x_T and Philox noise",
-                               "mean_abs_grey": diff.mean().item(), "max_abs_grey": diff.max().item(),
-                               "eager_timings": eager_timings}
-            tol = SAMPLE_TOL[loaded.config.dtype]  # the bench's own sampling guard, per dtype
-            record["guard"].update(tol=tol, passed=record["guard"]["mean_abs_grey"] <= tol)
-            if not record["guard"]["passed"]:  # no fast figure, and the images the reference engine makes
-                print(f"{name}: the fast engine disagrees with eager (mean {diff.mean():.2f} grey levels); "
-                      "its timings are withheld and the compiled engine's images kept", flush=True)
-                record["fast_timings_withheld"] = True
-                images, timings = _sample(loaded, a.n, a.seed, engine="compiled", **settings)
-                record["timings"] = timings
-                ddpm_engine = "compiled"  # the DDPM run shares the engine that just failed
+        images, record = guarded_sample(loaded, a.n, a.seed, engine, settings)
+        if not record.get("guard", {}).get("passed", True):
+            ddpm_engine = "compiled"  # the DDPM run shares the engine that just failed
         save_npz(images, out / f"samples-{name}.npz")
         save_grid(images[:64], work / f"samples-{name}.png")
         record["wall_seconds"] = time.perf_counter() - start
         info["samplers"][name] = record
         write()
-        print(f"{name}: {a.n} images in {describe_timings(timings)} (engine {timings['engine']})", flush=True)
+        print(f"{name}: {a.n} images in {describe_timings(record['timings'])} (engine {record['timings']['engine']})",
+              flush=True)
     if torch.cuda.is_available():
         info["peak_memory_bytes"] = torch.cuda.max_memory_allocated()
     write()
     return 0
+
+
+# --- on the GPU: the sampler sweep (issue 13) ----------------------------------------------------
+
+SWEEP = "dpm++10,ddim10,dpm++20,ddim20,ddim50,ddim100,ddpm"  # cheapest first: a cut-off run keeps those
+
+
+def sweep_settings(name: str) -> dict:
+    """"ddpm" (all T steps), "ddimK", "dpm++K" -> sample()'s settings (DDIM with sample()'s default
+    eta 0: deterministic, as in the DDIM paper's FID tables)."""
+    for sampler in ("dpm++", "ddim"):
+        if name.startswith(sampler) and name[len(sampler):].isdigit():
+            return {"sampler": sampler, "steps": int(name[len(sampler):])}
+    if name == "ddpm":
+        return {"sampler": "ddpm"}
+    raise SystemExit(f"--configs {name}: each is ddpm, ddimK or dpm++K (K steps), e.g. {SWEEP}")
+
+
+def npz_name(name: str) -> str:
+    """The returned file of one sampler: the device brings back only names of letters, digits, ".", "_"
+    and "-" ("dpm++10" -> samples-dpmpp10.npz)."""
+    return f"samples-{name.replace('+', 'p')}.npz"
+
+
+def cmd_sweep(a) -> int:
+    """One trained model, every sampler of the sweep, the same N and seed: samples-<name>.npz each
+    (written as it finishes) and sweep.json (timings, guards) into --out."""
+    import torch
+
+    from bench.common import device_info, git_commit, versions
+    from fastddpm.checkpoint import load_checkpoint
+    from fastddpm.sampling import default_device, describe_timings, save_npz
+
+    configs = [(name, sweep_settings(name)) for name in a.configs.split(",")]  # bad names fail before loading
+    out = Path(a.out)
+    out.mkdir(parents=True, exist_ok=True)
+    loaded = load_checkpoint(a.weights, device=default_device())
+    T = loaded.diffusion.T
+    info = {"kind": "fastddpm sampler sweep", "date": datetime.date.today().isoformat(), "smoke": a.smoke,
+            "command": a.command, "git": git_commit(), "device": device_info(), "versions": versions(),
+            "weights": str(a.weights), "config": loaded.config.to_dict(), "n": a.n, "seed": a.seed, "samplers": {}}
+    write = lambda: (out / "sweep.json").write_text(json.dumps(info, indent=2) + "\n")  # noqa: E731
+    write()
+    ddpm_engine = a.ddpm_engine or a.engine
+    for name, settings in configs:
+        engine = ddpm_engine if settings["sampler"] == "ddpm" else a.engine
+        start = time.perf_counter()
+        images, record = guarded_sample(loaded, a.n, a.seed, engine, settings)
+        if not record.get("guard", {}).get("passed", True):
+            ddpm_engine = "compiled"  # as in the quality run: DDPM shares the engine that just failed
+        record["network_calls"] = settings.get("steps", T)
+        name = f"ddpm{T}" if name == "ddpm" else name
+        save_npz(images, out / npz_name(name))
+        record["wall_seconds"] = time.perf_counter() - start
+        info["samplers"][name] = record
+        write()
+        print(f"{name}: {a.n} images in {describe_timings(record['timings'])} (engine {record['timings']['engine']})",
+              flush=True)
+    if torch.cuda.is_available():
+        info["peak_memory_bytes"] = torch.cuda.max_memory_allocated()
+    write()
+    return 0
+
+
+def cmd_sweep_record(a) -> int:
+    """Score every returned samples-*.npz of a sweep (the same N each, against N training images) and
+    write bench/results/<date>-<card>-samplers.json; print the README's table."""
+    returned, results = Path(a.returned), Path(a.results)
+    run = json.loads((returned / "sweep.json").read_text())
+    stem = f"{run['date']}-{a.card or _card(run['device'])}"
+    work = Path(a.work or ROOT / "runs" / f"sweep-scored-{stem}")
+    work.mkdir(parents=True, exist_ok=True)
+    rows = {}
+    for name, r in run["samplers"].items():
+        npz = returned / npz_name(name)
+        if not npz.is_file():
+            print(f"{name}: no {npz.name} came back (cut off?): not scored", flush=True)
+            continue
+        score = _evaluate(npz, a.ref, run["n"], work / f"eval-{name}.json", a.progress)
+        t = r["timings"]
+        rows[name] = {"settings": r["settings"], "network_calls": r["network_calls"], "fid": score["fid"],
+                      "kid_mean": score["kid_mean"], "kid_std": score["kid_std"], "n": score["n"],
+                      "n_ref": score["n_ref"], "ref": a.ref, "ref_label": score["ref_label"],
+                      "extractor": score.get("extractor"), "engine": t.get("engine"),
+                      # all N images at the steady rate (comparable across engines and rows), and the
+                      # call as it went (its one-off part: compilation on the first row only, capture)
+                      "steady_seconds": (t["image_steps"] / t["steady_image_steps_per_s"]
+                                         if t.get("steady_image_steps_per_s") else None),
+                      "call_seconds": t.get("seconds"), "timings": t, "guard": r.get("guard"),
+                      "fast_timings_withheld": bool(r.get("fast_timings_withheld")), "error": r.get("error")}
+        print(f"{name}: FID {score['fid']:.2f} (N={score['n']} vs {score['n_ref']} {score['ref_label']})", flush=True)
+    if not rows:
+        raise SystemExit(f"{returned}: no samples-*.npz came back; nothing to score")
+    results.mkdir(parents=True, exist_ok=True)
+    record = {"kind": "fastddpm sampler sweep", "card": run["device"].get("name"), "date": run["date"],
+              "git": run["git"], "command": run["command"], "weights": run["weights"], "config": run["config"],
+              "n": run["n"], "seed": run["seed"], "scored_with": "python -m bench.quality sweep-record",
+              "results": rows, "run": {"device": run["device"], "versions": run["versions"],
+                                       "peak_memory_bytes": run.get("peak_memory_bytes"), "smoke": run.get("smoke")}}
+    from fastddpm.evaluate import write_json
+
+    write_json(record, results / f"{stem}-samplers.json")
+    print(sweep_table(record))
+    print(f"wrote {results / f'{stem}-samplers.json'}")
+    return 0
+
+
+def sweep_table(record: dict) -> str:
+    """The README's table, from a samplers JSON."""
+    rows = sorted(record["results"].items(), key=lambda kv: kv[1]["network_calls"])
+    head = ["sampler", "network calls", f"FID (N = {record['n']:,})", "KID", f"seconds for {record['n']:,}, steady",
+            "seconds, the call (compile on the first row)", "engine"]
+    fmt = lambda v, f: "—" if v is None else format(v, f)  # noqa: E731
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for name, r in rows:
+        lines.append(f"| {name} | {r['network_calls']:,} | {r['fid']:.2f} | {r['kid_mean']:.4f} | "
+                     f"{fmt(r['steady_seconds'], '.1f')} | {fmt(r['call_seconds'], '.1f')} | {r['engine']} |")
+    return "\n".join(lines)
 
 
 # --- here: record -----------------------------------------------------------------------------
@@ -307,11 +439,31 @@ def main(argv=None) -> int:
     r.add_argument("--work", help="scratch folder (default runs/quality-scored-<date>-<card>: the returned files "
                                   "may be read-only)")
     r.add_argument("--progress", action="store_true")
+    w = sub.add_parser("sweep", help="on the GPU: every sampler of the sweep on one model, the same N")
+    w.add_argument("--weights", required=True, help="a checkpoint or exported weights (ema-fp16.pt)")
+    w.add_argument("--out", required=True, help="what comes back ($OUT)")
+    w.add_argument("--configs", default=SWEEP, help=f"comma-separated: ddpm, ddimK, dpm++K (default {SWEEP})")
+    w.add_argument("--n", type=int, default=2048, help="images per sampler (default 2,048: 7 .npz of 6 MiB, "
+                                                       "42 MiB of the device's 64 MiB return)")
+    w.add_argument("--seed", type=int, default=0)
+    w.add_argument("--engine", default="auto")
+    w.add_argument("--ddpm-engine", help="DDPM's engine, where it differs from --engine")
+    w.add_argument("--command", default="")
+    w.add_argument("--smoke", action="store_true")
+    wr = sub.add_parser("sweep-record",
+                        help="here: score a returned sweep, write bench/results/<date>-<card>-samplers.json")
+    wr.add_argument("--returned", required=True)
+    wr.add_argument("--results", default=str(ROOT / "bench" / "results"))
+    wr.add_argument("--ref", default="cifar10-jpeg:train")
+    wr.add_argument("--card")
+    wr.add_argument("--work")
+    wr.add_argument("--progress", action="store_true")
     d = sub.add_parser("smoke-data", help="a small JPEG zip data set from the shapes (the smoke run's data)")
     d.add_argument("dir")
     d.add_argument("--n", type=int, default=256)
     a = p.parse_args(argv)
-    return {"sample": cmd_sample, "record": cmd_record, "smoke-data": cmd_smoke_data}[a.cmd](a)
+    return {"sample": cmd_sample, "record": cmd_record, "sweep": cmd_sweep, "sweep-record": cmd_sweep_record,
+            "smoke-data": cmd_smoke_data}[a.cmd](a)
 
 
 if __name__ == "__main__":

@@ -3,6 +3,7 @@ the CPU with the tiny preset, a JPEG zip and seconds of budget. It must produce 
 brings back, within the device's limits, and the record step must turn them into the results JSON."""
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -29,6 +30,7 @@ def returned(tmp_path_factory):
 def test_smoke_run_brings_back_every_file_within_the_device_limits(returned):
     files = {p.name for p in returned.iterdir()}
     assert RETURNED <= files and len(files) <= 8, files
+    assert all(re.fullmatch(r"[A-Za-z0-9._-]+", f) for f in files)  # the only names the device brings back
     assert all(p.stat().st_size < 16 * 2 ** 20 for p in returned.iterdir())
     for name in ("samples-ddim2.npz", "samples-ddpm20.npz"):
         images = np.load(returned / name)["images"]
@@ -65,3 +67,45 @@ def test_record_scores_the_returned_samples(returned, tmp_path):
         assert next(tmp_path.glob(f"*-smoke-{suffix}")).stat().st_size > 0
     model, diffusion, config = load_checkpoint(tmp_path / "work" / "ema-fp16.pt")  # the joined export loads
     assert config.preset == "tiny" and diffusion.T == 20
+
+
+def test_sampler_sweep_smoke_and_record(returned, tmp_path):
+    """bench/sweep.sh --smoke on the quality run's returned weights: every sampler's samples within the
+    device's limits, the fast engine guarded, then sweep-record scores them at one N."""
+    from bench import quality
+
+    weights = quality.join_parts(returned, tmp_path)
+    out = tmp_path / "out"
+    env = {**os.environ, "OUT": str(out), "PYTHON": sys.executable, "SWEEP_WEIGHTS": str(weights)}
+    proc = subprocess.run(["bash", "bench/sweep.sh", "--smoke"], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    files = {p.name for p in out.iterdir()}
+    assert files == {"samples-dpmpp2.npz", "samples-ddim2.npz", "samples-ddpm20.npz", "sweep.json"}, files
+    assert all(re.fullmatch(r"[A-Za-z0-9._-]+", f) for f in files)  # the only names the device brings back
+    run = json.loads((out / "sweep.json").read_text())
+    for name, calls in (("dpm++2", 2), ("ddim2", 2), ("ddpm20", 20)):
+        assert np.load(out / quality.npz_name(name))["images"].shape == (8, 32, 32, 3)
+        assert run["samplers"][name]["network_calls"] == calls
+    for name in ("dpm++2", "ddim2"):  # the few-step samplers ran on the fast engine, checked against eager
+        assert run["samplers"][name]["timings"]["engine"] == "fast" and run["samplers"][name]["guard"]["passed"]
+    code = quality.main(["sweep-record", "--returned", str(out), "--results", str(tmp_path / "results"),
+                         "--ref", "shapes:train", "--card", "smoke", "--work", str(tmp_path / "work")])
+    assert code == 0
+    record = json.loads(next((tmp_path / "results").glob("*-smoke-samplers.json")).read_text())
+    assert set(record["results"]) == {"dpm++2", "ddim2", "ddpm20"}
+    assert all(np.isfinite(r["fid"]) and r["n"] == r["n_ref"] == 8 for r in record["results"].values())
+    assert all(r["steady_seconds"] > 0 and r["call_seconds"] > 0 for r in record["results"].values())
+    table = quality.sweep_table(record).splitlines()
+    assert [line.split(" | ")[0] for line in table[2:]] == ["| dpm++2", "| ddim2", "| ddpm20"]  # by network calls
+
+
+def test_sweep_names_are_checked():
+    from bench import quality
+
+    assert quality.sweep_settings("dpm++10") == {"sampler": "dpm++", "steps": 10}
+    assert quality.sweep_settings("ddim100") == {"sampler": "ddim", "steps": 100}
+    assert quality.sweep_settings("ddpm") == {"sampler": "ddpm"}
+    for bad in ("ddim", "dpm10", "ddpm1000x"):
+        with pytest.raises(SystemExit, match=f"--configs {bad}"):
+            quality.sweep_settings(bad)
