@@ -131,12 +131,10 @@ def guarded_sample(loaded, n: int, seed: int, engine: str, settings: dict):
 
 
 def cmd_sample(a) -> int:
-    import torch
-
     from bench.common import device_info, git_commit, versions
     from fastddpm.checkpoint import export_weights, read_checkpoint
     from fastddpm.images import save_grid
-    from fastddpm.sampling import describe_timings, save_npz
+    from fastddpm.sampling import save_npz
 
     run, out, work = Path(a.run), Path(a.out), Path(a.work)
     out.mkdir(parents=True, exist_ok=True)
@@ -158,16 +156,34 @@ def cmd_sample(a) -> int:
     device = default_device()
     loaded = load_checkpoint(ckpt, device=device)  # the EMA weights
     T = config["T"]
+    configs = [(f"ddim{a.ddim_steps}", {"sampler": "ddim", "steps": a.ddim_steps}), (f"ddpm{T}", {"sampler": "ddpm"})]
+
+    def save(name, images, record):
+        save_npz(images, out / f"samples-{name}.npz")
+        save_grid(images[:64], work / f"samples-{name}.png")
+
+    run_samplers(loaded, configs, a, info, write, save)
+    return 0
+
+
+def run_samplers(loaded, configs, a, info: dict, write, save) -> None:
+    """Each (name, settings) of ``configs`` in turn, ``a.n`` images with ``a.seed``: sampled and guarded
+    (guarded_sample), handed to ``save(name, images, record)``, recorded in ``info["samplers"]`` and
+    written at once (a run cut off keeps what finished). DDPM runs on ``a.ddpm_engine`` where given,
+    and on the compiled engine after a failed guard (it would share the engine that just failed)."""
+    import torch
+
+    from fastddpm.sampling import describe_timings
+
     ddpm_engine = a.ddpm_engine or a.engine
-    for name, settings in ((f"ddim{a.ddim_steps}", {"sampler": "ddim", "steps": a.ddim_steps}),
-                           (f"ddpm{T}", {"sampler": "ddpm"})):
-        engine = a.engine if settings["sampler"] == "ddim" else ddpm_engine
+    for name, settings in configs:
+        engine = ddpm_engine if settings["sampler"] == "ddpm" else a.engine
         start = time.perf_counter()
         images, record = guarded_sample(loaded, a.n, a.seed, engine, settings)
         if not record.get("guard", {}).get("passed", True):
-            ddpm_engine = "compiled"  # the DDPM run shares the engine that just failed
-        save_npz(images, out / f"samples-{name}.npz")
-        save_grid(images[:64], work / f"samples-{name}.png")
+            ddpm_engine = "compiled"
+        record["network_calls"] = settings.get("steps", loaded.diffusion.T)
+        save(name, images, record)
         record["wall_seconds"] = time.perf_counter() - start
         info["samplers"][name] = record
         write()
@@ -176,7 +192,6 @@ def cmd_sample(a) -> int:
     if torch.cuda.is_available():
         info["peak_memory_bytes"] = torch.cuda.max_memory_allocated()
     write()
-    return 0
 
 
 # --- on the GPU: the sampler sweep (issue 13) ----------------------------------------------------
@@ -204,11 +219,9 @@ def npz_name(name: str) -> str:
 def cmd_sweep(a) -> int:
     """One trained model, every sampler of the sweep, the same N and seed: samples-<name>.npz each
     (written as it finishes) and sweep.json (timings, guards) into --out."""
-    import torch
-
     from bench.common import device_info, git_commit, versions
     from fastddpm.checkpoint import load_checkpoint
-    from fastddpm.sampling import default_device, describe_timings, save_npz
+    from fastddpm.sampling import default_device, save_npz
 
     configs = [(name, sweep_settings(name)) for name in a.configs.split(",")]  # bad names fail before loading
     out = Path(a.out)
@@ -220,24 +233,8 @@ def cmd_sweep(a) -> int:
             "weights": str(a.weights), "config": loaded.config.to_dict(), "n": a.n, "seed": a.seed, "samplers": {}}
     write = lambda: (out / "sweep.json").write_text(json.dumps(info, indent=2) + "\n")  # noqa: E731
     write()
-    ddpm_engine = a.ddpm_engine or a.engine
-    for name, settings in configs:
-        engine = ddpm_engine if settings["sampler"] == "ddpm" else a.engine
-        start = time.perf_counter()
-        images, record = guarded_sample(loaded, a.n, a.seed, engine, settings)
-        if not record.get("guard", {}).get("passed", True):
-            ddpm_engine = "compiled"  # as in the quality run: DDPM shares the engine that just failed
-        record["network_calls"] = settings.get("steps", T)
-        name = f"ddpm{T}" if name == "ddpm" else name
-        save_npz(images, out / npz_name(name))
-        record["wall_seconds"] = time.perf_counter() - start
-        info["samplers"][name] = record
-        write()
-        print(f"{name}: {a.n} images in {describe_timings(record['timings'])} (engine {record['timings']['engine']})",
-              flush=True)
-    if torch.cuda.is_available():
-        info["peak_memory_bytes"] = torch.cuda.max_memory_allocated()
-    write()
+    configs = [(f"ddpm{T}" if name == "ddpm" else name, settings) for name, settings in configs]
+    run_samplers(loaded, configs, a, info, write, lambda name, images, record: save_npz(images, out / npz_name(name)))
     return 0
 
 

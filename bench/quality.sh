@@ -22,12 +22,8 @@
 # Knobs: QUALITY_BUDGET_S, TRAIN_MINUTES (default 5), QUALITY_N (5120), DDIM_STEPS (50),
 # QUALITY_DATA (default data-carry), CKPT_MINUTES (2), VAL_SIZE (2000), PYTHON (python3).
 set -uo pipefail
-cd "$(dirname "$0")/.."
-SMOKE=0
-[[ ${1:-} == --smoke ]] && SMOKE=1
-export PYTHONPATH=".${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
-PY=${PYTHON:-python3}
-START=$(date +%s)
+source "$(dirname "$0")/stages.sh"  # say, stage, smoke_script_setup
+smoke_script_setup "$@"
 WORK=$(mktemp -d)
 if (( SMOKE )); then
   DEST=${OUT:-runs/quality-smoke}
@@ -47,7 +43,6 @@ mkdir -p "$DEST" "$WORK/pictures"
 LOG="$DEST/quality.log"
 : >"$LOG"
 RESERVE=20  # seconds for packing after the stages
-source bench/stages.sh
 
 nvidia-smi >"$WORK/pictures/nvidia-smi.txt" 2>&1 \
     || echo "no nvidia-smi (smoke: $SMOKE)" >"$WORK/pictures/nvidia-smi.txt"

@@ -1,5 +1,5 @@
-# Sourced by bench/gpu.sh and bench/quality.sh: logging and time-capped stages for a GPU call that
-# must end inside its limit. The caller sets LOG (the log file), BUDGET (seconds for the whole
+# Sourced by bench/gpu.sh, bench/quality.sh and bench/sweep.sh: logging and time-capped stages for a
+# GPU call that must end inside its limit. The caller sets LOG (the log file), BUDGET (seconds for the whole
 # script), START ($(date +%s) at its start) and RESERVE (seconds kept for what runs after the stages).
 
 say() { echo "== $*" | tee -a "$LOG"; }
@@ -16,4 +16,15 @@ stage() {
   local rc=${PIPESTATUS[0]}
   say "$name: exit $rc$( (( rc == 124 )) && echo ' (cut off by its time cap)') after $(( $(date +%s) - START ))s in all"
   return "$rc"
+}
+
+# The start of a script with a --smoke mode (quality.sh, sweep.sh): from the repository root, the
+# checkout importable, SMOKE=1 under --smoke, PY, and START for the budget. Call with the script's "$@".
+smoke_script_setup() {
+  cd "$(dirname "${BASH_SOURCE[0]}")/.." || exit 2
+  SMOKE=0
+  [[ ${1:-} == --smoke ]] && SMOKE=1
+  export PYTHONPATH=".${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
+  PY=${PYTHON:-python3}
+  START=$(date +%s)
 }

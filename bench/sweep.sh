@@ -17,16 +17,11 @@
 # limits (8 files, 16 MiB each, 64 MiB). The log is what the call prints.
 # Knobs: SWEEP_WEIGHTS, SWEEP_N (2048), SWEEP_CONFIGS (bench.quality's SWEEP), SWEEP_BUDGET_S (560), PYTHON.
 set -uo pipefail
-cd "$(dirname "$0")/.."
-SMOKE=0
-[[ ${1:-} == --smoke ]] && SMOKE=1
-export PYTHONPATH=".${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
-PY=${PYTHON:-python3}
-START=$(date +%s)
+source "$(dirname "$0")/stages.sh"  # say, stage, smoke_script_setup
+smoke_script_setup "$@"
 BUDGET=${SWEEP_BUDGET_S:-560}
 RESERVE=5
 LOG=/dev/null  # the call's printed output is the log: every returned file is a result
-source bench/stages.sh
 WEIGHTS=${SWEEP_WEIGHTS:-data-carry/weights/ema-fp16.pt}
 if (( SMOKE )); then
   DEST=${OUT:-runs/sweep-smoke}; N=${SWEEP_N:-8}; CONFIGS=${SWEEP_CONFIGS:-dpm++2,ddim2,ddpm}
