@@ -7,7 +7,8 @@
 #
 #   GPU:  FASTDDPM_GIT_COMMIT=$(git rev-parse HEAD) bash bench/quality.sh          (about 9 min, H100)
 #         data: data-carry/cifar10-jpeg/{train,test}.zip, copies of ../shared/data/cifar10-jpeg
-#         (an ignored folder, named in the device call's carry)
+#         (an ignored folder: name data-carry/cifar10-jpeg in the device call's carry, not all of
+#         data-carry, where the sweep's weights may lie too: together over the 64 MiB carry limit)
 #   CPU:  bash bench/quality.sh --smoke   (the same script: tiny preset, T = 20, a JPEG zip of 256
 #         shapes images, seconds of budget, 8 images, DDIM-2 on the fast engine in Triton's
 #         interpreter and its guard, DDPM on the eager one; CI runs it)
