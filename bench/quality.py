@@ -42,9 +42,11 @@ PART_BYTES = 15 * 2 ** 20  # under the device's 16 MiB a returned file
 WEIGHTS = "ema-fp16.pt"
 
 
-def training_summary(metrics_path: Path) -> dict:
-    """What metrics.jsonl says of the run: steps, images, minutes, steady throughput, the last losses."""
-    records = [json.loads(line) for line in metrics_path.read_text().splitlines() if line.strip()]
+def training_summary(run: Path) -> dict:
+    """What the run's metrics.jsonl says: steps, images, minutes, steady throughput, the last losses."""
+    from fastddpm.train import read_metrics
+
+    records = read_metrics(run)
     epochs = [r for r in records if "event" not in r]
     if not epochs:
         return {"records": 0}
@@ -132,6 +134,7 @@ def guarded_sample(loaded, n: int, seed: int, engine: str, settings: dict):
 
 def cmd_sample(a) -> int:
     from bench.common import device_info, git_commit, versions
+    from fastddpm.evaluate import write_json
     from fastddpm.checkpoint import export_weights, read_checkpoint
     from fastddpm.images import save_grid
     from fastddpm.sampling import save_npz
@@ -143,9 +146,9 @@ def cmd_sample(a) -> int:
     config = read_checkpoint(ckpt)["config"]
     info = {"kind": "fastddpm quality run", "date": datetime.date.today().isoformat(), "smoke": a.smoke,
             "command": a.command, "git": git_commit(), "device": device_info(), "versions": versions(),
-            "config": config, "training": training_summary(run / "metrics.jsonl"),
+            "config": config, "training": training_summary(run),
             "train_exit_code": a.train_exit, "n": a.n, "seed": a.seed, "samplers": {}}
-    write = lambda: (out / "run.json").write_text(json.dumps(info, indent=2) + "\n")  # noqa: E731
+    write = lambda: write_json(info, out / "run.json")  # noqa: E731 - atomic: a stage cut off mid-write
     write()
     export_weights(ckpt, out / WEIGHTS)  # first: the weights come back even if sampling fails
     info["weights"] = [p.name for p in split_file(out / WEIGHTS)]  # (in OUT itself: nothing moves across disks)
@@ -220,6 +223,7 @@ def cmd_sweep(a) -> int:
     """One trained model, every sampler of the sweep, the same N and seed: samples-<name>.npz each
     (written as it finishes) and sweep.json (timings, guards) into --out."""
     from bench.common import device_info, git_commit, versions
+    from fastddpm.evaluate import write_json
     from fastddpm.checkpoint import load_checkpoint
     from fastddpm.sampling import default_device, save_npz
 
@@ -231,7 +235,7 @@ def cmd_sweep(a) -> int:
     info = {"kind": "fastddpm sampler sweep", "date": datetime.date.today().isoformat(), "smoke": a.smoke,
             "command": a.command, "git": git_commit(), "device": device_info(), "versions": versions(),
             "weights": str(a.weights), "config": loaded.config.to_dict(), "n": a.n, "seed": a.seed, "samplers": {}}
-    write = lambda: (out / "sweep.json").write_text(json.dumps(info, indent=2) + "\n")  # noqa: E731
+    write = lambda: write_json(info, out / "sweep.json")  # noqa: E731 - atomic: a stage cut off mid-write
     write()
     configs = [(f"ddpm{T}" if name == "ddpm" else name, settings) for name, settings in configs]
     run_samplers(loaded, configs, a, info, write, lambda name, images, record: save_npz(images, out / npz_name(name)))
@@ -309,8 +313,10 @@ def _evaluate(samples: Path, ref: str, n: int, json_path: Path, progress: bool) 
 def cmd_record(a) -> int:
     import tarfile
 
+    from fastddpm.evaluate import write_json
     from fastddpm.images import plot_loss, save_grid
     from fastddpm.sampling import save_npz
+    from fastddpm.train import read_metrics
 
     returned, results = Path(a.returned), Path(a.results)
     run = json.loads((returned / "run.json").read_text())
@@ -323,16 +329,16 @@ def cmd_record(a) -> int:
         with tarfile.open(returned / "pictures.tar") as tar:
             tar.extractall(work, filter="data")
     weights = join_parts(returned, work)
+    scored = [k for k in run["samplers"] if (returned / f"samples-{k}.npz").is_file()]
+    if not scored:
+        raise SystemExit(f"{returned}: no samples-*.npz came back; nothing to score (see quality.log)")
     scores = {}
-    for name in [k for k in run["samplers"] if (returned / f"samples-{k}.npz").is_file()]:
+    for name in scored:
         npz = returned / f"samples-{name}.npz"
         n = min(a.n or run["n"], len(np.load(npz)["images"]))
         scores[name] = _evaluate(npz, a.ref, n, work / f"eval-{name}.json", a.progress)
         print(f"{name}: FID {scores[name]['fid']:.2f} (N={scores[name]['n']} vs {scores[name]['n_ref']} "
               f"{scores[name]['ref_label']})", flush=True)
-    scored = [k for k in run["samplers"] if (returned / f"samples-{k}.npz").is_file()]
-    if not scored:
-        raise SystemExit(f"{returned}: no samples-*.npz came back; nothing to score (see quality.log)")
     ddpm = next((k for k in scored if k.startswith("ddpm")), scored[0])  # the paper's sampler where it finished
     with np.load(returned / f"samples-{ddpm}.npz") as z:
         subset = z["images"][:a.subset]
@@ -342,7 +348,7 @@ def cmd_record(a) -> int:
     save_npz(images, results / f"{stem}-samples.npz")
     subset_score = _evaluate(results / f"{stem}-samples.npz", a.ref, len(subset), work / "eval-subset.json", a.progress)
     save_grid(images[:64], results / f"{stem}-grid.png", nrow=8)
-    records = [json.loads(x) for x in (returned / "metrics.jsonl").read_text().splitlines() if x.strip()]
+    records = read_metrics(returned)
     plot_loss([r for r in records if "event" not in r], results / f"{stem}-loss.png",
               title=f"{run['config']['data']}, T={run['config']['T']}, {run['config']['dtype']}, "
                     f"{run['training'].get('training_minutes', 0):.1f} min on {run['device'].get('name')}")
@@ -371,8 +377,6 @@ def cmd_record(a) -> int:
         "run": {"device": run["device"], "versions": run["versions"], "train_exit_code": run["train_exit_code"],
                 "peak_memory_bytes": run.get("peak_memory_bytes"), "smoke": run.get("smoke")},
     }
-    from fastddpm.evaluate import write_json
-
     write_json(record, results / f"{stem}-quality.json")
     print(f"wrote {results / f'{stem}-quality.json'}, {stem}-samples.npz (FID@{subset_score['n']} "
           f"{subset_score['fid']:.2f}), {stem}-grid.png, {stem}-loss.png")

@@ -60,9 +60,7 @@ fi
 # DDPM sampling runs that kernel; the DDIM guard after training checks the rest of the fast engine
 # (GroupNorm kernels, CUDA graph) against eager on the trained model itself.
 if (( ! SMOKE )); then
-  (timeout -k 10 180 "$PY" -m pytest -q -x -p no:cacheprovider tests/test_kernels_reverse_step.py \
-     >"$WORK/pictures/kernel-tests.txt" 2>&1
-   echo "exit $?" >>"$WORK/pictures/kernel-tests.txt") &
+  reverse_step_tests "$WORK/pictures/kernel-tests.txt" &
 fi
 
 TRAIN=(-m fastddpm.train --data cifar10-jpeg --dtype bf16 --time-budget "$MINUTES" --ckpt-minutes "${CKPT_MINUTES:-2}"
@@ -71,13 +69,7 @@ COMMAND="FASTDDPM_DATA=$FASTDDPM_DATA python ${TRAIN[*]/#$WORK/WORK}; then bash 
 stage "train (${MINUTES} min budget)" "$(awk "BEGIN { print int($MINUTES * 60) + 150 }")" "$PY" "${TRAIN[@]}"
 TRAIN_RC=$?
 wait
-if [[ -f "$WORK/pictures/kernel-tests.txt" ]]; then
-  say "native reverse-step kernel tests:"; tail -n 3 "$WORK/pictures/kernel-tests.txt" | tee -a "$LOG"
-  if [[ $(tail -n 1 "$WORK/pictures/kernel-tests.txt") != "exit 0" ]]; then
-    say "the fused reverse step failed its native tests: DDPM samples with the compiled engine instead"
-    ENGINE+=(--ddpm-engine compiled)
-  fi
-fi
+[[ -f "$WORK/pictures/kernel-tests.txt" ]] && reverse_step_gate "$WORK/pictures/kernel-tests.txt"
 if [[ ! -f "$RUN/checkpoint.pt" ]]; then
   say "training left no checkpoint (exit $TRAIN_RC): nothing to sample"
 else

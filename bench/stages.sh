@@ -28,3 +28,18 @@ smoke_script_setup() {
   PY=${PYTHON:-python3}
   START=$(date +%s)
 }
+
+# The fused reverse step's native tests (small tensors, seconds; DDPM sampling runs that kernel), into
+# FILE, whose last line is "exit STATUS"; then reverse_step_gate FILE says how they went and, where
+# they failed, has DDPM sample with the compiled engine (ENGINE+=) rather than a wrong kernel.
+reverse_step_tests() {
+  timeout -k 10 180 "$PY" -m pytest -q -x -p no:cacheprovider tests/test_kernels_reverse_step.py >"$1" 2>&1
+  echo "exit $?" >>"$1"
+}
+reverse_step_gate() {
+  say "native reverse-step kernel tests:"; tail -n 3 "$1" | tee -a "$LOG"
+  if [[ $(tail -n 1 "$1") != "exit 0" ]]; then
+    say "the fused reverse step failed its native tests: DDPM samples with the compiled engine instead"
+    ENGINE+=(--ddpm-engine compiled)
+  fi
+}

@@ -38,11 +38,10 @@ if [[ ! -f $WEIGHTS ]]; then
 fi
 say "commit ${FASTDDPM_GIT_COMMIT:-unknown}, smoke $SMOKE, weights $WEIGHTS, N $N, budget ${BUDGET}s"
 (( SMOKE )) || nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader 2>&1 | sed 's/^/== /'
-if (( ! SMOKE )); then  # DDPM runs the fused reverse step: its native tests first (seconds)
-  if ! timeout -k 10 180 "$PY" -m pytest -q -x -p no:cacheprovider tests/test_kernels_reverse_step.py | tail -n 3; then
-    say "the fused reverse step failed its native tests: DDPM samples with the compiled engine"
-    ENGINE+=(--ddpm-engine compiled)
-  fi
+if (( ! SMOKE )); then
+  TESTS=$(mktemp)
+  reverse_step_tests "$TESTS"
+  reverse_step_gate "$TESTS"
 fi
 stage "sweep (${CONFIGS:-default samplers})" 600 "$PY" -m bench.quality sweep --weights "$WEIGHTS" --out "$DEST" \
   --n "$N" ${CONFIGS:+--configs "$CONFIGS"} "${ENGINE[@]}" $( (( SMOKE )) && echo --smoke) \

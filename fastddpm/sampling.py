@@ -248,9 +248,11 @@ def graph_chain(net, diffusion: Diffusion, sampler: str, plan: list[LinearStep],
 
     device, n, shape = x.device, len(x), (b, *x.shape[1:])
     fused_ddpm = sampler == "ddpm"
-    rows = torch.tensor([r[1:] for r in plan], dtype=torch.float32, device=device).view(len(plan), 6, 1, 1, 1, 1)
+    rows = None if fused_ddpm else torch.tensor([r[1:] for r in plan], dtype=torch.float32,
+                                                device=device).view(len(plan), 6, 1, 1, 1, 1)
     ts = torch.tensor([r.t for r in plan], device=device)
     stochastic = any(r.s > 0 for r in plan)
+    multistep = any(r.c != 0 for r in plan)  # DPM++ reads the last x0; DDIM never does: no pass for it
     tables = diffusion.reverse_tables(device) if fused_ddpm else None
     i_dev = torch.zeros(1, dtype=torch.long, device=device)
     seed_dev = torch.tensor([seed], device=device)
@@ -266,10 +268,12 @@ def graph_chain(net, diffusion: Diffusion, sampler: str, plan: list[LinearStep],
         else:
             a, b_, c, s, p, q = rows.index_select(0, i_dev)[0]
             eps = eps.float()
-            nxt = a * xs + b_ * eps + c * x0s
+            nxt = a * xs + b_ * eps
+            if multistep:
+                nxt += c * x0s
+                x0s.copy_(p * xs + q * eps)
             if stochastic:
                 nxt += s * reverse_step_noise(shape, t, seed_dev, offset_dev, device=device)
-            x0s.copy_(p * xs + q * eps)
             xs.copy_(nxt)
         i_dev.add_(1)
 

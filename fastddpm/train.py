@@ -270,7 +270,8 @@ class Trainer:
         """The clock every rank acts on: under DDP rank 0's (a collective: all ranks call it at the same
         points), so that they change the lr and stop at the same step and their replicas stay equal."""
         value = self.elapsed()
-        if self.world > 1:
+        # Only a budget or a checkpoint cadence acts on the clock: without them, no collective, no sync
+        if self.world > 1 and (self.cfg.time_budget or self.cfg.ckpt_minutes):
             clock = torch.tensor([value], dtype=torch.float64, device=self.device)
             torch.distributed.broadcast(clock, src=0)
             value = clock.item()

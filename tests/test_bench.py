@@ -43,7 +43,9 @@ def test_bench_files_run_with_the_guard(tmp_path):
     assert all(i["seconds"] is None and i["peak_bf16_tflops"] is None for i in infos)  # untimed, CPU
     # the batch sweep (bench/test_train_batch.py): every batch of the size, eager and compiled, guarded
     sweep = {(i["impl"], i["batch"]) for i in infos if i["workload"] == "train_step" and i["dtype"] == "bf16"}
-    assert {(impl, b) for impl in ("eager", "compiled") for b in (1, 3)} <= sweep
+    from bench import common
+
+    assert {(impl, b) for impl in ("eager", "compiled") for b in common.SIZES["smoke"]["train_batches"]} <= sweep
 
 
 def test_out_of_memory_is_a_skip_that_says_so():
