@@ -22,7 +22,9 @@
 # BATCH_DTYPES (default bf16), TRAIN_CAP_S / SAMPLE_CAP_S / KERNEL_CAP_S / PROFILE_CAP_S / TUNE_CAP_S /
 # BATCH_CAP_S (seconds per stage),
 # PROFILE_IMPLS (default compiled,eager), PROFILE_KNOBS (default none; e.g.
-# none,cudnn_benchmark,force_layout,cudagraphs: see bench/profile_step.py), PYTHON (default python3).
+# none,cudnn_benchmark,force_layout,cudagraphs: see bench/profile_step.py), FASTDDPM_BENCH_TRAIN_IMPLS
+# (the train stage's non-eager paths, default compiled,fast,compiled-graphs,fast-graphs: the last two
+# under CUDA graphs), FASTDDPM_BENCH_BATCH_IMPLS (the batch stage's, default compiled), PYTHON (python3).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONPATH=".${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1

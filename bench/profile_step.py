@@ -162,6 +162,7 @@ def main(argv=None) -> int:
     if bad:
         p.error(f"unknown implementation, layout or knob {bad[0]!r}: impls {', '.join(PATHS)}; layouts nchw, nhwc; "
                 f"knobs none, {', '.join(KNOBS)}")
+    command = " ".join(["python -m bench.profile_step", *(argv if argv is not None else sys.argv[1:])])
     rows = []
     try:
         for impl in a.impls:
@@ -172,6 +173,7 @@ def main(argv=None) -> int:
                           file=sys.stderr, flush=True)
                     if a.json:  # after every row: a run stopped at its time cap keeps what it finished
                         C.write_json(a.json, {"tool": "bench.profile_step", "args": vars(a), "size": C.SIZE,
+                                              "date": time.strftime("%Y-%m-%d"), "command": command,
                                               "device": C.device_info(), "versions": C.versions(),
                                               "git": C.git_commit(), "rows": rows})
     finally:

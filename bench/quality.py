@@ -52,6 +52,7 @@ def training_summary(run: Path) -> dict:
         return {"records": 0}
     last = epochs[-1]
     budget = next((r for r in records if r.get("event") == "time_budget"), None)
+    check = next((r for r in records if r.get("event") == "compile_check"), None)
     warm = [r["warmup_seconds"] for r in epochs if "warmup_seconds" in r]
     steady = [r["images_per_s"] for r in epochs if "warmup_seconds" not in r] or [last["images_per_s"]]
     return {"steps": last["step"], "epochs_completed": sum(1 for r in epochs if not r.get("partial")),
@@ -59,7 +60,9 @@ def training_summary(run: Path) -> dict:
             "steady_images_per_s_median": float(np.median(steady)), "final_train_loss": last["train_loss"],
             "train_images": last.get("train_images"),
             "final_val_loss": last["val_loss"], "final_lr": last["lr"], "stopped_by_time_budget": budget is not None,
-            "budget_minutes": budget["budget_minutes"] if budget else None}
+            "budget_minutes": budget["budget_minutes"] if budget else None,
+            "compile_check": ({k: v for k, v in check.items() if k not in ("event", "epoch", "step")}
+                              if check else None)}
 
 
 def split_file(path: Path, part_bytes: int = PART_BYTES) -> list[Path]:
@@ -310,6 +313,47 @@ def _evaluate(samples: Path, ref: str, n: int, json_path: Path, progress: bool) 
     return json.loads(json_path.read_text())
 
 
+def denoising_record(weights, images: str, n: int) -> dict:
+    """fastddpm.evaluate.denoising_error of the weights on the first n images of the set ``images``, on
+    the CPU (seconds for 256 images): why the deterministic samplers do or do not work on this model."""
+    from fastddpm.checkpoint import load_checkpoint
+    from fastddpm.evaluate import denoising_error, load_image_set
+
+    model, diffusion, _ = load_checkpoint(weights, device="cpu")
+    ref = load_image_set(images)
+    x0 = ref.images[:n].astype(np.float64) / 127.5 - 1.0
+    # the x0 error of a guess that ignores x_t: the images' mean, for scale
+    mean_image_rms = float(np.sqrt(np.mean((x0 - x0.mean(axis=0)) ** 2)))
+    return {"images": f"the first {n} of {ref.label}", "mean_image_rms_error": mean_image_rms,
+            "rows": denoising_error(model, diffusion, ref.images[:n])}
+
+
+def held_out(ref: str) -> str:
+    """The test split of the reference's data (cifar10-jpeg:train -> cifar10-jpeg:test); a file or folder
+    reference stands for itself."""
+    from fastddpm.evaluate import _data_split
+
+    split = _data_split(ref)
+    return f"{split[0]}:test" if split else ref
+
+
+def cmd_denoising(a) -> int:
+    """The denoising error by t of some weights, printed and (--into) added to a record JSON."""
+    from fastddpm.evaluate import write_json
+
+    rec = denoising_record(a.weights, a.images, a.n)
+    print(f"{rec['images']}: guessing their mean image would be off by {rec['mean_image_rms_error']:.3f} RMS")
+    for r in rec["rows"]:
+        print(f"t={r['t']:4d}  alpha_bar {r['alpha_bar']:.2e}  eps mse {r['eps_mse']:.2e}  "
+              f"x0 rms error {r['x0_rms_error']:.3f}")
+    if a.into:
+        doc = json.loads(Path(a.into).read_text())
+        doc["denoising_error"] = {**rec, "weights": str(a.weights)}
+        write_json(doc, Path(a.into))
+        print(f"added to {a.into}")
+    return 0
+
+
 def cmd_record(a) -> int:
     import tarfile
 
@@ -373,6 +417,8 @@ def cmd_record(a) -> int:
                    "kid_mean": subset_score["kid_mean"], "n_ref": subset_score["n_ref"], "ref": a.ref,
                    "of": f"the first {len(subset)} of the {ddpm} samples"},
         "seed_table1": SEED_TABLE1,
+        "denoising_error": ({**denoising_record(weights, held_out(a.ref), 256), "weights": "the EMA weights"}
+                            if weights else None),
         "weights": {"returned_as": run.get("weights"), "joined": str(weights) if weights else None},
         "run": {"device": run["device"], "versions": run["versions"], "train_exit_code": run["train_exit_code"],
                 "peak_memory_bytes": run.get("peak_memory_bytes"), "smoke": run.get("smoke")},
@@ -459,12 +505,17 @@ def main(argv=None) -> int:
     wr.add_argument("--card")
     wr.add_argument("--work")
     wr.add_argument("--progress", action="store_true")
+    e = sub.add_parser("denoising", help="here: eq. 13's error by t of some weights, and the x0 error it implies")
+    e.add_argument("--weights", required=True, help="a checkpoint or exported weights")
+    e.add_argument("--images", default="cifar10-jpeg:test", help="an image set, as fastddpm.evaluate names them")
+    e.add_argument("--n", type=int, default=256)
+    e.add_argument("--into", help="a record JSON to add the result to (key denoising_error)")
     d = sub.add_parser("smoke-data", help="a small JPEG zip data set from the shapes (the smoke run's data)")
     d.add_argument("dir")
     d.add_argument("--n", type=int, default=256)
     a = p.parse_args(argv)
     return {"sample": cmd_sample, "record": cmd_record, "sweep": cmd_sweep, "sweep-record": cmd_sweep_record,
-            "smoke-data": cmd_smoke_data}[a.cmd](a)
+            "smoke-data": cmd_smoke_data, "denoising": cmd_denoising}[a.cmd](a)
 
 
 if __name__ == "__main__":

@@ -16,6 +16,7 @@ import sys
 from pathlib import Path
 
 IMPLS = ("eager", "compiled", "fast", "diffusers")
+GRAPHED = ("compiled-graphs", "fast-graphs")  # training only: bench/test_train_step.py's PATHS
 DTYPES = ("fp32", "fp16", "bf16")
 N_IMAGES, EPOCHS, TRAIN_IMAGES = 5120, 500, 50_000
 # The paper's RTX 4070 (its Tables: T, dtype -> seconds for 5,120 images / hours for 500 epochs).
@@ -154,7 +155,25 @@ def train_section(entries) -> str:
         ["dtype", "batch", "eager", "compiled", "fast", "fast/eager", "fast/compiled", "fast/eager fp32",
          "MFU eager / compiled / fast", "500 epochs (h) eager / compiled / fast"], rows) + \
         "\n\nThe paper's RTX 4070, 500 epochs: " + ", ".join(
-            f"{h} h ({t}, {dt})" for (t, dt), h in PAPER_TRAIN_H.items()) + " (the step's cost does not depend on T)."
+            f"{h} h ({t}, {dt})" for (t, dt), h in PAPER_TRAIN_H.items()) + \
+        " (the step's cost does not depend on T)." + graphed_train_table(g)
+
+
+def graphed_train_table(g) -> str:
+    """The CUDA-graph paths (--compile-mode reduce-overhead), where measured, beside plain compiled."""
+    rows = []
+    for (batch, preset, dtype), d in g.items():
+        ips = {m: d[m].get("items_per_s") if m in d else None for m in ("compiled", *GRAPHED)}
+        if any(ips[m] for m in GRAPHED):
+            rows.append([dtype, f"{batch} ({preset})", *(num(ips[m]) for m in ("compiled", *GRAPHED)),
+                         ratio(ips["compiled-graphs"], ips["compiled"]), ratio(ips["fast-graphs"], ips["compiled"]),
+                         ratio(ips["fast-graphs"], ips["compiled-graphs"]),
+                         " / ".join(pct(d[m].get("mfu")) if m in d else "—" for m in GRAPHED)])
+    if not rows:
+        return ""
+    return "\n\nWith CUDA graphs (`--compile-mode reduce-overhead`), images/s:\n\n" + table(
+        ["dtype", "batch", "compiled", "compiled-graphs", "fast-graphs", "compiled-graphs/compiled",
+         "fast-graphs/compiled", "fast-graphs/compiled-graphs", "MFU compiled-graphs / fast-graphs"], rows)
 
 
 def sample_section(entries) -> str:
@@ -228,9 +247,17 @@ def targets_section(entries) -> str:
     r, fast = speedup("train_step", "bf16"), one("train_step", "bf16", "fast")
     if r is not None:
         lines.append(f"- training, bf16, batch {b}: fast ≥ 1.5× compiled: **{r:.2f}×** — {verdict(r >= 1.5)}")
-    if fast and fast.get("mfu") is not None:
-        lines.append(f"- training, bf16, batch {b}: fast ≥ 25% of the bf16 matmul peak: **{pct(fast['mfu'])}** — "
-                     f"{verdict(fast['mfu'] >= 0.25)}")
+    graphed = {m: one("train_step", "bf16", m) for m in ("compiled", *GRAPHED)}
+    fg, cg, c = (graphed[m] and graphed[m].get("items_per_s")
+                 for m in ("fast-graphs", "compiled-graphs", "compiled"))
+    if fg and c:
+        lines.append(f"- training, bf16, batch {b}, with CUDA graphs: fast-graphs / compiled **{fg / c:.2f}×** — "
+                     f"{verdict(fg / c >= 1.5)}"
+                     + (f"; fast-graphs / compiled-graphs **{fg / cg:.2f}×**" if cg else ""))
+    for name, i in (("fast", fast), ("fast-graphs", graphed["fast-graphs"])):
+        if i and i.get("mfu") is not None:
+            lines.append(f"- training, bf16, batch {b}: {name} ≥ 25% of the bf16 matmul peak: "
+                         f"**{pct(i['mfu'])}** — {verdict(i['mfu'] >= 0.25)}")
     s = one("sampling", "bf16", "fast")
     if s and s.get("items_per_s"):
         secs = sample_seconds(s, 1000)

@@ -11,11 +11,11 @@ import os
 import pytest
 
 from bench import common as C
-from bench.test_train_step import build
+from bench.test_train_step import PATHS, build
 
 IMPLS = tuple(i for i in os.environ.get("FASTDDPM_BENCH_BATCH_IMPLS", "compiled").split(",") if i)
-if not set(IMPLS) <= set(C.IMPLS) - {"eager"}:
-    raise SystemExit(f"FASTDDPM_BENCH_BATCH_IMPLS={','.join(IMPLS)}: choose from compiled, fast")
+if not set(IMPLS) <= set(PATHS) - {"eager"}:
+    raise SystemExit(f"FASTDDPM_BENCH_BATCH_IMPLS={','.join(IMPLS)}: choose from {', '.join(list(PATHS)[1:])}")
 
 # bf16 unless FASTDDPM_BENCH_DTYPES says otherwise: the headline module covers every dtype at batch 256
 DTYPES = C.DTYPE_ORDER if os.environ.get("FASTDDPM_BENCH_DTYPES") else ("bf16",)

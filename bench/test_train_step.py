@@ -1,7 +1,12 @@
 """One training step: ``Trainer.train_step`` (forward, eq. 13 loss, backward, Adam, EMA) on a fixed
 batch, per dtype. eager = torch kernels, no compile; compiled = torch kernels under torch.compile;
-fast = Triton kernels + torch.compile. Guard: the first step's loss and gradients against eager's,
-from the same weights, t and noise (Trainer seeds all of them from cfg.seed)."""
+fast = Triton kernels + torch.compile; compiled-graphs and fast-graphs = the same under
+``--compile-mode reduce-overhead`` (Inductor replays forward and backward as CUDA graphs: the H100
+profile of 2026-11-27 found the compiled step waiting on the host half its time; CUDA only).
+Guard: the first step's loss and gradients against eager's, from the same weights, t and noise
+(Trainer seeds all of them from cfg.seed). FASTDDPM_BENCH_TRAIN_IMPLS picks the non-eager paths
+(default: all four)."""
+import os
 import shutil
 import tempfile
 
@@ -9,19 +14,28 @@ import pytest
 import torch
 
 from bench import common as C
+from fastddpm.train import COMPILED_WARMUP_CALLS
 
-CASES = C.grid()
-PATHS = {"eager": ("torch", False), "compiled": ("torch", True), "fast": ("triton", True)}
+# impl -> (GroupNorm kernels, torch.compile, compile mode)
+PATHS = {"eager": ("torch", False, "default"), "compiled": ("torch", True, "default"),
+         "fast": ("triton", True, "default"), "compiled-graphs": ("torch", True, "reduce-overhead"),
+         "fast-graphs": ("triton", True, "reduce-overhead")}
+GRAPHED = tuple(i for i, (_, _, mode) in PATHS.items() if mode == "reduce-overhead")
+IMPLS = tuple(i for i in os.environ.get("FASTDDPM_BENCH_TRAIN_IMPLS", ",".join(list(PATHS)[1:])).split(",") if i)
+if not set(IMPLS) <= set(PATHS) - {"eager"}:
+    raise SystemExit(f"FASTDDPM_BENCH_TRAIN_IMPLS={','.join(IMPLS)}: choose from {', '.join(list(PATHS)[1:])}")
+# CUDA graphs exist only on CUDA: elsewhere the graphed paths are not cases at all (not skips)
+CASES = C.grid(("eager",) + tuple(i for i in IMPLS if C.CUDA or i not in GRAPHED))
 
 
 def trainer(dtype, impl, channels_last=False, batch=None):
     from fastddpm.config import TrainConfig
     from fastddpm.train import Trainer
 
-    kernels, compile_ = PATHS[impl]
+    kernels, compile_, mode = PATHS[impl]
     b = batch or C.S["train_batch"]
     cfg = TrainConfig(data="shapes", preset=C.S["preset"], dtype=dtype, batch_size=b, train_size=b, val_size=0,
-                      n_samples=0, compile=compile_, kernels=kernels, channels_last=channels_last)
+                      n_samples=0, compile=compile_, compile_mode=mode, kernels=kernels, channels_last=channels_last)
     out = tempfile.mkdtemp(prefix="fastddpm-bench-")
     try:
         return Trainer(cfg, out, C.DEVICE, progress=False)
@@ -35,8 +49,14 @@ def fixed_batch(batch=None) -> torch.Tensor:
     return (torch.rand(b, 3, 32, 32, generator=torch.Generator().manual_seed(0)) * 2 - 1).to(C.DEVICE)
 
 
-def first_step(tr, x0):
-    """(loss, all gradients) of one step; the scaler has unscaled the gradients by then."""
+def first_step(tr, x0, warm_calls: int = 0):
+    """(loss, all gradients) of one step; the scaler has unscaled the gradients by then. ``warm_calls``
+    forward/backward passes on other t and noise come first (no optimizer step), so that the checked
+    step of a CUDA-graph path is a replay, as in Trainer.check_compiled_step."""
+    state = tr.gen.get_state()
+    for _ in range(warm_calls):
+        tr.loss_and_grads(tr.net, x0, tr.gen.get_state())
+    tr.gen.set_state(state)
     loss = tr.train_step(x0).float()
     return loss, torch.cat([p.grad.detach().float().flatten() for p in tr.model.parameters()])
 
@@ -53,7 +73,7 @@ def build(dtype, impl, batch=None):
     else:
         def check():
             ref_loss, ref_grads = C.reference(key, lambda: first_step(trainer(dtype, "eager", batch=b), x0))
-            loss, grads = first_step(tr, x0)
+            loss, grads = first_step(tr, x0, COMPILED_WARMUP_CALLS if impl in GRAPHED else 0)
             tol_loss, tol_grad = C.TOL[dtype]
             out = C.guard(f"loss vs eager ({dtype})", C.rel(loss, ref_loss), tol_loss)
             # fp16: the scaler's first scale overflows some gradients (a skipped step, in both paths)

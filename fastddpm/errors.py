@@ -14,6 +14,10 @@ class DivergenceError(Exception):
     """The training loss became NaN or Inf."""
 
 
+class CompiledStepError(Exception):
+    """The compiled training step disagrees with the eager one (a compiler or CUDA-graph fault)."""
+
+
 class ArgumentParser(argparse.ArgumentParser):
     """argparse, but a bad flag is one line on stderr (and exit 2), not usage + error."""
 

@@ -142,6 +142,36 @@ def generate(checkpoint, n: int, *, batch_size=None, device=None, dtype=None, se
     return images, timings
 
 
+DENOISING_AT = (1.0, 0.9, 0.7, 0.5, 0.3, 0.1, 0.02, 0.0)  # fractions of T - 1: 999, 899, ... 20, 0 at T = 1000
+
+
+def denoising_error(model, diffusion, images: np.ndarray, ts=None, seed: int = 0) -> list[dict]:
+    """Eq. 13's error of ``model`` at steps ``ts`` (default: DENOISING_AT of the schedule, descending) on
+    uint8 ``images`` (N, 32, 32, 3), in fp32, with noise from ``seed``; and what that error means for
+    the clean image the network implies, x0 = (x_t - sqrt(1 - alpha_bar) eps) / sqrt(alpha_bar): its
+    RMS error sqrt(mse (1 - alpha_bar) / alpha_bar). Near t = T the factor sqrt((1 - alpha_bar) /
+    alpha_bar) is ~150 (T = 1000): the deterministic samplers (DDIM, DPM++) build on x0 from the first
+    step, the paper's stochastic one does not."""
+    import torch
+
+    if ts is None:
+        ts = list(dict.fromkeys(round(f * (diffusion.T - 1)) for f in DENOISING_AT))
+    device = next(model.parameters()).device
+    x0 = data_mod.to_model_range(images, device)
+    gen = torch.Generator(device).manual_seed(seed)
+    was_training, rows = model.training, []
+    model.eval()
+    with torch.no_grad():
+        for t in ts:
+            noise = torch.randn(x0.shape, generator=gen, device=device)
+            tt = torch.full((len(x0),), int(t), dtype=torch.long, device=device)
+            mse = (model(diffusion.q_sample(x0, tt, noise), tt).float() - noise).square().mean().item()
+            ab = diffusion.alpha_bars[int(t)].item()
+            rows.append({"t": int(t), "alpha_bar": ab, "eps_mse": mse, "x0_rms_error": (mse * (1 - ab) / ab) ** 0.5})
+    model.train(was_training)
+    return rows
+
+
 def to_hwc(images) -> np.ndarray:
     """uint8 (N, 3, 32, 32) tensor -> (N, 32, 32, 3) numpy, the evaluator's layout."""
     return images.permute(0, 2, 3, 1).numpy()

@@ -23,7 +23,7 @@ from fastddpm import data as data_mod
 from fastddpm.checkpoint import read_checkpoint, save_checkpoint
 from fastddpm.config import DTYPES, PRESETS, TrainConfig
 from fastddpm.diffusion import Diffusion
-from fastddpm.errors import ArgumentParser, DivergenceError, UsageError, run_cli
+from fastddpm.errors import ArgumentParser, CompiledStepError, DivergenceError, UsageError, run_cli
 from fastddpm.files import atomic_write
 from fastddpm.model import UNet
 from fastddpm.progress import progress_bar, progress_enabled
@@ -35,6 +35,22 @@ CHECK_EVERY = 10  # steps between loss read-backs (divergence check, progress ba
 # Changing these on --resume would silently train a different model.
 FIXED_ON_RESUME = ("data", "T", "dtype", "grad_scaler", "preset", "beta_start", "beta_end", "batch_size", "seed",
                    "train_size")
+
+
+# Before a compiled run trains, its step must agree with the eager model's on the same batch, t and noise:
+# ||compiled - eager|| / ||eager|| of the loss and of all the gradients, per dtype (bench/common.py's guard
+# uses the same bounds). The checked call comes after COMPILED_WARMUP_CALLS others on other inputs, so
+# that under CUDA graphs (--compile-mode reduce-overhead: run, record, then replay) it is a replay.
+COMPILE_CHECK_TOL = {"fp32": (2e-3, 2e-2), "fp16": (1e-2, 5e-2), "bf16": (5e-2, 1.5e-1)}
+COMPILED_WARMUP_CALLS = 3
+
+
+def relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
+    """||a - b|| / ||b|| in fp64 (inf when a is not finite)."""
+    a, b = a.detach().double().flatten(), b.detach().double().flatten()
+    if not torch.isfinite(a).all():
+        return math.inf
+    return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
 
 
 class EMA:
@@ -247,6 +263,47 @@ class Trainer:
             self.ema.update(self.model, self.step)
         return loss.detach()
 
+    def loss_and_grads(self, net, x0: torch.Tensor, rng_state: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Eq. 13's loss and all gradients of one forward/backward of ``net`` on ``x0``, t and noise drawn
+        from ``rng_state``; no optimizer step."""
+        self.gen.set_state(rng_state)
+        if net is not self.model:
+            torch.compiler.cudagraph_mark_step_begin()
+        self.opt.zero_grad(set_to_none=True)
+        with autocast(self.device, self.cfg.torch_dtype):
+            loss = self.diffusion.loss(net, x0, generator=self.gen)
+        loss.backward()
+        grads = torch.cat([p.grad.detach().float().flatten() for p in self.model.parameters()])
+        self.opt.zero_grad(set_to_none=True)
+        return loss.detach().float(), grads
+
+    def check_compiled_step(self) -> dict:
+        """The compiled step against the eager model's on this run's next batch (see COMPILE_CHECK_TOL);
+        raises CompiledStepError when they disagree. Leaves the weights, the optimizer and the random
+        stream as they were; its time (the compilation) is on the run's clock."""
+        start, saved = self.clock(), self.gen.get_state()
+        x0 = self.batches.batch(self.batches.epoch_indices(self.epoch)[self.batch_in_epoch], self.gen)
+        inputs = self.gen.get_state()
+        want = self.loss_and_grads(self.model, x0, inputs)
+        state = inputs
+        for _ in range(COMPILED_WARMUP_CALLS):  # other t and noise: a replay of stale inputs would show
+            self.loss_and_grads(self.net, x0, state)
+            state = self.gen.get_state()
+        got = self.loss_and_grads(self.net, x0, inputs)
+        self.gen.set_state(saved)
+        tol_loss, tol_grads = COMPILE_CHECK_TOL[self.cfg.dtype]
+        report = {"loss_rel": relative_error(got[0], want[0]), "grads_rel": relative_error(got[1], want[1]),
+                  "tol": [tol_loss, tol_grads], "mode": self.cfg.compile_mode, "seconds": self.clock() - start}
+        if not (report["loss_rel"] <= tol_loss and report["grads_rel"] <= tol_grads):  # NaN fails too
+            raise CompiledStepError(
+                f"the compiled training step ({self.cfg.compile_mode} mode) disagrees with eager: loss "
+                f"{report['loss_rel']:.3g} (tolerance {tol_loss:g}), gradients {report['grads_rel']:.3g} (tolerance "
+                f"{tol_grads:g}), relative; train with another --compile-mode or --no-compile")
+        self.log(f"compiled step ({self.cfg.compile_mode} mode) agrees with eager: loss {report['loss_rel']:.1e}, "
+                 f"gradients {report['grads_rel']:.1e} (relative; tolerances {tol_loss:g}, {tol_grads:g}); "
+                 f"{report['seconds']:.1f} s, compilation included")
+        return report
+
     def _check(self, window: torch.Tensor, n: int, bar) -> None:
         """Read the loss back (one sync per CHECK_EVERY steps); stop on NaN/Inf. Under DDP the
         window is averaged over ranks, so all of them see the same value and stop together."""
@@ -364,6 +421,12 @@ class Trainer:
         title = f"{data_mod.describe(cfg.data)}, T={cfg.T}, {cfg.dtype}, preset {cfg.preset}"
         self.clock_start = self.clock()
         try:
+            # Under DDP the gradients are averaged over ranks, which the eager model alone cannot match
+            if self.compiled and self.world == 1 and self.epoch < cfg.epochs and \
+                    not self.budget_spent(self.elapsed()):
+                records.append({"event": "compile_check", "epoch": self.epoch, "step": self.step,
+                                **self.check_compiled_step()})
+                self.write_metrics(records)
             while self.epoch < cfg.epochs and not self.budget_spent(self.shared_elapsed()):
                 record = self.run_epoch()
                 now = self.shared_elapsed()  # one clock for every rank: they all save (and check) or none does
@@ -374,7 +437,9 @@ class Trainer:
                 records.append(record)
                 self.write_metrics(records, plot_title=title)
                 val = f"{record['val_loss']:.4f}" if record["val_loss"] is not None else "off"
-                warm = (f" (first step {record['warmup_seconds']:.1f} s, compilation included, not counted)"
+                compiled_before = self.compiled and self.world == 1  # by check_compiled_step, not this step
+                warm = (f" (first step {record['warmup_seconds']:.1f} s"
+                        f"{'' if compiled_before else ', compilation included'}, not counted)"
                         if "warmup_seconds" in record else "")
                 of = "" if cfg.time_budget else f"/{cfg.epochs}"  # with a budget, the epochs are only a cap
                 what = (f"epoch {record['epoch']} (partial, at step {record['step']})" if record.get("partial")
@@ -580,6 +645,9 @@ def _train(args, out: Path, rank: int, world: int, device: torch.device) -> int:
                 f"{f' x {world} processes (DDP)' if world > 1 else ''}")
     try:
         trainer.fit()
+    except CompiledStepError as e:
+        sys.stderr.write(f"error: {e}\n")
+        return 4
     except DivergenceError as e:
         where = (f"{out / CHECKPOINT} (epoch {trainer.last_good[0]}, batch {trainer.last_good[1]})"
                  if trainer.last_good else "none (no checkpoint was written before)")

@@ -135,6 +135,8 @@ def _synthetic():
          _entry("train_step", "eager", "bf16", batch=256, preset="seed", items_per_s=2000.0, mfu=0.1),
          _entry("train_step", "compiled", "bf16", batch=256, preset="seed", items_per_s=4000.0, mfu=0.2),
          _entry("train_step", "fast", "bf16", batch=256, preset="seed", items_per_s=5000.0, mfu=0.35),
+         _entry("train_step", "compiled-graphs", "bf16", batch=256, preset="seed", items_per_s=8000.0, mfu=0.4),
+         _entry("train_step", "fast-graphs", "bf16", batch=256, preset="seed", items_per_s=10000.0, mfu=0.5),
          # a batch sweep's points: rows of the table, never read as the headline by the targets
          _entry("train_step", "eager", "fp32", batch=64, preset="seed", items_per_s=500.0, mfu=0.05),
          _entry("train_step", "compiled", "bf16", batch=64, preset="seed", items_per_s=1000.0, mfu=0.05),
@@ -174,6 +176,12 @@ def test_report_table_ratios_and_projections(tmp_path):
     assert "256×64×32×32 **90.0%**, 256×128×16×16 **not measured** — not assessed (a shape not measured)" \
         in text
     assert "1861 s (T=1000, fp32)" in text and "7.71 h (T=1000, fp32)" in text
+    # the CUDA-graph paths: their own table (only the batch that has them) and their own target lines
+    graphed = [line for line in lines if line.startswith("| bf16 |") and "| 4,000 | 8,000 | 10,000 |" in line]
+    assert len(graphed) == 1 and "| 2.00× | 2.50× | 1.25× | 40.0% / 50.0% |" in graphed[0]
+    assert "with CUDA graphs: fast-graphs / compiled **2.50×** — met; " \
+        "fast-graphs / compiled-graphs **1.25×**" in text
+    assert "fast-graphs ≥ 25% of the bf16 matmul peak: **50.0%** — met" in text
 
 
 def test_report_reads_targets_at_the_bench_headline_sizes():

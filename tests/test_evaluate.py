@@ -166,3 +166,29 @@ def test_bad_input_is_one_line_and_exit_2(tmp_path, case):
     assert "FID" not in out
     if case == "samples without ref":  # never a silent default reference for samples of unknown origin
         assert "--ref: required with --samples" in err
+
+
+def test_denoising_error_against_its_closed_form():
+    """A "network" that answers x_t itself: its eq. 13 error has a closed form,
+    E[(x_t - eps)^2] = alpha_bar E[x0^2] + (1 - sqrt(1 - alpha_bar))^2, checked here with many images;
+    the x0 error is that scaled by (1 - alpha_bar) / alpha_bar."""
+    from fastddpm.diffusion import Diffusion
+
+    class Identity(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.ones(()))
+
+        def forward(self, x, t):
+            return x * self.w
+
+    images = make_shapes(512, seed=3)
+    x0_sq = float((torch.from_numpy(images).float() / 127.5 - 1).square().mean())
+    diffusion = Diffusion(1000)
+    rows = evaluate.denoising_error(Identity(), diffusion, images)
+    assert [r["t"] for r in rows] == [999, 899, 699, 500, 300, 100, 20, 0]
+    for r in rows:
+        ab = float(diffusion.alpha_bars[r["t"]])
+        expected = ab * x0_sq + (1 - (1 - ab) ** 0.5) ** 2
+        assert r["eps_mse"] == pytest.approx(expected, rel=0.02, abs=1e-4), r
+        assert r["x0_rms_error"] == pytest.approx((r["eps_mse"] * (1 - ab) / ab) ** 0.5)

@@ -63,6 +63,13 @@ def test_record_scores_the_returned_samples(returned, tmp_path):
     assert record["subset"]["n"] == 8 and np.isfinite(record["subset"]["fid"])
     assert record["seed_table1"]["fid"] == 25.517 and record["data_label"] == "CIFAR-10 (JPEG copy)"
     assert record["training"]["images_seen"] == record["training"]["steps"] * 16
+    rows = record["denoising_error"]["rows"]  # of the EMA weights on the reference's test split
+    ts = [r["t"] for r in rows]
+    assert ts[0] == 19 and ts[-1] == 0 and ts == sorted(set(ts), reverse=True) and len(ts) >= 5
+    assert "shapes" in record["denoising_error"]["images"].lower()
+    assert 0 < record["denoising_error"]["mean_image_rms_error"] < 1
+    assert all(r["x0_rms_error"] == pytest.approx((r["eps_mse"] * (1 - r["alpha_bar"]) / r["alpha_bar"]) ** 0.5)
+               for r in rows)
     for suffix in ("samples.npz", "grid.png", "loss.png"):
         assert next(tmp_path.glob(f"*-smoke-{suffix}")).stat().st_size > 0
     model, diffusion, config = load_checkpoint(tmp_path / "work" / "ema-fp16.pt")  # the joined export loads

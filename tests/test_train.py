@@ -220,6 +220,69 @@ def test_compile_mode_reaches_torch_compile_and_marks_each_step(tmp_path, monkey
         "default"
 
 
+class _Scaled(torch.nn.Module):
+    """A "compiled" network that is wrong by a factor."""
+
+    def __init__(self, net, factor):
+        super().__init__()
+        self.net, self.factor = net, factor
+
+    def forward(self, x, t):
+        return self.net(x, t) * self.factor
+
+
+class _Stale(torch.nn.Module):
+    """A "compiled" network that keeps answering with its first output, as a CUDA-graph replay that
+    never reads its new inputs would (the gradient still flows, through a zero)."""
+
+    def __init__(self, net):
+        super().__init__()
+        self.net, self.first = net, None
+
+    def forward(self, x, t):
+        out = self.net(x, t)
+        if self.first is None:
+            self.first = out.detach()
+        return self.first + 0 * out
+
+
+def test_compiled_step_is_checked_against_eager_before_training(tmp_path, monkeypatch, capsys):
+    """A compiled run first compares its step with the eager model's on the same batch, t and noise
+    (after warm-up calls on other inputs, so that a CUDA-graph replay is what is checked), records it,
+    and leaves the run exactly as it was: the losses match an uncompiled run's step for step."""
+    cpu = torch.device("cpu")
+    cfg = dict(epochs=2, train_size=48, val_size=0)
+    monkeypatch.setattr(torch, "compile", lambda net, mode=None: _Scaled(net, 1.0))
+    compiled = Trainer(tiny_config(compile=True, **cfg), tmp_path / "c", cpu, progress=False)
+    records = compiled.fit()
+    check = next(r for r in records if r.get("event") == "compile_check")
+    assert check["loss_rel"] == 0.0 and check["grads_rel"] == 0.0 and check["tol"] == [2e-3, 2e-2]
+    assert "agrees with eager" in capsys.readouterr().out
+    assert any(json.loads(line).get("event") == "compile_check" for line in
+               (tmp_path / "c" / "metrics.jsonl").read_text().splitlines())
+    eager = Trainer(tiny_config(compile=False, **cfg), tmp_path / "e", cpu, progress=False)
+    assert [r["train_loss"] for r in records if "event" not in r] == [r["train_loss"] for r in eager.fit()]
+    assert all(torch.equal(a, b) for a, b in zip(compiled.model.parameters(), eager.model.parameters()))
+
+
+@pytest.mark.parametrize("wrong", ["scaled", "stale"])
+def test_a_compiled_step_that_disagrees_stops_the_run(tmp_path, monkeypatch, wrong):
+    """Off by 2 %, or a replay of stale inputs: the run stops before its first step, exit 4, one line."""
+    monkeypatch.setattr(torch, "compile",
+                        lambda net, mode=None: _Scaled(net, 1.02) if wrong == "scaled" else _Stale(net))
+    trainer = Trainer(tiny_config(compile=True, val_size=0), tmp_path / "t", torch.device("cpu"), progress=False)
+    with pytest.raises(train_mod.CompiledStepError, match="disagrees with eager"):
+        trainer.fit()
+    assert trainer.step == 0 and not (tmp_path / "t" / "checkpoint.pt").exists()
+    from tests.conftest import run_main
+
+    code, _, err = run_main(train_mod.main, ["--data", "shapes", "--preset", "tiny", "--T", "20", "--epochs", "1",
+                                             "--train-size", "32", "--batch-size", "16", "--val-size", "0",
+                                             "--n-samples", "0", "--compile", "--device", "cpu",
+                                             "--out", str(tmp_path / "cli")])
+    assert code == 4 and err.count("\n") == 1 and err.startswith("error: the compiled training step (default mode) ")
+
+
 def test_channels_last_trains_like_nchw(tmp_path):
     """--channels-last changes the memory layout only: same weights in NHWC, same loss trajectory."""
     nchw = Trainer(tiny_config(), tmp_path / "nchw", torch.device("cpu"), progress=False)
