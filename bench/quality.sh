@@ -65,32 +65,41 @@ if (( ! SMOKE )); then
 fi
 
 # Training on CUDA graphs (--compile-mode reduce-overhead) took the compiled step from 25.2 to 13.4 ms
-# in the H100 profile of 2026-11-27 (bench/results/2026-11-27-h100-80gb-hbm3-profile.json: the GPU waited on the
-# host half the time). The trainer checks its compiled step against eager before it trains (exit 4 where
-# they disagree); a graphed run that fails goes on (or starts again) in the default mode.
-# TRAIN_COMPILE_MODE forces a mode.
+# in the H100 profile of 2026-11-27 (bench/results/2026-11-27-h100-80gb-hbm3-profile.json: the GPU
+# waited on the host half the time). The trainer checks its compiled step against eager before it
+# trains (exit 4 where they disagree). A graphed run that fails that check or crashes (not a budget
+# cut, a divergence or a usage error) goes on in the default mode: from its checkpoint, or afresh
+# with what is left of the budget. TRAIN_COMPILE_MODE forces a mode.
 MODE=${TRAIN_COMPILE_MODE:-reduce-overhead}
-(( SMOKE )) && MODE=default  # the CPU smoke run does not compile
-train() {  # train [--resume]: the paper's U-Net for the budget, in compile mode $MODE
-  TRAIN=(-m fastddpm.train --data cifar10-jpeg --dtype bf16 --time-budget "$MINUTES"
+(( SMOKE )) && MODE=${TRAIN_COMPILE_MODE:-default}  # the CPU smoke run does not compile (its test forces one)
+train() {  # train MINUTES [--resume]: the paper's U-Net for that budget, in compile mode $MODE
+  local minutes=$1 cap
+  shift
+  TRAIN=(-m fastddpm.train --data cifar10-jpeg --dtype bf16 --time-budget "$minutes"
          --ckpt-minutes "${CKPT_MINUTES:-2}" --n-samples 0 --no-progress --out "$RUN" "${SIZE[@]}" "$@")
-  (( SMOKE )) || TRAIN+=(--compile-mode "$MODE")
-  COMMAND="FASTDDPM_DATA=$FASTDDPM_DATA python ${TRAIN[*]/#$WORK/WORK}; then bash bench/quality.sh's sampling"
-  local cap
-  cap=$(awk "BEGIN { print int($MINUTES * 60) + 150 }")
-  stage "train (${MINUTES} min budget, $MODE)" "$cap" "$PY" "${TRAIN[@]}"
+  [[ $MODE == default ]] || TRAIN+=(--compile-mode "$MODE")
+  COMMAND+="FASTDDPM_DATA=$FASTDDPM_DATA python ${TRAIN[*]/#$WORK/WORK}; "
+  cap=$(awk "BEGIN { print int($minutes * 60) + 150 }")
+  stage "train (${minutes} min budget, $MODE)" "$cap" "$PY" "${TRAIN[@]}"
 }
-train
+COMMAND=""
+TRAIN_START=$(date +%s)
+train "$MINUTES"
 TRAIN_RC=$?
-if (( TRAIN_RC != 0 && TRAIN_RC != 124 )) && [[ $MODE == reduce-overhead ]]; then
+if [[ $MODE != default ]] && (( TRAIN_RC != 0 && TRAIN_RC != 124 && TRAIN_RC != 2 && TRAIN_RC != 3 )); then
   MODE=default
-  if [[ -f "$RUN/checkpoint.pt" ]]; then
-    say "graphed training failed (exit $TRAIN_RC): resuming its checkpoint in the default mode"; train --resume
+  COMMAND+="(exit $TRAIN_RC: again in the default mode) "
+  if [[ -f "$RUN/checkpoint.pt" ]]; then  # --resume continues the run's own clock: the same budget
+    say "graphed training failed (exit $TRAIN_RC): resuming its checkpoint in the default mode"
+    train "$MINUTES" --resume
   else
-    say "graphed training failed (exit $TRAIN_RC) before a checkpoint: training again in the default mode"; train
+    LEFT=$(awk "BEGIN { m = $MINUTES - ($(date +%s) - $TRAIN_START) / 60; f = $MINUTES / 10; print (m > f ? m : f) }")
+    say "graphed training failed (exit $TRAIN_RC) before a checkpoint: $LEFT min afresh in the default mode"
+    train "$LEFT"
   fi
   TRAIN_RC=$?
 fi
+COMMAND+="then bash bench/quality.sh's sampling"
 wait
 [[ -f "$WORK/pictures/kernel-tests.txt" ]] && reverse_step_gate "$WORK/pictures/kernel-tests.txt"
 if [[ ! -f "$RUN/checkpoint.pt" ]]; then

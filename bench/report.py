@@ -250,10 +250,11 @@ def targets_section(entries) -> str:
     graphed = {m: one("train_step", "bf16", m) for m in ("compiled", *GRAPHED)}
     fg, cg, c = (graphed[m] and graphed[m].get("items_per_s")
                  for m in ("fast-graphs", "compiled-graphs", "compiled"))
-    if fg and c:
-        lines.append(f"- training, bf16, batch {b}, with CUDA graphs: fast-graphs / compiled **{fg / c:.2f}×** — "
-                     f"{verdict(fg / c >= 1.5)}"
-                     + (f"; fast-graphs / compiled-graphs **{fg / cg:.2f}×**" if cg else ""))
+    if cg and c:  # what CUDA graphs alone give torch.compile's path: not a kernel's merit
+        lines.append(f"- training, bf16, batch {b}: compiled-graphs / compiled **{cg / c:.2f}×** (CUDA graphs alone)")
+    if fg and cg:  # the kernels' target, with CUDA graphs on both sides
+        lines.append(f"- training, bf16, batch {b}, CUDA graphs on both: fast-graphs ≥ 1.5× compiled-graphs: "
+                     f"**{fg / cg:.2f}×** — {verdict(fg / cg >= 1.5)}")
     for name, i in (("fast", fast), ("fast-graphs", graphed["fast-graphs"])):
         if i and i.get("mfu") is not None:
             lines.append(f"- training, bf16, batch {b}: {name} ≥ 25% of the bf16 matmul peak: "

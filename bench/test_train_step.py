@@ -14,7 +14,6 @@ import pytest
 import torch
 
 from bench import common as C
-from fastddpm.train import COMPILED_WARMUP_CALLS
 
 # impl -> (GroupNorm kernels, torch.compile, compile mode)
 PATHS = {"eager": ("torch", False, "default"), "compiled": ("torch", True, "default"),
@@ -49,14 +48,12 @@ def fixed_batch(batch=None) -> torch.Tensor:
     return (torch.rand(b, 3, 32, 32, generator=torch.Generator().manual_seed(0)) * 2 - 1).to(C.DEVICE)
 
 
-def first_step(tr, x0, warm_calls: int = 0):
-    """(loss, all gradients) of one step; the scaler has unscaled the gradients by then. ``warm_calls``
-    forward/backward passes on other t and noise come first (no optimizer step), so that the checked
-    step of a CUDA-graph path is a replay, as in Trainer.check_compiled_step."""
-    state = tr.gen.get_state()
-    for _ in range(warm_calls):
-        tr.loss_and_grads(tr.net, x0, tr.gen.get_state())
-    tr.gen.set_state(state)
+def first_step(tr, x0, warm_up: bool = False):
+    """(loss, all gradients) of one step; the scaler has unscaled the gradients by then. With
+    ``warm_up``, Trainer.warm_up_compiled's passes on other t and noise come first (no optimizer step),
+    so that the checked step of a CUDA-graph path is a replay, as in Trainer.check_compiled_step."""
+    if warm_up:
+        tr.warm_up_compiled(x0)
     loss = tr.train_step(x0).float()
     return loss, torch.cat([p.grad.detach().float().flatten() for p in tr.model.parameters()])
 
@@ -73,7 +70,7 @@ def build(dtype, impl, batch=None):
     else:
         def check():
             ref_loss, ref_grads = C.reference(key, lambda: first_step(trainer(dtype, "eager", batch=b), x0))
-            loss, grads = first_step(tr, x0, COMPILED_WARMUP_CALLS if impl in GRAPHED else 0)
+            loss, grads = first_step(tr, x0, warm_up=impl in GRAPHED)
             tol_loss, tol_grad = C.TOL[dtype]
             out = C.guard(f"loss vs eager ({dtype})", C.rel(loss, ref_loss), tol_loss)
             # fp16: the scaler's first scale overflows some gradients (a skipped step, in both paths)

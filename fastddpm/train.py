@@ -43,6 +43,10 @@ FIXED_ON_RESUME = ("data", "T", "dtype", "grad_scaler", "preset", "beta_start", 
 # that under CUDA graphs (--compile-mode reduce-overhead: run, record, then replay) it is a replay.
 COMPILE_CHECK_TOL = {"fp32": (2e-3, 2e-2), "fp16": (1e-2, 5e-2), "bf16": (5e-2, 1.5e-1)}
 COMPILED_WARMUP_CALLS = 3
+WARMUP_SEED_OFFSET = 7_919_333  # the warm-up passes' own random stream: cfg.seed + this
+# dL/d(eps) at batch 256 is ~1e-7, under fp16's normal range: a moderate fixed scale (not the GradScaler's
+# 65,536, which may overflow a first step) keeps the compared gradients representable
+COMPILE_CHECK_FP16_SCALE = 2.0 ** 10
 
 
 def relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -264,18 +268,31 @@ class Trainer:
         return loss.detach()
 
     def loss_and_grads(self, net, x0: torch.Tensor, rng_state: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Eq. 13's loss and all gradients of one forward/backward of ``net`` on ``x0``, t and noise drawn
-        from ``rng_state``; no optimizer step."""
+        """Eq. 13's loss and all gradients of one forward/backward of ``net`` on ``x0`` (in the run's
+        memory format, as train_step gives it), t and noise drawn from ``rng_state``; no optimizer step.
+        fp16 backpropagates a loss scaled by COMPILE_CHECK_FP16_SCALE (and unscales the gradients), so
+        that small gradients are compared rather than flushed to zero differently by each path."""
         self.gen.set_state(rng_state)
         if net is not self.model:
             torch.compiler.cudagraph_mark_step_begin()
         self.opt.zero_grad(set_to_none=True)
+        x0 = x0.contiguous(memory_format=self.memory_format)
         with autocast(self.device, self.cfg.torch_dtype):
             loss = self.diffusion.loss(net, x0, generator=self.gen)
-        loss.backward()
-        grads = torch.cat([p.grad.detach().float().flatten() for p in self.model.parameters()])
+        scale = COMPILE_CHECK_FP16_SCALE if self.cfg.dtype == "fp16" else 1.0
+        (loss * scale).backward()
+        grads = torch.cat([p.grad.detach().float().flatten() for p in self.model.parameters()]) / scale
         self.opt.zero_grad(set_to_none=True)
         return loss.detach().float(), grads
+
+    def warm_up_compiled(self, x0: torch.Tensor) -> None:
+        """COMPILED_WARMUP_CALLS passes of the compiled network on ``x0`` with t and noise from a stream
+        of their own (never the run's, nor a checked pass's); the run's random stream is left as it was."""
+        saved = self.gen.get_state()
+        self.gen.manual_seed(self.cfg.seed + WARMUP_SEED_OFFSET)
+        for _ in range(COMPILED_WARMUP_CALLS):
+            self.loss_and_grads(self.net, x0, self.gen.get_state())
+        self.gen.set_state(saved)
 
     def check_compiled_step(self) -> dict:
         """The compiled step against the eager model's on this run's next batch (see COMPILE_CHECK_TOL);
@@ -285,10 +302,7 @@ class Trainer:
         x0 = self.batches.batch(self.batches.epoch_indices(self.epoch)[self.batch_in_epoch], self.gen)
         inputs = self.gen.get_state()
         want = self.loss_and_grads(self.model, x0, inputs)
-        state = inputs
-        for _ in range(COMPILED_WARMUP_CALLS):  # other t and noise: a replay of stale inputs would show
-            self.loss_and_grads(self.net, x0, state)
-            state = self.gen.get_state()
+        self.warm_up_compiled(x0)  # other t and noise: a replay that ignores its new inputs shows
         got = self.loss_and_grads(self.net, x0, inputs)
         self.gen.set_state(saved)
         tol_loss, tol_grads = COMPILE_CHECK_TOL[self.cfg.dtype]

@@ -47,6 +47,30 @@ def test_smoke_run_brings_back_every_file_within_the_device_limits(returned):
     assert {"loss.png", "samples-ddim2.png", "samples-ddpm20.png", "nvidia-smi.txt"} <= names
 
 
+def test_a_graphed_training_that_fails_goes_on_in_the_default_mode(tmp_path):
+    """The GPU run trains with CUDA graphs; where that training fails (here a stand-in python that
+    exits 4, the trainer's compiled-step check, whenever it is asked for reduce-overhead), the script
+    trains again in the default mode with what is left of the budget, and says so in run.json."""
+    fake = tmp_path / "python"
+    fake.write_text(f'#!/bin/bash\nif [[ " $* " == *" --compile-mode reduce-overhead "* ]]; then\n'
+                    f'  echo "error: the compiled training step disagrees with eager" >&2; exit 4\nfi\n'
+                    f'exec {sys.executable} "$@"\n')
+    fake.chmod(0o755)
+    out = tmp_path / "out"
+    env = {**os.environ, "OUT": str(out), "PYTHON": str(fake), "TRAIN_COMPILE_MODE": "reduce-overhead"}
+    proc = subprocess.run(["bash", "bench/quality.sh", "--smoke"], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    log = (out / "quality.log").read_text()
+    assert "train (0.05 min budget, reduce-overhead): exit 4" in log
+    assert re.search(r"graphed training failed \(exit 4\) before a checkpoint: [0-9.]+ min afresh", log)
+    run = json.loads((out / "run.json").read_text())
+    assert "--compile-mode reduce-overhead" in run["command"]
+    assert "(exit 4: again in the default mode)" in run["command"]
+    assert run["train_exit_code"] == 0 and run["training"]["steps"] >= 1
+    assert (out / "samples-ddpm20.npz").is_file()
+
+
 def test_record_scores_the_returned_samples(returned, tmp_path):
     from bench import quality
     from fastddpm.checkpoint import load_checkpoint

@@ -232,8 +232,8 @@ class _Scaled(torch.nn.Module):
 
 
 class _Stale(torch.nn.Module):
-    """A "compiled" network that keeps answering with its first output, as a CUDA-graph replay that
-    never reads its new inputs would (the gradient still flows, through a zero)."""
+    """A "compiled" network whose outputs keep the values of its first call, as a CUDA-graph replay
+    that never reads its new inputs would; its gradients are those of the present call."""
 
     def __init__(self, net):
         super().__init__()
@@ -243,7 +243,7 @@ class _Stale(torch.nn.Module):
         out = self.net(x, t)
         if self.first is None:
             self.first = out.detach()
-        return self.first + 0 * out
+        return self.first + (out - out.detach())
 
 
 def test_compiled_step_is_checked_against_eager_before_training(tmp_path, monkeypatch, capsys):
@@ -263,6 +263,29 @@ def test_compiled_step_is_checked_against_eager_before_training(tmp_path, monkey
     eager = Trainer(tiny_config(compile=False, **cfg), tmp_path / "e", cpu, progress=False)
     assert [r["train_loss"] for r in records if "event" not in r] == [r["train_loss"] for r in eager.fit()]
     assert all(torch.equal(a, b) for a, b in zip(compiled.model.parameters(), eager.model.parameters()))
+
+
+class _Layouts(torch.nn.Module):
+    """A "compiled" network that records whether each input came in channels_last."""
+
+    def __init__(self, net, seen):
+        super().__init__()
+        self.net, self.seen = net, seen
+
+    def forward(self, x, t):
+        self.seen.append(x.is_contiguous(memory_format=torch.channels_last))
+        return self.net(x, t)
+
+
+def test_the_check_runs_the_compiled_network_in_the_run_s_memory_format(tmp_path, monkeypatch):
+    """Under --channels-last the checked passes get NHWC inputs like every training step: a different
+    layout would compile (and check) another graph than the one that trains."""
+    seen = []
+    monkeypatch.setattr(torch, "compile", lambda net, mode=None: _Layouts(net, seen))
+    trainer = Trainer(tiny_config(compile=True, channels_last=True, epochs=1, train_size=32, val_size=0),
+                      tmp_path, torch.device("cpu"), progress=False)
+    trainer.fit()
+    assert len(seen) == 1 + 3 + 2 and all(seen)  # 3 warm-up passes, the checked one, 2 training steps
 
 
 @pytest.mark.parametrize("wrong", ["scaled", "stale"])
