@@ -315,7 +315,7 @@ def _evaluate(samples: Path, ref: str, n: int, json_path: Path, progress: bool) 
 
 def denoising_record(weights, images: str, n: int) -> dict:
     """fastddpm.evaluate.denoising_error of the weights on the first n images of the set ``images``, on
-    the CPU (seconds for 256 images): why the deterministic samplers do or do not work on this model."""
+    the CPU: why the deterministic samplers do or do not work on this model."""
     from fastddpm.checkpoint import load_checkpoint
     from fastddpm.evaluate import denoising_error, load_image_set
 

@@ -252,15 +252,21 @@ class Trainer:
         self.last_good = (self.epoch, self.batch_in_epoch)
 
     # --- the loop ---------------------------------------------------------------------------
-    def train_step(self, x0: torch.Tensor) -> torch.Tensor:
-        if self.compiled:  # a new step for CUDA-graph trees (reduce-overhead): last step's graph outputs are dead
-            torch.compiler.cudagraph_mark_step_begin()
+    def _forward_backward(self, net, x0: torch.Tensor, scale_loss) -> torch.Tensor:
+        """Eq. 13's loss of ``net`` on ``x0`` (t and noise from the run's stream), and the gradients of
+        ``scale_loss(loss)``; the training step and the compiled-step check share it."""
+        if self.compiled and net is self.net:  # a new step for CUDA-graph trees (reduce-overhead):
+            torch.compiler.cudagraph_mark_step_begin()  # the last step's graph outputs are dead
         # Gradients dropped before the forward: under CUDA-graph trees they may live in the graphs' memory
         self.opt.zero_grad(set_to_none=True)
         x0 = x0.contiguous(memory_format=self.memory_format)
         with autocast(self.device, self.cfg.torch_dtype):
-            loss = self.diffusion.loss(self.net, x0, generator=self.gen)
-        self.scaler.scale(loss).backward()
+            loss = self.diffusion.loss(net, x0, generator=self.gen)
+        scale_loss(loss).backward()
+        return loss
+
+    def train_step(self, x0: torch.Tensor) -> torch.Tensor:
+        loss = self._forward_backward(self.net, x0, self.scaler.scale)
         self.scaler.step(self.opt)
         self.scaler.update()
         if self.ema:
@@ -273,14 +279,8 @@ class Trainer:
         fp16 backpropagates a loss scaled by COMPILE_CHECK_FP16_SCALE (and unscales the gradients), so
         that small gradients are compared rather than flushed to zero differently by each path."""
         self.gen.set_state(rng_state)
-        if net is not self.model:
-            torch.compiler.cudagraph_mark_step_begin()
-        self.opt.zero_grad(set_to_none=True)
-        x0 = x0.contiguous(memory_format=self.memory_format)
-        with autocast(self.device, self.cfg.torch_dtype):
-            loss = self.diffusion.loss(net, x0, generator=self.gen)
         scale = COMPILE_CHECK_FP16_SCALE if self.cfg.dtype == "fp16" else 1.0
-        (loss * scale).backward()
+        loss = self._forward_backward(net, x0, lambda loss: loss * scale)
         grads = torch.cat([p.grad.detach().float().flatten() for p in self.model.parameters()]) / scale
         self.opt.zero_grad(set_to_none=True)
         return loss.detach().float(), grads
@@ -293,6 +293,12 @@ class Trainer:
         for _ in range(COMPILED_WARMUP_CALLS):
             self.loss_and_grads(self.net, x0, self.gen.get_state())
         self.gen.set_state(saved)
+
+    @property
+    def checks_compiled_step(self) -> bool:
+        """A compiled single-process run checks its step before it trains (under DDP the gradients are
+        averaged over ranks, which the eager model alone cannot match)."""
+        return self.compiled and self.world == 1
 
     def check_compiled_step(self) -> dict:
         """The compiled step against the eager model's on this run's next batch (see COMPILE_CHECK_TOL);
@@ -435,9 +441,7 @@ class Trainer:
         title = f"{data_mod.describe(cfg.data)}, T={cfg.T}, {cfg.dtype}, preset {cfg.preset}"
         self.clock_start = self.clock()
         try:
-            # Under DDP the gradients are averaged over ranks, which the eager model alone cannot match
-            if self.compiled and self.world == 1 and self.epoch < cfg.epochs and \
-                    not self.budget_spent(self.elapsed()):
+            if self.checks_compiled_step and self.epoch < cfg.epochs and not self.budget_spent(self.elapsed()):
                 records.append({"event": "compile_check", "epoch": self.epoch, "step": self.step,
                                 **self.check_compiled_step()})
                 self.write_metrics(records)
@@ -451,9 +455,8 @@ class Trainer:
                 records.append(record)
                 self.write_metrics(records, plot_title=title)
                 val = f"{record['val_loss']:.4f}" if record["val_loss"] is not None else "off"
-                compiled_before = self.compiled and self.world == 1  # by check_compiled_step, not this step
-                warm = (f" (first step {record['warmup_seconds']:.1f} s"
-                        f"{'' if compiled_before else ', compilation included'}, not counted)"
+                warm = (f" (first step {record['warmup_seconds']:.1f} s"  # the check compiled, where it ran
+                        f"{'' if self.checks_compiled_step else ', compilation included'}, not counted)"
                         if "warmup_seconds" in record else "")
                 of = "" if cfg.time_budget else f"/{cfg.epochs}"  # with a budget, the epochs are only a cap
                 what = (f"epoch {record['epoch']} (partial, at step {record['step']})" if record.get("partial")
