@@ -102,15 +102,19 @@ fi
 COMMAND+="then bash bench/quality.sh's sampling"
 wait
 [[ -f "$WORK/pictures/kernel-tests.txt" ]] && reverse_step_gate "$WORK/pictures/kernel-tests.txt"
+RC=0
 if [[ ! -f "$RUN/checkpoint.pt" ]]; then
   say "training left no checkpoint (exit $TRAIN_RC): nothing to sample"
+  RC=1  # the log and pictures still come back; the exit status says the run failed
 else
   cp "$RUN/metrics.jsonl" "$DEST/metrics.jsonl"
   cp "$RUN/loss.png" "$WORK/pictures/" 2>/dev/null
   stage "sample (weights, DDIM-$DDIM, DDPM, guard)" 600 "$PY" -m bench.quality sample --run "$RUN" --out "$DEST" \
     --work "$WORK/pictures" --n "$N" --ddim-steps "$DDIM" "${ENGINE[@]}" --train-exit "$TRAIN_RC" \
     --command "$COMMAND" $( (( SMOKE )) && echo --smoke)
+  RC=$?
 fi
 tar -cf "$DEST/pictures.tar" -C "$WORK/pictures" .
-say "done in $(( $(date +%s) - START ))s: $(ls "$DEST" | tr '\n' ' ')"
+say "done in $(( $(date +%s) - START ))s (exit $RC): $(ls "$DEST" | tr '\n' ' ')"
 rm -rf "$WORK"
+exit "$RC"

@@ -20,11 +20,17 @@ RETURNED = {"samples-ddim2.npz", "samples-ddpm20.npz", "ema-fp16.pt.part0", "met
 @pytest.fixture(scope="module")
 def returned(tmp_path_factory):
     out = tmp_path_factory.mktemp("returned")
-    env = {**os.environ, "OUT": str(out), "PYTHON": sys.executable}
+    run_quality_smoke(out, {"PYTHON": sys.executable})
+    return out
+
+
+def run_quality_smoke(out, env: dict) -> None:
+    """bench/quality.sh --smoke into ``out``; where it fails, the assertion shows its log (the GPU run's too)."""
+    env = {**os.environ, "OUT": str(out), **env}
     proc = subprocess.run(["bash", "bench/quality.sh", "--smoke"], cwd=ROOT, env=env, capture_output=True, text=True,
                           timeout=600)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    return out
+    log = out / "quality.log"
+    assert proc.returncode == 0, (log.read_text()[-6000:] if log.is_file() else "") + proc.stderr[-3000:]
 
 
 def test_smoke_run_brings_back_every_file_within_the_device_limits(returned):
@@ -57,10 +63,7 @@ def test_a_graphed_training_that_fails_goes_on_in_the_default_mode(tmp_path):
                     f'exec {sys.executable} "$@"\n')
     fake.chmod(0o755)
     out = tmp_path / "out"
-    env = {**os.environ, "OUT": str(out), "PYTHON": str(fake), "TRAIN_COMPILE_MODE": "reduce-overhead"}
-    proc = subprocess.run(["bash", "bench/quality.sh", "--smoke"], cwd=ROOT, env=env, capture_output=True, text=True,
-                          timeout=600)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    run_quality_smoke(out, {"PYTHON": str(fake), "TRAIN_COMPILE_MODE": "reduce-overhead"})
     log = (out / "quality.log").read_text()
     assert "train (0.05 min budget, reduce-overhead): exit 4" in log
     assert re.search(r"graphed training failed \(exit 4\) before a checkpoint: [0-9.]+ min afresh", log)
@@ -69,6 +72,22 @@ def test_a_graphed_training_that_fails_goes_on_in_the_default_mode(tmp_path):
     assert "(exit 4: again in the default mode)" in run["command"]
     assert run["train_exit_code"] == 0 and run["training"]["steps"] >= 1
     assert (out / "samples-ddpm20.npz").is_file()
+
+
+def test_a_run_that_trained_nothing_fails_and_still_brings_back_its_log(tmp_path):
+    """Where training crashes before its first checkpoint, the script still returns its log and pictures,
+    but exits 1: a GPU call with nothing to score must not read as a success."""
+    fake = tmp_path / "python"
+    fake.write_text(f'#!/bin/bash\nif [[ " $* " == *" fastddpm.train "* ]]; then echo "boom" >&2; exit 1; fi\n'
+                    f'exec {sys.executable} "$@"\n')
+    fake.chmod(0o755)
+    out = tmp_path / "out"
+    proc = subprocess.run(["bash", "bench/quality.sh", "--smoke"], cwd=ROOT, env={**os.environ, "OUT": str(out),
+                          "PYTHON": str(fake)}, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 1, proc.stdout[-3000:]
+    assert {p.name for p in out.iterdir()} == {"quality.log", "pictures.tar"}
+    log = (out / "quality.log").read_text()
+    assert "boom" in log and "training left no checkpoint (exit 1): nothing to sample" in log
 
 
 def test_record_scores_the_returned_samples(returned, tmp_path):
