@@ -24,7 +24,8 @@
 # PROFILE_IMPLS (default compiled,eager), PROFILE_KNOBS (default none; e.g.
 # none,cudnn_benchmark,force_layout,cudagraphs: see bench/profile_step.py), FASTDDPM_BENCH_TRAIN_IMPLS
 # (the train stage's non-eager paths, default compiled,fast,compiled-graphs,fast-graphs: the last two
-# under CUDA graphs), FASTDDPM_BENCH_BATCH_IMPLS (the batch stage's, default compiled), PYTHON (python3).
+# under CUDA graphs; compiled-graphs-nhwc and fast-graphs-nhwc train channels_last),
+# FASTDDPM_BENCH_BATCH_IMPLS (the batch stage's, default compiled), PYTHON (python3).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONPATH=".${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1

@@ -157,10 +157,13 @@ def main(argv=None) -> int:
     a = p.parse_args(argv)
     from bench.test_train_step import PATHS
 
-    bad = [v for v in a.impls if v not in PATHS] + [v for v in a.layouts if v not in ("nchw", "nhwc")] + \
+    # the layout is this tool's own axis (--layouts): the bench's -nhwc paths would contradict it
+    bad = [v for v in a.impls if v not in PATHS or PATHS[v].channels_last] + \
+        [v for v in a.layouts if v not in ("nchw", "nhwc")] + \
         [k for v in a.knobs if v != "none" for k in v.split("+") if k not in KNOBS]
     if bad:
-        p.error(f"unknown implementation, layout or knob {bad[0]!r}: impls {', '.join(PATHS)}; layouts nchw, nhwc; "
+        impls = [i for i, path in PATHS.items() if not path.channels_last]
+        p.error(f"unknown implementation, layout or knob {bad[0]!r}: impls {', '.join(impls)}; layouts nchw, nhwc; "
                 f"knobs none, {', '.join(KNOBS)}")
     command = " ".join(["python -m bench.profile_step", *(argv if argv is not None else sys.argv[1:])])
     rows = []

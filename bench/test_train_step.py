@@ -2,39 +2,54 @@
 batch, per dtype. eager = torch kernels, no compile; compiled = torch kernels under torch.compile;
 fast = Triton kernels + torch.compile; compiled-graphs and fast-graphs = the same under
 ``--compile-mode reduce-overhead`` (Inductor replays forward and backward as CUDA graphs: the H100
-profile of 2026-11-27 found the compiled step waiting on the host half its time; CUDA only).
-Guard: the first step's loss and gradients against eager's, from the same weights, t and noise
+profile of 2026-11-27 found the compiled step waiting on the host half its time; CUDA only); the
+``-nhwc`` paths train in channels_last (``--channels-last``: activations and weights), where cuDNN's
+convolutions need none of the NCHW<->NHWC transposes that took 3.5 of 13.3 ms in that profile.
+Guard: the first step's loss and gradients against eager's (NCHW), from the same weights, t and noise
 (Trainer seeds all of them from cfg.seed). FASTDDPM_BENCH_TRAIN_IMPLS picks the non-eager paths
-(default: all four)."""
+(default: compiled, fast, compiled-graphs, fast-graphs)."""
 import os
 import shutil
 import tempfile
+from typing import NamedTuple
 
 import pytest
 import torch
 
 from bench import common as C
 
-# impl -> (GroupNorm kernels, torch.compile, compile mode)
-PATHS = {"eager": ("torch", False, "default"), "compiled": ("torch", True, "default"),
-         "fast": ("triton", True, "default"), "compiled-graphs": ("torch", True, "reduce-overhead"),
-         "fast-graphs": ("triton", True, "reduce-overhead")}
-GRAPHED = tuple(i for i, (_, _, mode) in PATHS.items() if mode == "reduce-overhead")
-IMPLS = tuple(i for i in os.environ.get("FASTDDPM_BENCH_TRAIN_IMPLS", ",".join(list(PATHS)[1:])).split(",") if i)
+
+class Path(NamedTuple):
+    kernels: str  # the GroupNorm+GELU path: torch or triton
+    compile: bool
+    mode: str  # torch.compile's mode
+    channels_last: bool = False
+
+
+PATHS = {"eager": Path("torch", False, "default"), "compiled": Path("torch", True, "default"),
+         "fast": Path("triton", True, "default"), "compiled-graphs": Path("torch", True, "reduce-overhead"),
+         "fast-graphs": Path("triton", True, "reduce-overhead"),
+         "compiled-graphs-nhwc": Path("torch", True, "reduce-overhead", True),
+         "fast-graphs-nhwc": Path("triton", True, "reduce-overhead", True)}
+GRAPHED = tuple(i for i, path in PATHS.items() if path.mode == "reduce-overhead")
+DEFAULT_IMPLS = ("compiled", "fast", "compiled-graphs", "fast-graphs")  # what fits gpu.sh's train cap
+IMPLS = tuple(i for i in os.environ.get("FASTDDPM_BENCH_TRAIN_IMPLS", ",".join(DEFAULT_IMPLS)).split(",") if i)
 if not set(IMPLS) <= set(PATHS) - {"eager"}:
     raise SystemExit(f"FASTDDPM_BENCH_TRAIN_IMPLS={','.join(IMPLS)}: choose from {', '.join(list(PATHS)[1:])}")
 # CUDA graphs exist only on CUDA: elsewhere the graphed paths are not cases at all (not skips)
 CASES = C.grid(("eager",) + tuple(i for i in IMPLS if C.CUDA or i not in GRAPHED))
 
 
-def trainer(dtype, impl, channels_last=False, batch=None):
+def trainer(dtype, impl, channels_last=None, batch=None):
+    """The path's Trainer; ``channels_last`` (bench.profile_step's layouts) overrides the path's own."""
     from fastddpm.config import TrainConfig
     from fastddpm.train import Trainer
 
-    kernels, compile_, mode = PATHS[impl]
+    path = PATHS[impl]
     b = batch or C.S["train_batch"]
     cfg = TrainConfig(data="shapes", preset=C.S["preset"], dtype=dtype, batch_size=b, train_size=b, val_size=0,
-                      n_samples=0, compile=compile_, compile_mode=mode, kernels=kernels, channels_last=channels_last)
+                      n_samples=0, compile=path.compile, compile_mode=path.mode, kernels=path.kernels,
+                      channels_last=path.channels_last if channels_last is None else channels_last)
     out = tempfile.mkdtemp(prefix="fastddpm-bench-")
     try:
         return Trainer(cfg, out, C.DEVICE, progress=False)

@@ -8,7 +8,6 @@ import math
 from typing import NamedTuple
 
 import torch
-import torch.nn.functional as F
 
 
 def _at_least_fp32(x: torch.Tensor) -> torch.Tensor:
@@ -77,8 +76,12 @@ class Diffusion:
             t = torch.randint(0, self.T, (x0.shape[0],), device=x0.device, generator=generator)
         if noise is None:
             noise = torch.randn(x0.shape, device=x0.device, dtype=x0.dtype, generator=generator)
+            if not x0.is_contiguous():  # channels_last: the same values, stored like x0 (no NCHW tensor in an
+                noise = torch.empty_like(x0).copy_(noise)  # NHWC step, whose loss would backpropagate NCHW)
         eps = model(self.q_sample(x0, t, noise), t)
-        return F.mse_loss(eps.float(), noise.float())
+        # The mean squared error, as a sum over the count: F.mse_loss's and mean()'s backwards return NCHW
+        # gradients whatever the layout of eps (a channels_last step would turn NCHW at its last layer).
+        return (eps.float() - noise.float()).square().sum() / eps.numel()
 
     def reverse_step(self, x_t: torch.Tensor, t: int, eps: torch.Tensor, noise: torch.Tensor | None) -> torch.Tensor:
         """One step of p(x_{t-1} | x_t)  (eq. 5 with sigma_t^2 = beta_t, eq. 10); no noise at t index 0."""

@@ -184,6 +184,21 @@ def test_report_table_ratios_and_projections(tmp_path):
     assert "fast-graphs ≥ 25% of the bf16 matmul peak: **50.0%** — met" in text
 
 
+def test_report_judges_the_graphed_kernels_in_each_side_s_best_layout(tmp_path):
+    """With NHWC graphed paths measured, the target compares the fastest fast path with the fastest
+    compiled one, whichever layout each ran in, and names them."""
+    e = _synthetic() + [
+        _entry("train_step", "compiled-graphs-nhwc", "bf16", batch=256, preset="seed", items_per_s=6000.0, mfu=0.3),
+        _entry("train_step", "fast-graphs-nhwc", "bf16", batch=256, preset="seed", items_per_s=16000.0, mfu=0.8)]
+    path = tmp_path / "r.json"
+    path.write_text(json.dumps({"benchmarks": e}))
+    text = report.render(*report.load([path]))
+    row = next(line for line in text.splitlines() if "| 4,000 | 8,000 | 6,000 | 10,000 | 16,000 |" in line)
+    assert "| 2.00× | 1.50× | 2.50× | 4.00× | 2.00× (fast-graphs-nhwc / compiled-graphs) |" in row
+    assert "CUDA graphs on both: fast-graphs-nhwc ≥ 1.5× compiled-graphs: **2.00×** — met" in text
+    assert "fast-graphs-nhwc ≥ 25% of the bf16 matmul peak: **80.0%** — met" in text
+
+
 def test_report_reads_targets_at_the_bench_headline_sizes():
     from bench import common
 
