@@ -158,7 +158,10 @@ def main(argv=None) -> int:
     from bench.test_train_step import PATHS
 
     # the layout is this tool's own axis (--layouts): the bench's -nhwc paths would contradict it
-    bad = [v for v in a.impls if v not in PATHS or PATHS[v].channels_last] + \
+    if any(PATHS.get(v) and PATHS[v].channels_last for v in a.impls):
+        p.error(f"--impls {','.join(a.impls)}: this tool has its own layout axis: name the path without "
+                f"-nhwc and add --layouts nhwc")
+    bad = [v for v in a.impls if v not in PATHS] + \
         [v for v in a.layouts if v not in ("nchw", "nhwc")] + \
         [k for v in a.knobs if v != "none" for k in v.split("+") if k not in KNOBS]
     if bad:

@@ -23,6 +23,8 @@
 # Knobs: QUALITY_BUDGET_S, TRAIN_MINUTES (default 5), QUALITY_N (5120), DDIM_STEPS (50),
 # QUALITY_DATA (default data-carry), CKPT_MINUTES (2), VAL_SIZE (2000), TRAIN_COMPILE_MODE (default reduce-overhead),
 # PYTHON (python3).
+# Exit status: 0 samples written; 1 training left no checkpoint (the log and pictures still come back);
+# 2 no data; 5 sampling cut off by its cap (what it finished comes back); else sampling's own failure.
 set -uo pipefail
 source "$(dirname "$0")/stages.sh"  # say, stage, smoke_script_setup
 smoke_script_setup "$@"
@@ -113,6 +115,7 @@ else
     --work "$WORK/pictures" --n "$N" --ddim-steps "$DDIM" "${ENGINE[@]}" --train-exit "$TRAIN_RC" \
     --command "$COMMAND" $( (( SMOKE )) && echo --smoke)
   RC=$?
+  (( RC == 124 )) && RC=5  # not the device's own 124 ("the call timed out"): this call ended in time
 fi
 tar -cf "$DEST/pictures.tar" -C "$WORK/pictures" .
 say "done in $(( $(date +%s) - START ))s (exit $RC): $(ls "$DEST" | tr '\n' ' ')"

@@ -4,7 +4,8 @@ fast = Triton kernels + torch.compile; compiled-graphs and fast-graphs = the sam
 ``--compile-mode reduce-overhead`` (Inductor replays forward and backward as CUDA graphs: the H100
 profile of 2026-11-27 found the compiled step waiting on the host half its time; CUDA only); the
 ``-nhwc`` paths train in channels_last (``--channels-last``: activations and weights), where cuDNN's
-convolutions need none of the NCHW<->NHWC transposes that took 3.5 of 13.3 ms in that profile.
+convolutions should need none of the NCHW<->NHWC transposes that took 3.0 of 13.3 ms in that profile
+(not yet measured: under torch.compile's own GroupNorm the NHWC step kept its layout copies).
 Guard: the first step's loss and gradients against eager's (NCHW), from the same weights, t and noise
 (Trainer seeds all of them from cfg.seed). FASTDDPM_BENCH_TRAIN_IMPLS picks the non-eager paths
 (default: compiled, fast, compiled-graphs, fast-graphs)."""

@@ -24,13 +24,22 @@ def returned(tmp_path_factory):
     return out
 
 
-def run_quality_smoke(out, env: dict) -> None:
-    """bench/quality.sh --smoke into ``out``; where it fails, the assertion shows its log (the GPU run's too)."""
+def run_quality_smoke(out, env: dict, expect: int = 0) -> None:
+    """bench/quality.sh --smoke into ``out``, which must exit ``expect``; where it does not, the
+    assertion shows the script's log (the GPU run's too)."""
     env = {**os.environ, "OUT": str(out), **env}
     proc = subprocess.run(["bash", "bench/quality.sh", "--smoke"], cwd=ROOT, env=env, capture_output=True, text=True,
                           timeout=600)
     log = out / "quality.log"
-    assert proc.returncode == 0, (log.read_text()[-6000:] if log.is_file() else "") + proc.stderr[-3000:]
+    assert proc.returncode == expect, (log.read_text()[-6000:] if log.is_file() else "") + proc.stderr[-3000:]
+
+
+def stand_in_python(tmp_path, when: str, then: str):
+    """A python that runs ``then`` (shell) when its arguments contain `` when ``, else the real one."""
+    fake = tmp_path / "python"
+    fake.write_text(f'#!/bin/bash\nif [[ " $* " == *" {when} "* ]]; then {then}; fi\nexec {sys.executable} "$@"\n')
+    fake.chmod(0o755)
+    return fake
 
 
 def test_smoke_run_brings_back_every_file_within_the_device_limits(returned):
@@ -57,11 +66,8 @@ def test_a_graphed_training_that_fails_goes_on_in_the_default_mode(tmp_path):
     """The GPU run trains with CUDA graphs; where that training fails (here a stand-in python that
     exits 4, the trainer's compiled-step check, whenever it is asked for reduce-overhead), the script
     trains again in the default mode with what is left of the budget, and says so in run.json."""
-    fake = tmp_path / "python"
-    fake.write_text(f'#!/bin/bash\nif [[ " $* " == *" --compile-mode reduce-overhead "* ]]; then\n'
-                    f'  echo "error: the compiled training step disagrees with eager" >&2; exit 4\nfi\n'
-                    f'exec {sys.executable} "$@"\n')
-    fake.chmod(0o755)
+    fake = stand_in_python(tmp_path, "--compile-mode reduce-overhead",
+                           'echo "error: the compiled training step disagrees with eager" >&2; exit 4')
     out = tmp_path / "out"
     run_quality_smoke(out, {"PYTHON": str(fake), "TRAIN_COMPILE_MODE": "reduce-overhead"})
     log = (out / "quality.log").read_text()
@@ -77,17 +83,21 @@ def test_a_graphed_training_that_fails_goes_on_in_the_default_mode(tmp_path):
 def test_a_run_that_trained_nothing_fails_and_still_brings_back_its_log(tmp_path):
     """Where training crashes before its first checkpoint, the script still returns its log and pictures,
     but exits 1: a GPU call with nothing to score must not read as a success."""
-    fake = tmp_path / "python"
-    fake.write_text(f'#!/bin/bash\nif [[ " $* " == *" fastddpm.train "* ]]; then echo "boom" >&2; exit 1; fi\n'
-                    f'exec {sys.executable} "$@"\n')
-    fake.chmod(0o755)
     out = tmp_path / "out"
-    proc = subprocess.run(["bash", "bench/quality.sh", "--smoke"], cwd=ROOT, env={**os.environ, "OUT": str(out),
-                          "PYTHON": str(fake)}, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 1, proc.stdout[-3000:]
+    run_quality_smoke(out, {"PYTHON": str(stand_in_python(tmp_path, "fastddpm.train", 'echo boom >&2; exit 1'))},
+                      expect=1)
     assert {p.name for p in out.iterdir()} == {"quality.log", "pictures.tar"}
     log = (out / "quality.log").read_text()
     assert "boom" in log and "training left no checkpoint (exit 1): nothing to sample" in log
+
+
+def test_sampling_cut_off_by_its_cap_exits_5_not_the_device_s_timeout(tmp_path):
+    """A sampling stage cut off by its cap (timeout's 124) ends the script with 5: the device tool reads
+    124 as "the call timed out", which this call did not."""
+    out = tmp_path / "out"
+    run_quality_smoke(out, {"PYTHON": str(stand_in_python(tmp_path, "bench.quality sample", "exit 124"))}, expect=5)
+    assert {"quality.log", "pictures.tar", "metrics.jsonl"} <= {p.name for p in out.iterdir()}
+    assert "(exit 5)" in (out / "quality.log").read_text()
 
 
 def test_record_scores_the_returned_samples(returned, tmp_path):

@@ -324,7 +324,7 @@ class _LayoutAudit(TorchDispatchMode):
 
     def __init__(self, channels: set, sizes: set):
         super().__init__()
-        self.channels, self.sizes, self.nchw, self.mixed = channels, sizes, [], []
+        self.channels, self.sizes, self.nchw, self.mixed, self.ops = channels, sizes, [], [], set()
 
     def _activation(self, t) -> bool:
         return (isinstance(t, torch.Tensor) and t.dim() == 4 and t.shape[1] in self.channels
@@ -333,6 +333,7 @@ class _LayoutAudit(TorchDispatchMode):
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
         name = str(func)
+        self.ops.add(name)
         if name.startswith("fastddpm."):
             strides = {t.stride() for t in pytree.tree_leaves((args, kwargs)) if self._activation(t)}
             if len(strides) > 1:
@@ -349,9 +350,9 @@ class _LayoutAudit(TorchDispatchMode):
 
 @pytest.mark.parametrize("kernels", ["torch", "triton"])
 def test_a_channels_last_step_keeps_every_activation_channels_last(tmp_path, kernels):
-    """--channels-last is NHWC end to end, forward and backward, on both kernel paths: no op turns an
-    activation back to NCHW (on a GPU each such flip costs a transpose, and cuDNN's NHWC convolutions
-    a transpose per NCHW input: 3.5 of 13.3 ms of the H100's compiled NCHW step of 2026-11-27)."""
+    """--channels-last is NHWC end to end on the CPU, forward and backward, on both kernel paths: no op
+    turns an activation back to NCHW (on a GPU each such flip costs a transpose, as cuDNN's NHWC
+    convolutions do for NCHW inputs: 3.0 of 13.3 ms of the H100's compiled NCHW step of 2026-11-27)."""
     trainer = Trainer(tiny_config(channels_last=True, kernels=kernels, batch_size=4, train_size=8, val_size=0),
                       tmp_path, torch.device("cpu"), progress=False)
     model = trainer.model
@@ -361,6 +362,11 @@ def test_a_channels_last_step_keeps_every_activation_channels_last(tmp_path, ker
     with audit:
         trainer.train_step(x0)
     assert len(audit.nchw) == 0 and len(audit.mixed) == 0, (audit.nchw, audit.mixed)
+    # it saw the step: the backward's convolutions and, on the Triton path, both fused kernels
+    seen = {"aten.convolution_backward.default"} | ({"fastddpm.group_norm_gelu.default",
+                                                       "fastddpm.group_norm_gelu_backward.default"}
+                                                      if kernels == "triton" else {"aten.native_group_norm.default"})
+    assert seen <= audit.ops, seen - audit.ops
     c = max(channels)
     with _LayoutAudit(channels, {32, 16, 8, 4}) as control:  # the audit sees a flip or a mix where there is one
         x = torch.randn(2, c, 8, 8)
