@@ -21,7 +21,7 @@
 # kernels"), TRAIN_DTYPES / SAMPLE_DTYPES (default bf16,fp32), KERNEL_DTYPES (default bf16),
 # BATCH_DTYPES (default bf16), TRAIN_CAP_S / SAMPLE_CAP_S / KERNEL_CAP_S / PROFILE_CAP_S / TUNE_CAP_S /
 # BATCH_CAP_S (seconds per stage),
-# PROFILE_IMPLS (default compiled,eager), PROFILE_KNOBS (default none; e.g.
+# PROFILE_WORKLOAD (train or sample), PROFILE_IMPLS (default compiled,eager), PROFILE_KNOBS (default none; e.g.
 # none,cudnn_benchmark,force_layout,cudagraphs: see bench/profile_step.py), FASTDDPM_BENCH_TRAIN_IMPLS
 # (the train stage's non-eager paths, default compiled,fast,compiled-graphs,fast-graphs: the last two
 # under CUDA graphs; compiled-graphs-nhwc and fast-graphs-nhwc train channels_last),
@@ -102,10 +102,10 @@ for s in $STAGES; do
     sample) bench sample "${SAMPLE_CAP_S:-120}" "${SAMPLE_DTYPES:-bf16,fp32}" ;;
     kernels) bench kernels "${KERNEL_CAP_S:-110}" "${KERNEL_DTYPES:-bf16}" ;;
     batch) bench batch "${BATCH_CAP_S:-300}" "${BATCH_DTYPES:-bf16}" ;;
-    profile)  # where a training step's time goes, NCHW vs NHWC (ratios from one process)
-      stage "profile training step (bf16)" "${PROFILE_CAP_S:-200}" "$PY" -m bench.profile_step \
-        --impls "${PROFILE_IMPLS:-compiled,eager}" --knobs "${PROFILE_KNOBS:-none}" --dtype bf16 \
-        --json "$DEST/profile.json" ;;
+    profile)  # where a training (or sampling) step's time goes, NCHW vs NHWC (ratios from one process)
+      stage "profile ${PROFILE_WORKLOAD:-train} step (bf16)" "${PROFILE_CAP_S:-200}" "$PY" -m bench.profile_step \
+        --workload "${PROFILE_WORKLOAD:-train}" --impls "${PROFILE_IMPLS:-compiled,eager}" \
+        --knobs "${PROFILE_KNOBS:-none}" --dtype bf16 --json "$DEST/profile.json" ;;
     tune)  # the GroupNorm kernels' launch parameters and reduction style, against Inductor
       stage "GroupNorm launch sweep (bf16)" "${TUNE_CAP_S:-200}" "$PY" -m bench.tune_groupnorm \
         --dtype bf16 --json "$DEST/tune.json" ;;

@@ -1,5 +1,5 @@
-"""``python -m bench.profile_step``: where one training step's time goes, per implementation, dtype
-and memory layout, from ``torch.profiler``: the step time (CUDA events around several steps), the
+"""``python -m bench.profile_step``: where one training step's (or sampling step's) time goes, per
+implementation, dtype and memory layout, from ``torch.profiler``: the step time (CUDA events around several steps), the
 time per kernel category (convolution, layout copies, matmul, attention, GroupNorm, optimizer and
 EMA, other) and the top kernels. The same trainer and batch as the train bench
 (``bench.test_train_step.trainer``); each setting also runs in NHWC (``--channels-last``), so the
@@ -16,10 +16,18 @@ algorithms by timing them) and ``force_layout`` (Inductor's NHWC layout optimisa
 heuristic refuses for this training graph) and ``cudagraphs`` (Inductor replays the compiled forward
 and backward as CUDA graphs: ``--compile-mode reduce-overhead``, hypothesis 3's host cost),
 ``+``-joined to combine them; ``none`` is today's step.
+
+``--workload sample`` profiles instead one network call of the sampling chain at the bench's sampling
+batch (no gradients, autocast, ``fastddpm.sampling.engine_model``'s network for the engines eager,
+compiled and fast), outside the engine's CUDA graph so that its kernels show (the ``cudagraphs`` knob
+replays Inductor's own graphs): where the forward's time goes, for the 5,120-images-in-30-s target.
+
+    python -m bench.profile_step --workload sample --impls compiled,fast --layouts nchw,nhwc
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import re
 import sys
 import time
@@ -48,23 +56,23 @@ def category(name: str) -> str:
     return next((c for c, pattern in CATEGORIES if re.search(pattern, low)), "other")
 
 
-def step_seconds(tr, x0, steps: int) -> float:
+def step_seconds(step, steps: int) -> float:
     C.sync()
     if C.CUDA:
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()
         for _ in range(steps):
-            tr.train_step(x0)
+            step()
         end.record()
         torch.cuda.synchronize()
         return start.elapsed_time(end) / 1e3 / steps
     t0 = time.perf_counter()
     for _ in range(steps):
-        tr.train_step(x0)
+        step()
     return (time.perf_counter() - t0) / steps
 
 
-def kernel_times(tr, x0, steps: int) -> dict[str, tuple[float, float]]:
+def kernel_times(step, steps: int) -> dict[str, tuple[float, float]]:
     """{kernel (or, on the CPU, operator) name: (seconds per step, calls per step)}."""
     from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile
@@ -72,7 +80,7 @@ def kernel_times(tr, x0, steps: int) -> dict[str, tuple[float, float]]:
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if C.CUDA else [])
     with profile(activities=activities) as prof:
         for _ in range(steps):
-            tr.train_step(x0)
+            step()
         C.sync()
     out = {}
     for e in prof.key_averages():
@@ -103,38 +111,71 @@ def set_knobs(knobs: str) -> list[str]:
     return names
 
 
-def profile_one(impl: str, dtype: str, layout: str, steps: int, knobs: str = "none") -> dict:
+WORKLOADS = ("train", "sample")
+SAMPLE_IMPLS = ("eager", "compiled", "fast")  # fastddpm.sampling's engines
+
+
+def training_step(impl: str, dtype: str, layout: str, stack: contextlib.ExitStack):
+    """(one training step of the train bench's trainer on its fixed batch, the batch size)."""
     from bench.test_train_step import fixed_batch, trainer
 
-    C.fresh()
-    set_knobs(knobs)
-    b = C.S["train_batch"]
     x0 = fixed_batch()
     tr = trainer(dtype, impl, channels_last=layout == "nhwc")
-    for _ in range(3):  # compilation, autotuning, allocator
-        tr.train_step(x0)
-    sec = step_seconds(tr, x0, steps)
-    kernels = kernel_times(tr, x0, steps)
+    return lambda: tr.train_step(x0), C.S["train_batch"]
+
+
+def sampling_forward(impl: str, dtype: str, layout: str, stack: contextlib.ExitStack):
+    """(one network call of the sampling chain, as engine ``impl`` runs it while ``stack`` is open, at
+    the bench's sampling batch, the batch size)."""
+    from bench.test_sampling import network
+    from fastddpm.sampling import autocast, engine_model
+
+    b, fmt = C.S["sample_batch"], torch.channels_last if layout == "nhwc" else torch.contiguous_format
+    model = network().to(memory_format=fmt)
+    x = torch.randn(b, 3, 32, 32, device=C.DEVICE).contiguous(memory_format=fmt)
+    t = torch.randint(0, 1000, (b,), device=C.DEVICE)
+    net = stack.enter_context(engine_model(model, impl, C.DEVICE))
+
+    @torch.no_grad()
+    def step():
+        with autocast(C.DEVICE, C.DTYPES[dtype]):
+            return net(x, t)
+    return step, b
+
+
+def profile_one(impl: str, dtype: str, layout: str, steps: int, knobs: str = "none", workload: str = "train") -> dict:
+    C.fresh()
+    set_knobs(knobs)
+    with contextlib.ExitStack() as stack:
+        step, b = (training_step if workload == "train" else sampling_forward)(impl, dtype, layout, stack)
+        for _ in range(3):  # compilation, autotuning, allocator
+            step()
+        sec = step_seconds(step, steps)
+        kernels = kernel_times(step, steps)
     by_cat = defaultdict(float)
     for name, (s, _) in kernels.items():
         by_cat[category(name)] += s
     top = sorted(kernels.items(), key=lambda kv: -kv[1][0])
-    return {"impl": impl, "dtype": dtype, "layout": layout, "knobs": knobs, "batch": b, "preset": C.S["preset"],
-            "step_s": sec, "images_per_s": b / sec, "profiled_s": sum(s for s, _ in kernels.values()),
+    return {"workload": workload, "impl": impl, "dtype": dtype, "layout": layout, "knobs": knobs, "batch": b,
+            "preset": C.S["preset"], "step_s": sec, "images_per_s": b / sec,
+            "profiled_s": sum(s for s, _ in kernels.values()),
             "categories": dict(sorted(by_cat.items(), key=lambda kv: -kv[1])),
             "kernels": [{"name": n, "s": s, "calls": c, "category": category(n)} for n, (s, c) in top]}
 
 
 def render(rows: list[dict], top: int) -> str:
     cats = [c for c, _ in CATEGORIES] + ["other"]
-    head = "| impl | dtype | layout | knobs | step ms | images/s | " + " | ".join(f"{c} ms" for c in cats) + " |"
-    lines = [head, "|" + "---|" * (6 + len(cats))]
+    head = ("| step | impl | dtype | layout | knobs | step ms | images/s | " + " | ".join(f"{c} ms" for c in cats)
+            + " |")
+    lines = [head, "|" + "---|" * (7 + len(cats))]
     for r in rows:
-        lines.append(f"| {r['impl']} | {r['dtype']} | {r['layout']} | {r['knobs']} | {r['step_s'] * 1e3:.2f} | "
+        lines.append(f"| {r['workload']} (batch {r['batch']}) | {r['impl']} | {r['dtype']} | {r['layout']} | "
+                     f"{r['knobs']} | {r['step_s'] * 1e3:.2f} | "
                      f"{r['images_per_s']:,.0f} | " + " | ".join(f"{r['categories'].get(c, 0) * 1e3:.2f}" for c in cats)
                      + " |")
     for r in rows:
-        lines += ["", f"### {r['impl']} {r['dtype']} {r['layout']} {r['knobs']}: top {top} of {len(r['kernels'])} "
+        lines += ["", f"### {r['workload']} {r['impl']} {r['dtype']} {r['layout']} {r['knobs']}: top {top} of "
+                      f"{len(r['kernels'])} "
                       f"({r['profiled_s'] * 1e3:.2f} ms profiled per step)", "",
                   "| ms/step | calls/step | category | kernel |", "|---|---|---|---|"]
         lines += [f"| {k['s'] * 1e3:.3f} | {k['calls']:g} | {k['category']} | `{k['name'][:90]}` |"
@@ -145,7 +186,10 @@ def render(rows: list[dict], top: int) -> str:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench.profile_step", description=__doc__.split("\n\n")[0])
     split = lambda s: [v for v in s.split(",") if v]  # noqa: E731
-    p.add_argument("--impls", default="eager,compiled,fast", type=split)
+    p.add_argument("--workload", default="train", choices=WORKLOADS,
+                   help="train: one training step; sample: one network call of the sampling chain")
+    p.add_argument("--impls", default="eager,compiled,fast", type=split,
+                   help=f"train: the train bench's paths; sample: the engines {', '.join(SAMPLE_IMPLS)}")
     p.add_argument("--dtype", default="bf16", choices=list(C.DTYPES))
     p.add_argument("--layouts", default="nchw,nhwc", type=split)
     p.add_argument("--knobs", default="none", type=split,
@@ -161,11 +205,11 @@ def main(argv=None) -> int:
     if any(PATHS.get(v) and PATHS[v].channels_last for v in a.impls):
         p.error(f"--impls {','.join(a.impls)}: this tool has its own layout axis: name the path without "
                 f"-nhwc and add --layouts nhwc")
-    bad = [v for v in a.impls if v not in PATHS] + \
+    impls = [i for i, path in PATHS.items() if not path.channels_last] if a.workload == "train" else SAMPLE_IMPLS
+    bad = [v for v in a.impls if v not in impls] + \
         [v for v in a.layouts if v not in ("nchw", "nhwc")] + \
         [k for v in a.knobs if v != "none" for k in v.split("+") if k not in KNOBS]
     if bad:
-        impls = [i for i, path in PATHS.items() if not path.channels_last]
         p.error(f"unknown implementation, layout or knob {bad[0]!r}: impls {', '.join(impls)}; layouts nchw, nhwc; "
                 f"knobs none, {', '.join(KNOBS)}")
     command = " ".join(["python -m bench.profile_step", *(argv if argv is not None else sys.argv[1:])])
@@ -174,8 +218,8 @@ def main(argv=None) -> int:
         for impl in a.impls:
             for layout in a.layouts:
                 for knobs in a.knobs:
-                    rows.append(profile_one(impl, a.dtype, layout, a.steps, knobs))
-                    print(f"{impl} {a.dtype} {layout} {knobs}: {rows[-1]['step_s'] * 1e3:.2f} ms/step",
+                    rows.append(profile_one(impl, a.dtype, layout, a.steps, knobs, a.workload))
+                    print(f"{a.workload} {impl} {a.dtype} {layout} {knobs}: {rows[-1]['step_s'] * 1e3:.2f} ms/step",
                           file=sys.stderr, flush=True)
                     if a.json:  # after every row: a run stopped at its time cap keeps what it finished
                         C.write_json(a.json, {"tool": "bench.profile_step", "args": vars(a), "size": C.SIZE,

@@ -4,13 +4,17 @@ U-Net's shapes and print, per shape and variant, the best setting next to the de
 
 The swept knobs are module attributes of ``fastddpm.kernels.groupnorm_gelu``: ``_LANE_ACCUMULATE``
 (per-lane accumulators vs a block reduction per tile), ``_TILE`` (elements per loaded tile),
-``_TARGET_PROGRAMS`` (how finely a large group is split) and ``_ELEMS_PER_THREAD`` (sets
-num_warps). Each setting is built, guarded against eager and timed exactly as the kernel bench does
+``_TARGET_PROGRAMS`` (how finely a large group is split), ``_ELEMS_PER_THREAD`` (sets num_warps) and
+``SPLIT_THRESHOLD`` (groups up to this many elements get one program, whose second pass over its
+group should find it in L1/L2 rather than DRAM; larger ones are split over programs, two kernels).
+Each setting is built, guarded against eager and timed exactly as the kernel bench does
 (``bench.test_kernels.gn_case``: CUDA-graph replays over inputs larger than L2). On the CPU it runs
 at the smoke size through Triton's interpreter, which proves only that it runs.
 
     python -m bench.tune_groupnorm --json tune.json          # the full grid, bf16 (200 timed settings)
     python -m bench.tune_groupnorm --lane 0,1 --tile 2048 --programs 528 --threads 8   # a slice
+    python -m bench.tune_groupnorm --lane 0 --tile 2048 --programs 528 --threads 8,16 \
+        --split 4096,16384,65536      # one program per sample up to the 8x8 / 32x32 levels (8 settings)
 """
 from __future__ import annotations
 
@@ -21,7 +25,8 @@ import time
 
 from bench import common as C
 
-KNOBS = {"lane": "_LANE_ACCUMULATE", "tile": "_TILE", "programs": "_TARGET_PROGRAMS", "threads": "_ELEMS_PER_THREAD"}
+KNOBS = {"lane": "_LANE_ACCUMULATE", "tile": "_TILE", "programs": "_TARGET_PROGRAMS", "threads": "_ELEMS_PER_THREAD",
+         "split": "SPLIT_THRESHOLD"}
 
 
 def ints(text: str) -> list[int]:
@@ -54,7 +59,8 @@ def sweep(args) -> list[dict]:
     from fastddpm.kernels import groupnorm_gelu as gng
 
     grid = [dict(zip(KNOBS, values)) for values in
-            itertools.product([bool(v) for v in args.lane], args.tile, args.programs, args.threads)]
+            itertools.product([bool(v) for v in args.lane], args.tile, args.programs, args.threads,
+                              args.split or [gng.SPLIT_THRESHOLD])]
     default = {k: getattr(gng, attr) for k, attr in KNOBS.items()}
     rows = []
     for variant in args.variants:
@@ -101,6 +107,7 @@ def main(argv=None) -> int:
     p.add_argument("--tile", default="1024,2048,4096", type=ints)
     p.add_argument("--programs", default="528,2112", type=ints, help="target programs for a split group")
     p.add_argument("--threads", default="8,16", type=ints, help="elements per thread (sets num_warps)")
+    p.add_argument("--split", type=ints, help="largest group given one program (default: the kernel's own)")
     p.add_argument("--rounds", default=5, type=int)
     p.add_argument("--json", help="write every timing here, with the device, versions and commit")
     a = p.parse_args(argv)

@@ -87,14 +87,17 @@ def test_fallback_runner_writes_the_same_schema(tmp_path):
 
 
 def test_profile_and_launch_sweep_tools_run(tmp_path):
-    """The next GPU session's two diagnosis tools, at the smoke size: the step profile splits the
-    profiled time into categories that add up, for both layouts; the GroupNorm sweep guards every
-    setting against eager and tables one row per (variant, shape)."""
-    prof, tune = tmp_path / "prof.json", tmp_path / "tune.json"
+    """The next GPU session's diagnosis tools, at the smoke size: the step profile splits the
+    profiled time into categories that add up, for both layouts; the sampling profile times the
+    network's forward in each engine's kernels; the GroupNorm sweep guards every setting against
+    eager and tables one row per (variant, shape)."""
+    prof, tune, fwd = tmp_path / "prof.json", tmp_path / "tune.json", tmp_path / "fwd.json"
     for argv, out in ((["bench.profile_step", "--impls", "eager", "--steps", "1", "--knobs",
                         "none,cudnn_benchmark+force_layout+cudagraphs"], prof),
-                      (["bench.tune_groupnorm", "--tile", "16,32", "--programs", "4", "--threads", "8", "--rounds", "1",
-                        "--variants", "fwd+bwd"], tune)):
+                      (["bench.profile_step", "--workload", "sample", "--impls", "eager,fast", "--layouts", "nhwc",
+                        "--steps", "1"], fwd),
+                      (["bench.tune_groupnorm", "--tile", "16", "--programs", "4", "--threads", "8", "--rounds", "1",
+                        "--split", "0,4096", "--variants", "fwd+bwd"], tune)):
         proc = subprocess.run([sys.executable, "-m", *argv, "--json", str(out)], cwd=ROOT, env=_env(tmp_path),
                               capture_output=True, text=True, timeout=600)
         assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
@@ -104,9 +107,16 @@ def test_profile_and_launch_sweep_tools_run(tmp_path):
     for r in rows:
         assert r["step_s"] > 0 and r["categories"]["convolution"] > 0
         assert sum(r["categories"].values()) == pytest.approx(r["profiled_s"], rel=1e-6)
+    rows = json.loads(fwd.read_text())["rows"]  # the sampling network's forward, in each engine's kernels
+    assert [(r["workload"], r["impl"], r["batch"]) for r in rows] == [("sample", "eager", 1), ("sample", "fast", 1)]
+    assert all(r["categories"]["convolution"] > 0 for r in rows)
+    assert any("group_norm_gelu" in k["name"] for k in rows[1]["kernels"])  # the Triton path ran
+    assert not any("group_norm_gelu" in k["name"] for k in rows[0]["kernels"])
+    assert not any("backward" in k["name"].lower() for r in rows for k in r["kernels"])  # no gradients
     rows = json.loads(tune.read_text())["rows"]
     fast = [r for r in rows if r["impl"] == "fast"]
     assert len(fast) == 4 and {r["knobs"]["lane"] for r in fast} == {False, True}
+    assert {r["knobs"]["split"] for r in fast} == {0, 4096}  # the split path and one program per group
     assert all(r["guard"]["value"] <= r["guard"]["tol"] for r in fast)
 
 
