@@ -331,9 +331,9 @@ def denoising_record(weights, images: str, n: int) -> dict:
 def held_out(ref: str) -> str:
     """The test split of the reference's data (cifar10-jpeg:train -> cifar10-jpeg:test); a file or folder
     reference stands for itself."""
-    from fastddpm.evaluate import _data_split
+    from fastddpm.evaluate import data_split
 
-    split = _data_split(ref)
+    split = data_split(ref)
     return f"{split[0]}:test" if split else ref
 
 

@@ -43,7 +43,7 @@ class ImageSet:
     label: str  # how results on it are labelled, e.g. "CIFAR-10 (JPEG copy) train"
 
 
-def _data_split(spec: str) -> tuple[str, str] | None:
+def data_split(spec: str) -> tuple[str, str] | None:
     """(data, split) for DATA:SPLIT and NAME-SPLIT; None for a path."""
     if Path(spec).exists():
         return None
@@ -58,7 +58,7 @@ def _data_split(spec: str) -> tuple[str, str] | None:
 
 def load_image_set(spec: str, flag: str = "--ref") -> ImageSet:
     """The images an image-set spec names (see IMAGE_SETS_HELP); bad specs are UsageErrors."""
-    parsed = _data_split(spec)
+    parsed = data_split(spec)
     if parsed:
         data, split = parsed
         try:

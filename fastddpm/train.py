@@ -308,6 +308,10 @@ class Trainer:
         x0 = self.batches.batch(self.batches.epoch_indices(self.epoch)[self.batch_in_epoch], self.gen)
         inputs = self.gen.get_state()
         want = self.loss_and_grads(self.model, x0, inputs)
+        if not torch.isfinite(want[0]):  # eager itself: the weights (a resumed run's), not the compiler
+            self.gen.set_state(saved)
+            raise DivergenceError(f"the loss is {want[0].item()} before the first step (the eager model's, "
+                                  f"checking the compiled step)")
         self.warm_up_compiled(x0)  # other t and noise: a replay that ignores its new inputs shows
         got = self.loss_and_grads(self.net, x0, inputs)
         self.gen.set_state(saved)

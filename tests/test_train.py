@@ -267,6 +267,19 @@ def test_compiled_step_is_checked_against_eager_before_training(tmp_path, monkey
     assert all(torch.equal(a, b) for a, b in zip(compiled.model.parameters(), eager.model.parameters()))
 
 
+def test_non_finite_weights_stop_the_compile_check_as_a_divergence(tmp_path, monkeypatch):
+    """Weights that are already NaN (a resumed run's) make the eager loss NaN: that is a divergence
+    (exit 3, recorded), not a compiler fault (exit 4)."""
+    monkeypatch.setattr(torch, "compile", lambda net, mode=None: _Scaled(net, 1.0))
+    trainer = Trainer(tiny_config(compile=True, val_size=0), tmp_path, torch.device("cpu"), progress=False)
+    with torch.no_grad():
+        trainer.model.outc.bias.fill_(float("nan"))
+    with pytest.raises(DivergenceError, match="before the first step"):
+        trainer.fit()
+    events = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert events[-1]["event"] == "diverged" and trainer.step == 0
+
+
 class _Layouts(torch.nn.Module):
     """A "compiled" network that records whether each input came in channels_last."""
 
