@@ -1,7 +1,7 @@
 """``python -m bench.profile_step``: where one training step's (or sampling step's) time goes, per
-implementation, dtype and memory layout, from ``torch.profiler``: the step time (CUDA events around several steps), the
-time per kernel category (convolution, layout copies, matmul, attention, GroupNorm, optimizer and
-EMA, other) and the top kernels. The same trainer and batch as the train bench
+implementation, dtype and memory layout, from ``torch.profiler``: the step time (CUDA events around
+several steps), the time per kernel category (convolution, layout copies, matmul, attention,
+GroupNorm, optimizer and EMA, other) and the top kernels. The same trainer and batch as the train bench
 (``bench.test_train_step.trainer``); each setting also runs in NHWC (``--channels-last``), so the
 layout question (``--layouts nchw,nhwc``) is answered by ratios measured in one process. On the CPU
 it profiles operators (smoke size: it proves only that it runs).
