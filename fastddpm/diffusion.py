@@ -76,8 +76,9 @@ class Diffusion:
             t = torch.randint(0, self.T, (x0.shape[0],), device=x0.device, generator=generator)
         if noise is None:
             noise = torch.randn(x0.shape, device=x0.device, dtype=x0.dtype, generator=generator)
-            if x0.dim() == 4 and not x0.is_contiguous():  # channels_last: the same values, stored like x0
-                noise = torch.empty_like(x0).copy_(noise)  # (an NCHW noise would make the loss's gradient NCHW)
+            if x0.dim() == 4 and not x0.is_contiguous() and x0.is_contiguous(memory_format=torch.channels_last):
+                # the same values, stored like x0: an NCHW noise would make the loss's gradient NCHW
+                noise = noise.contiguous(memory_format=torch.channels_last)
         eps = model(self.q_sample(x0, t, noise), t)
         # The mean squared error, as a sum over the count: F.mse_loss's and mean()'s backwards return NCHW
         # gradients whatever the layout of eps (a channels_last step would turn NCHW at its last layer).

@@ -165,7 +165,7 @@ def denoising_error(model, diffusion, images: np.ndarray, ts=None, seed: int = 0
         for t in ts:
             noise = torch.randn(x0.shape, generator=gen, device=device)
             tt = torch.full((len(x0),), int(t), dtype=torch.long, device=device)
-            mse = (model(diffusion.q_sample(x0, tt, noise), tt).float() - noise).square().mean().item()
+            mse = diffusion.loss(model, x0, t=tt, noise=noise).item()  # eq. 13 at this t
             ab = diffusion.alpha_bars[int(t)].item()
             rows.append({"t": int(t), "alpha_bar": ab, "eps_mse": mse, "x0_rms_error": (mse * (1 - ab) / ab) ** 0.5})
     model.train(was_training)
