@@ -449,11 +449,13 @@ class Trainer:
                 records.append({"event": "compile_check", "epoch": self.epoch, "step": self.step,
                                 **self.check_compiled_step()})
                 self.write_metrics(records)
-            while self.epoch < cfg.epochs and not self.budget_spent(self.shared_elapsed()):
+            now, unsaved = self.shared_elapsed(), False
+            while self.epoch < cfg.epochs and not self.budget_spent(now):
                 record = self.run_epoch()
                 now = self.shared_elapsed()  # one clock for every rank: they all save (and check) or none does
-                if record.get("partial") or self.epoch >= cfg.epochs or self.budget_spent(now) or \
-                        now - self.saved_at >= cfg.ckpt_minutes * 60:
+                unsaved = not (record.get("partial") or self.epoch >= cfg.epochs or self.budget_spent(now) or
+                               now - self.saved_at >= cfg.ckpt_minutes * 60)
+                if not unsaved:
                     self.save()
                     self.saved_at = now
                 records.append(record)
@@ -468,7 +470,10 @@ class Trainer:
                 self.log(f"{what}  train {record['train_loss']:.4f}  val {val}  "
                          f"{record['images_per_s']:.0f} img/s{warm}  lr {record['lr']:.1e}  "
                          f"{record['elapsed_seconds'] / 60:.1f} min")
-            if self.budget_spent(self.shared_elapsed()):
+                now = self.shared_elapsed()  # read again: writing the record and its plot takes time
+            if unsaved:  # the budget ran out while the last epoch was recorded: the run's end is saved all the same
+                self.save()
+            if self.budget_spent(now):
                 records.append({"event": "time_budget", "budget_minutes": cfg.time_budget,
                                 "elapsed_seconds": self.elapsed(), "epoch": self.epoch, "step": self.step,
                                 "images_seen": self.step * cfg.batch_size * self.world})

@@ -472,6 +472,25 @@ def test_ckpt_minutes_spaces_epoch_end_checkpoints_and_the_end_is_always_saved(t
     assert all(b - a >= 28 for a, b in zip(saved, saved[1:-1]))
 
 
+def test_a_budget_spent_while_an_epoch_is_logged_still_ends_with_a_checkpoint(tmp_path, monkeypatch):
+    """The budget runs out after a whole epoch's last check but before the next epoch starts (here while
+    the epoch's record is written, as a slow loss plot does): the run must stop with that epoch saved.
+    CI caught the trainer reading the clock twice there and ending without a checkpoint."""
+    clock = _FakeClock()
+    trainer, _ = _budgeted(tmp_path, 0.25, clock, ckpt_minutes=10)  # 15 s; epochs of 7 s; no cadence saves
+    real_write = trainer.write_metrics
+
+    def write_metrics(records, plot_title=None):
+        if plot_title is not None and trainer.step == 14:  # the second epoch ends at 14 s: 1 s short
+            clock.now += 5.0
+        real_write(records, plot_title)
+
+    monkeypatch.setattr(trainer, "write_metrics", write_metrics)
+    records = trainer.fit()
+    assert trainer.step == 14 and records[-1]["event"] == "time_budget"
+    assert read_checkpoint(tmp_path / "checkpoint.pt")["step"] == 14
+
+
 def test_epoch_records_time_the_first_step_apart(tmp_path):
     """A first step that takes a second longer (as a compiling one does) is reported as warmup_seconds
     and left out of images_per_s."""
