@@ -449,17 +449,22 @@ class Trainer:
                 records.append({"event": "compile_check", "epoch": self.epoch, "step": self.step,
                                 **self.check_compiled_step()})
                 self.write_metrics(records)
-            now, unsaved = self.shared_elapsed(), False
+            # The run's end is always saved: a fresh run whose compile check spent the budget too (step 0,
+            # so that --resume continues its clock), and an epoch end the checks below passed over.
+            now, unsaved = self.shared_elapsed(), self.step == 0
             while self.epoch < cfg.epochs and not self.budget_spent(now):
                 record = self.run_epoch()
                 now = self.shared_elapsed()  # one clock for every rank: they all save (and check) or none does
                 unsaved = not (record.get("partial") or self.epoch >= cfg.epochs or self.budget_spent(now) or
-                               now - self.saved_at >= cfg.ckpt_minutes * 60)
+                               now - self.saved_at >= cfg.ckpt_minutes * 60 or
+                               (cfg.ckpt_every and self.step % cfg.ckpt_every == 0))  # run_epoch leaves it here
+                records.append(record)
+                # The record before the checkpoint: a crash between them leaves a record --resume drops
+                # (it is past the checkpoint), not a checkpoint whose epoch has no record.
+                self.write_metrics(records, plot_title=title)
                 if not unsaved:
                     self.save()
                     self.saved_at = now
-                records.append(record)
-                self.write_metrics(records, plot_title=title)
                 val = f"{record['val_loss']:.4f}" if record["val_loss"] is not None else "off"
                 warm = (f" (first step {record['warmup_seconds']:.1f} s"  # the check compiled, where it ran
                         f"{'' if self.checks_compiled_step else ', compilation included'}, not counted)"
@@ -471,7 +476,7 @@ class Trainer:
                          f"{record['images_per_s']:.0f} img/s{warm}  lr {record['lr']:.1e}  "
                          f"{record['elapsed_seconds'] / 60:.1f} min")
                 now = self.shared_elapsed()  # read again: writing the record and its plot takes time
-            if unsaved:  # the budget ran out while the last epoch was recorded: the run's end is saved all the same
+            if unsaved:  # e.g. the budget ran out while the last epoch was recorded
                 self.save()
             if self.budget_spent(now):
                 records.append({"event": "time_budget", "budget_minutes": cfg.time_budget,

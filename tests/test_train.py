@@ -8,7 +8,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from fastddpm import train as train_mod
 from fastddpm.checkpoint import load_checkpoint, read_checkpoint
 from fastddpm.errors import DivergenceError, UsageError
-from fastddpm.train import EMA, Trainer, training_kernels
+from fastddpm.train import EMA, Trainer, read_metrics, training_kernels
 from tests.conftest import tiny_config
 
 
@@ -488,7 +488,31 @@ def test_a_budget_spent_while_an_epoch_is_logged_still_ends_with_a_checkpoint(tm
     monkeypatch.setattr(trainer, "write_metrics", write_metrics)
     records = trainer.fit()
     assert trainer.step == 14 and records[-1]["event"] == "time_budget"
-    assert read_checkpoint(tmp_path / "checkpoint.pt")["step"] == 14
+    ckpt = read_checkpoint(tmp_path / "checkpoint.pt")
+    assert ckpt["step"] == 14 and ckpt["epoch"] == 2
+    assert [r["epoch"] for r in read_metrics(tmp_path) if "event" not in r] == [1, 2]  # a record per saved epoch
+
+
+def test_a_compile_check_that_spends_the_budget_still_leaves_a_checkpoint(tmp_path, monkeypatch):
+    """A fresh run whose compile check outlasts its budget trains nothing, but ends as every budgeted
+    run does: with a checkpoint at step 0 whose clock --resume continues (compilation counts)."""
+    clock = _FakeClock()
+    trainer, _ = _budgeted(tmp_path, 0.25, clock)
+    monkeypatch.setattr(type(trainer), "checks_compiled_step", property(lambda self: True))
+    monkeypatch.setattr(trainer, "check_compiled_step", lambda: clock.__setattr__("now", clock.now + 20.0) or {})
+    records = trainer.fit()
+    assert trainer.step == 0 and records[-1]["event"] == "time_budget"
+    ckpt = read_checkpoint(tmp_path / "checkpoint.pt")
+    assert ckpt["step"] == 0 and ckpt["train_seconds"] >= 20.0
+
+
+def test_ckpt_every_on_an_epoch_end_saves_there_whatever_the_minutes_cadence(tmp_path, monkeypatch):
+    trainer, _ = _budgeted(tmp_path, 0.5, _FakeClock(), ckpt_every=7, ckpt_minutes=10)  # 7-step epochs
+    saved = []
+    real_save = trainer.save
+    monkeypatch.setattr(trainer, "save", lambda: saved.append(trainer.step) or real_save())
+    trainer.fit()
+    assert saved[:4] == [7, 14, 21, 28], saved
 
 
 def test_epoch_records_time_the_first_step_apart(tmp_path):
