@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import re
 import sys
 import time
 from pathlib import Path
@@ -205,15 +206,22 @@ def run_samplers(loaded, configs, a, info: dict, write, save) -> None:
 SWEEP = "dpm++10,ddim10,dpm++20,ddim20,ddim50,ddim100,ddpm"  # cheapest first: a cut-off run keeps those
 
 
+SWEEP_NAME = re.compile(r"(?P<sampler>dpm\+\+|ddim)(?P<steps>[0-9]+)|ddim(?P<ddim>[0-9]+)-eta(?P<eta>[0-9]+(\.[0-9]+)?)|ddpm")
+
+
 def sweep_settings(name: str) -> dict:
-    """"ddpm" (all T steps), "ddimK", "dpm++K" -> sample()'s settings (DDIM with sample()'s default
-    eta 0: deterministic, as in the DDIM paper's FID tables)."""
-    for sampler in ("dpm++", "ddim"):
-        if name.startswith(sampler) and name[len(sampler):].isdigit():
-            return {"sampler": sampler, "steps": int(name[len(sampler):])}
-    if name == "ddpm":
-        return {"sampler": "ddpm"}
-    raise SystemExit(f"--configs {name}: each is ddpm, ddimK or dpm++K (K steps), e.g. {SWEEP}")
+    """"ddpm" (all T steps), "ddimK", "dpm++K", "ddimK-etaE" -> sample()'s settings. Plain "ddimK" has
+    sample()'s default eta 0 (deterministic, as in the DDIM paper's FID tables); "-etaE" adds noise
+    (eta 1: DDPM-like variances on the strided steps)."""
+    m = SWEEP_NAME.fullmatch(name)
+    if m is None:
+        raise SystemExit(f"--configs {name}: each is ddpm, ddimK, ddimK-etaE or dpm++K (K steps, E the DDIM eta), "
+                         f"e.g. {SWEEP}")
+    if m["sampler"]:
+        return {"sampler": m["sampler"], "steps": int(m["steps"])}
+    if m["ddim"]:
+        return {"sampler": "ddim", "steps": int(m["ddim"]), "eta": float(m["eta"])}
+    return {"sampler": "ddpm"}
 
 
 def npz_name(name: str) -> str:
@@ -489,7 +497,7 @@ def main(argv=None) -> int:
     w = sub.add_parser("sweep", help="on the GPU: every sampler of the sweep on one model, the same N")
     w.add_argument("--weights", required=True, help="a checkpoint or exported weights (ema-fp16.pt)")
     w.add_argument("--out", required=True, help="what comes back ($OUT)")
-    w.add_argument("--configs", default=SWEEP, help=f"comma-separated: ddpm, ddimK, dpm++K (default {SWEEP})")
+    w.add_argument("--configs", default=SWEEP, help=f"comma-separated: ddpm, ddimK, ddimK-etaE, dpm++K (default {SWEEP})")
     w.add_argument("--n", type=int, default=2048, help="images per sampler (default 2,048: 7 .npz of 6 MiB, "
                                                        "42 MiB of the device's 64 MiB return)")
     w.add_argument("--seed", type=int, default=0)

@@ -190,9 +190,13 @@ def metrics_module():
 def report_lines(result: dict) -> list[str]:
     """One line per metric, each saying how many images it was measured on."""
     against = f"N={result['n']} vs {result['n_ref']} {result['ref_label']}"
-    lines = [f"FID {result['fid']:.2f} ({against})",
-             f"KID {result['kid_mean']:.4f} ± {result['kid_std']:.4f} ({against}, {result['kid_subsets']} subsets "
-             f"of {result['kid_subset_size']})"]
+    size = result["kid_subset_size"]
+    if size == result["n"] == result["n_ref"]:  # each "random" subset is both whole sets: its spread of 0 says nothing
+        kid = f"KID {result['kid_mean']:.4f} ({against}, one subset of all images: no spread)"
+    else:
+        kid = (f"KID {result['kid_mean']:.4f} ± {result['kid_std']:.4f} ({against}, {result['kid_subsets']} subsets "
+               f"of {size})")
+    lines = [f"FID {result['fid']:.2f} ({against})", kid]
     if result["isc_mean"] is None:
         lines.append("IS: n/a (the offline TorchScript Inception has no logits; pass --inception-weights "
                      "weights-inception-2015-12-05-6726825d.pth, torch-fidelity's weights, for IS)")

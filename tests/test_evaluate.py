@@ -41,7 +41,8 @@ def test_samples_npz_against_a_reference_npz(tmp_path, monkeypatch):
     assert Image.open(tmp_path / "out" / "compare.png").size[0] > 2 * 8 * 32  # both grids, side by side
     lines = out.splitlines()
     assert any(line.startswith("FID ") and line.endswith(f"(N=6 vs 6 {ref})") for line in lines), out
-    assert any(line.startswith("KID ") and "N=6 vs 6" in line for line in lines), out
+    assert any(line.startswith("KID ") and "N=6 vs 6" in line and line.endswith("no spread)") and "±" not in line
+               for line in lines), out  # 6 vs 6: each subset is both whole sets
     assert any(line.startswith("IS: n/a (") for line in lines), out
     assert "statistics cached in" in out
     result = json.loads((tmp_path / "out" / "r.json").read_text())
@@ -192,3 +193,12 @@ def test_denoising_error_against_its_closed_form():
         expected = ab * x0_sq + (1 - (1 - ab) ** 0.5) ** 2
         assert r["eps_mse"] == pytest.approx(expected, rel=0.02, abs=1e-4), r
         assert r["x0_rms_error"] == pytest.approx((r["eps_mse"] * (1 - ab) / ab) ** 0.5)
+
+
+def test_kid_reports_its_spread_only_where_the_subsets_differ():
+    result = {"fid": 1.0, "kid_mean": 0.01, "kid_std": 0.002, "kid_subsets": 100, "kid_subset_size": 1000, "n": 5120,
+              "n_ref": 5120, "ref_label": "ref", "isc_mean": None}
+    kid = evaluate.report_lines(result)[1]
+    assert kid == "KID 0.0100 ± 0.0020 (N=5120 vs 5120 ref, 100 subsets of 1000)"
+    kid = evaluate.report_lines({**result, "kid_subset_size": 512, "n": 512, "n_ref": 512, "kid_std": 0.0})[1]
+    assert kid == "KID 0.0100 (N=512 vs 512 ref, one subset of all images: no spread)"

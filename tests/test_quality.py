@@ -166,6 +166,9 @@ def test_sweep_names_are_checked():
     assert quality.sweep_settings("dpm++10") == {"sampler": "dpm++", "steps": 10}
     assert quality.sweep_settings("ddim100") == {"sampler": "ddim", "steps": 100}
     assert quality.sweep_settings("ddpm") == {"sampler": "ddpm"}
-    for bad in ("ddim", "dpm10", "ddpm1000x"):
-        with pytest.raises(SystemExit, match=f"--configs {bad}"):
+    assert quality.sweep_settings("ddim50-eta1") == {"sampler": "ddim", "steps": 50, "eta": 1.0}
+    assert quality.sweep_settings("ddim20-eta0.5") == {"sampler": "ddim", "steps": 20, "eta": 0.5}
+    assert quality.npz_name("ddim20-eta0.5") == "samples-ddim20-eta0.5.npz"  # a name the device brings back
+    for bad in ("ddim", "dpm10", "ddpm1000x", "dpm++10-eta1", "ddim50-eta", "ddim50-eta-1", "ddim50-eta1.", "ddpm-eta1"):
+        with pytest.raises(SystemExit, match=re.escape(f"--configs {bad}:")):
             quality.sweep_settings(bad)
