@@ -204,9 +204,9 @@ def run_samplers(loaded, configs, a, info: dict, write, save) -> None:
 # --- on the GPU: the sampler sweep (issue 13) ----------------------------------------------------
 
 SWEEP = "dpm++10,ddim10,dpm++20,ddim20,ddim50,ddim100,ddpm"  # cheapest first: a cut-off run keeps those
-
-
-SWEEP_NAME = re.compile(r"(?P<sampler>dpm\+\+|ddim)(?P<steps>[0-9]+)|ddim(?P<ddim>[0-9]+)-eta(?P<eta>[0-9]+(\.[0-9]+)?)|ddpm")
+SWEEP_MAX = 7  # samplers in one call: their .npz and sweep.json are the 8 files the device brings back
+SWEEP_NAME = re.compile(r"(?P<sampler>dpm\+\+|ddim)(?P<steps>[0-9]+)"
+                        r"|ddim(?P<ddim>[0-9]+)-eta(?P<eta>[0-9]+(\.[0-9]+)?)|ddpm")
 
 
 def sweep_settings(name: str) -> dict:
@@ -224,6 +224,23 @@ def sweep_settings(name: str) -> dict:
     return {"sampler": "ddpm"}
 
 
+def sweep_configs(names: str) -> list[tuple[str, dict]]:
+    """--configs -> [(name, settings)]: each name checked, none the same sampler twice (ddim50 and
+    ddim50-eta0 would be sampled twice and scored as two rows), at most SWEEP_MAX."""
+    configs, seen = [], {}
+    for name in names.split(","):
+        settings = sweep_settings(name)
+        key = (settings["sampler"], settings.get("steps"), settings.get("eta", 0.0))  # sample()'s default eta is 0
+        if key in seen:
+            raise SystemExit(f"--configs {names}: {seen[key]} and {name} are the same sampler")
+        seen[key] = name
+        configs.append((name, settings))
+    if len(configs) > SWEEP_MAX:
+        raise SystemExit(f"--configs {names}: {len(configs)} samplers; at most {SWEEP_MAX} in one call (the device "
+                         f"brings back 8 files: their .npz and sweep.json)")
+    return configs
+
+
 def npz_name(name: str) -> str:
     """The returned file of one sampler: the device brings back only names of letters, digits, ".", "_"
     and "-" ("dpm++10" -> samples-dpmpp10.npz)."""
@@ -238,7 +255,7 @@ def cmd_sweep(a) -> int:
     from fastddpm.checkpoint import load_checkpoint
     from fastddpm.sampling import default_device, save_npz
 
-    configs = [(name, sweep_settings(name)) for name in a.configs.split(",")]  # bad names fail before loading
+    configs = sweep_configs(a.configs)  # bad names fail before loading
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     loaded = load_checkpoint(a.weights, device=default_device())
@@ -497,7 +514,8 @@ def main(argv=None) -> int:
     w = sub.add_parser("sweep", help="on the GPU: every sampler of the sweep on one model, the same N")
     w.add_argument("--weights", required=True, help="a checkpoint or exported weights (ema-fp16.pt)")
     w.add_argument("--out", required=True, help="what comes back ($OUT)")
-    w.add_argument("--configs", default=SWEEP, help=f"comma-separated: ddpm, ddimK, ddimK-etaE, dpm++K (default {SWEEP})")
+    w.add_argument("--configs", default=SWEEP,
+                   help=f"comma-separated, at most {SWEEP_MAX}: ddpm, ddimK, ddimK-etaE, dpm++K (default {SWEEP})")
     w.add_argument("--n", type=int, default=2048, help="images per sampler (default 2,048: 7 .npz of 6 MiB, "
                                                        "42 MiB of the device's 64 MiB return)")
     w.add_argument("--seed", type=int, default=0)

@@ -445,24 +445,28 @@ class Trainer:
         title = f"{data_mod.describe(cfg.data)}, T={cfg.T}, {cfg.dtype}, preset {cfg.preset}"
         self.clock_start = self.clock()
         try:
+            checked = False
             if self.checks_compiled_step and self.epoch < cfg.epochs and not self.budget_spent(self.elapsed()):
                 records.append({"event": "compile_check", "epoch": self.epoch, "step": self.step,
                                 **self.check_compiled_step()})
                 self.write_metrics(records)
-            # The run's end is always saved: a fresh run whose compile check spent the budget too (step 0,
-            # so that --resume continues its clock), and an epoch end the checks below passed over.
-            now, unsaved = self.shared_elapsed(), self.step == 0
+                checked = True
+            # The run's end is always saved, with its clock: also where the compile check spent the budget
+            # (a fresh run then saves step 0, so that --resume continues that clock), and where an epoch's
+            # end was passed over below and the budget ran out while it was recorded.
+            now, end_saved = self.shared_elapsed(), not (self.step == 0 or checked)
             while self.epoch < cfg.epochs and not self.budget_spent(now):
                 record = self.run_epoch()
                 now = self.shared_elapsed()  # one clock for every rank: they all save (and check) or none does
-                unsaved = not (record.get("partial") or self.epoch >= cfg.epochs or self.budget_spent(now) or
-                               now - self.saved_at >= cfg.ckpt_minutes * 60 or
-                               (cfg.ckpt_every and self.step % cfg.ckpt_every == 0))  # run_epoch leaves it here
+                end_saved = bool(record.get("partial") or self.epoch >= cfg.epochs or self.budget_spent(now) or
+                                 now - self.saved_at >= cfg.ckpt_minutes * 60 or
+                                 # run_epoch leaves a --ckpt-every step that ends an epoch to this save
+                                 (cfg.ckpt_every and self.step % cfg.ckpt_every == 0))
                 records.append(record)
                 # The record before the checkpoint: a crash between them leaves a record --resume drops
                 # (it is past the checkpoint), not a checkpoint whose epoch has no record.
                 self.write_metrics(records, plot_title=title)
-                if not unsaved:
+                if end_saved:
                     self.save()
                     self.saved_at = now
                 val = f"{record['val_loss']:.4f}" if record["val_loss"] is not None else "off"
@@ -476,7 +480,7 @@ class Trainer:
                          f"{record['images_per_s']:.0f} img/s{warm}  lr {record['lr']:.1e}  "
                          f"{record['elapsed_seconds'] / 60:.1f} min")
                 now = self.shared_elapsed()  # read again: writing the record and its plot takes time
-            if unsaved:  # e.g. the budget ran out while the last epoch was recorded
+            if not end_saved:
                 self.save()
             if self.budget_spent(now):
                 records.append({"event": "time_budget", "budget_minutes": cfg.time_budget,
@@ -563,7 +567,7 @@ def build_parser() -> ArgumentParser:
     p.add_argument("--ckpt-minutes", type=float, metavar="M",
                    help="at epoch ends, checkpoint only when M minutes of training have passed since the last one "
                         "(default 0: at every epoch end; short GPU epochs spend a few %% on 200 MB writes); the "
-                        "run's end is always checkpointed")
+                        "run's end, and every --ckpt-every step, are always checkpointed")
     p.add_argument("--n-samples", type=int, help=f"images in OUT/samples.png at the end (default {d.n_samples})")
     p.add_argument("--val-size", type=int, help=f"validation images for the val loss (default {d.val_size})")
     p.add_argument("--train-size", type=int, help="train on a fixed random subset of N images (default: all)")

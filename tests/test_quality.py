@@ -179,3 +179,11 @@ def test_sweep_names_are_checked():
     for bad in bad_names:
         with pytest.raises(SystemExit, match=re.escape(f"--configs {bad}:")):
             quality.sweep_settings(bad)
+    assert quality.sweep_configs("ddpm,ddim50-eta1") == [("ddpm", {"sampler": "ddpm"}),
+                                                         ("ddim50-eta1", {"sampler": "ddim", "steps": 50, "eta": 1.0})]
+    for twice in ("ddim50,ddim50-eta0", "ddim50-eta1,ddim50-eta1.0"):
+        with pytest.raises(SystemExit, match="are the same sampler"):
+            quality.sweep_configs(twice)
+    assert len(quality.sweep_configs(quality.SWEEP)) == quality.SWEEP_MAX
+    with pytest.raises(SystemExit, match="8 samplers; at most 7"):
+        quality.sweep_configs(quality.SWEEP + ",ddim50-eta1")

@@ -440,6 +440,13 @@ def _budgeted(tmp_path, budget_minutes, clock, resume=None, **overrides):
     return trainer, seen
 
 
+def _saved_steps(trainer, monkeypatch) -> list[int]:
+    """The step of each checkpoint ``trainer`` writes from now on."""
+    saved, real_save = [], trainer.save
+    monkeypatch.setattr(trainer, "save", lambda: saved.append(trainer.step) or real_save())
+    return saved
+
+
 def test_time_budget_stops_the_run_drops_the_lr_at_80_percent_and_resumes_its_clock(tmp_path):
     clock = _FakeClock()
     trainer, seen = _budgeted(tmp_path, 1.0, clock)  # 60 s: 60 steps of one second
@@ -464,9 +471,7 @@ def test_time_budget_stops_the_run_drops_the_lr_at_80_percent_and_resumes_its_cl
 def test_ckpt_minutes_spaces_epoch_end_checkpoints_and_the_end_is_always_saved(tmp_path, monkeypatch):
     clock = _FakeClock()
     trainer, _ = _budgeted(tmp_path, 1.0, clock, ckpt_minutes=0.5)  # 7-second epochs, a checkpoint every 30 s
-    saved = []
-    real_save = trainer.save
-    monkeypatch.setattr(trainer, "save", lambda: saved.append(trainer.step) or real_save())
+    saved = _saved_steps(trainer, monkeypatch)
     trainer.fit()
     assert saved[-1] == trainer.step and len(saved) <= 3, saved
     assert all(b - a >= 28 for a, b in zip(saved, saved[1:-1]))
@@ -493,26 +498,40 @@ def test_a_budget_spent_while_an_epoch_is_logged_still_ends_with_a_checkpoint(tm
     assert [r["epoch"] for r in read_metrics(tmp_path) if "event" not in r] == [1, 2]  # a record per saved epoch
 
 
-def test_a_compile_check_that_spends_the_budget_still_leaves_a_checkpoint(tmp_path, monkeypatch):
-    """A fresh run whose compile check outlasts its budget trains nothing, but ends as every budgeted
-    run does: with a checkpoint at step 0 whose clock --resume continues (compilation counts)."""
-    clock = _FakeClock()
-    trainer, _ = _budgeted(tmp_path, 0.25, clock)
+def _with_a_slow_compile_check(trainer, clock, seconds: float, monkeypatch):
+    """``trainer`` checks a compiled step first, and the check takes ``seconds`` of ``clock``."""
     monkeypatch.setattr(type(trainer), "checks_compiled_step", property(lambda self: True))
-    monkeypatch.setattr(trainer, "check_compiled_step", lambda: clock.__setattr__("now", clock.now + 20.0) or {})
+
+    def check():
+        clock.now += seconds
+        return {}
+
+    monkeypatch.setattr(trainer, "check_compiled_step", check)
+
+
+@pytest.mark.parametrize("resumed", [False, True])
+def test_a_compile_check_that_spends_the_budget_still_ends_with_a_checkpoint(tmp_path, monkeypatch, resumed):
+    """A run whose compile check outlasts its budget trains no further, but ends as every budgeted run
+    does: with a checkpoint whose clock counts the check (a fresh run's at step 0), for --resume."""
+    before = 0
+    if resumed:  # 15 s of training first, without a check
+        trainer, _ = _budgeted(tmp_path, 0.25, _FakeClock())
+        trainer.fit()
+        before = trainer.step
+    clock = _FakeClock()
+    trainer, _ = _budgeted(tmp_path, 0.5, clock, resume=resumed)
+    _with_a_slow_compile_check(trainer, clock, 40.0, monkeypatch)
     records = trainer.fit()
-    assert trainer.step == 0 and records[-1]["event"] == "time_budget"
+    assert trainer.step == before and records[-1]["event"] == "time_budget"
     ckpt = read_checkpoint(tmp_path / "checkpoint.pt")
-    assert ckpt["step"] == 0 and ckpt["train_seconds"] >= 20.0
+    assert ckpt["step"] == before and ckpt["train_seconds"] >= before + 40.0
 
 
 def test_ckpt_every_on_an_epoch_end_saves_there_whatever_the_minutes_cadence(tmp_path, monkeypatch):
-    trainer, _ = _budgeted(tmp_path, 0.5, _FakeClock(), ckpt_every=7, ckpt_minutes=10)  # 7-step epochs
-    saved = []
-    real_save = trainer.save
-    monkeypatch.setattr(trainer, "save", lambda: saved.append(trainer.step) or real_save())
+    trainer, _ = _budgeted(tmp_path, 0.5, _FakeClock(), ckpt_every=7, ckpt_minutes=10)  # 7-step epochs, 30 s
+    saved = _saved_steps(trainer, monkeypatch)
     trainer.fit()
-    assert saved[:4] == [7, 14, 21, 28], saved
+    assert saved == [7, 14, 21, 28, 35], saved
 
 
 def test_epoch_records_time_the_first_step_apart(tmp_path):
