@@ -401,7 +401,8 @@ def versions() -> dict:
 
 def extra_info(case: Case, median: Optional[float], probe_s: Optional[float], guard_info: dict) -> dict:
     """Everything a result records. ``seconds`` is per operation; with a probe, ``items_per_s`` is
-    the marginal rate (fixed per-call cost split off into ``fixed_s``)."""
+    the marginal rate (fixed per-call cost split off into ``fixed_s``), and so are the TFLOP/s, GB/s,
+    MFU and roofline share derived from it: a rate and its share of the peak describe the same work."""
     pk = peaks()
     sec = median / case.calls if median is not None else None
     per_item = fixed = None
@@ -410,8 +411,8 @@ def extra_info(case: Case, median: Optional[float], probe_s: Optional[float], gu
         fixed = max(median - case.items * per_item, 0.0)
     elif sec is not None:
         per_item = sec / case.items
-    tflops = case.flops / sec / 1e12 if sec and case.flops else None
-    gbps = case.bytes / sec / 1e9 if sec and case.bytes else None
+    tflops = case.flops / case.items / per_item / 1e12 if per_item and case.flops else None
+    gbps = case.bytes / case.items / per_item / 1e9 if per_item and case.bytes else None
     info = {
         "workload": case.workload, "impl": case.impl, "dtype": case.dtype, **case.info,
         "size": SIZE, "device_type": DEVICE.type,

@@ -51,7 +51,8 @@ for pair in pytest_benchmark:pytest-benchmark pynvml:nvidia-ml-py; do
     say "note: ${pair##*:} is not installed and cannot be (the results say so)"
 done
 nvidia-smi >"$DEST/nvidia-smi.txt" 2>&1 || true
-CARD=$("$PY" -c "import re, torch; print(re.sub(r'[^a-z0-9]+', '-', torch.cuda.get_device_name().lower().replace('nvidia', '')).strip('-'))" 2>/dev/null || echo cpu)
+CARD=$("$PY" -c "import torch; from fastddpm.measured import card_slug; print(card_slug(torch.cuda.get_device_name()))" \
+  2>/dev/null || echo cpu)
 NAME="$(date -u +%Y-%m-%d)-$CARD"
 say "device $CARD, commit ${FASTDDPM_GIT_COMMIT:-unknown}, stages: $STAGES, budget ${BUDGET}s"
 

@@ -194,8 +194,7 @@ def run_samplers(loaded, configs, a, info: dict, write, save) -> None:
         record["wall_seconds"] = time.perf_counter() - start
         info["samplers"][name] = record
         write()
-        print(f"{name}: {a.n} images in {describe_timings(record['timings'])} (engine {record['timings']['engine']})",
-              flush=True)
+        print(f"{name}: {a.n} images in {describe_timings(record['timings'])}", flush=True)  # it names the engine
     if torch.cuda.is_available():
         info["peak_memory_bytes"] = torch.cuda.max_memory_allocated()
     write()
@@ -455,10 +454,9 @@ def cmd_record(a) -> int:
 
 
 def _card(device: dict) -> str:
-    import re
+    from fastddpm.measured import card_slug
 
-    name = device.get("name") or "cpu"
-    return re.sub(r"[^a-z0-9]+", "-", name.lower().replace("nvidia", "")).strip("-")
+    return card_slug(device.get("name") or "cpu")
 
 
 # --- smoke data -------------------------------------------------------------------------------

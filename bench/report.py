@@ -114,6 +114,15 @@ def groups(entries, workload, fields):
                                                                           order.get(kv[0][-1], 9)))}
 
 
+def mfu(i: dict):
+    """The share of the bf16 peak at the result's (marginal) rate. Results written before the bench
+    derived ``mfu`` from that rate counted a probed call's fixed cost in it; recomputed here so that
+    a rate and its MFU always describe the same work."""
+    if i.get("flops") and i.get("items") and i.get("items_per_s") and i.get("peak_bf16_tflops"):
+        return i["flops"] / i["items"] * i["items_per_s"] / 1e12 / i["peak_bf16_tflops"]
+    return i.get("mfu")
+
+
 def header_text(entries, header) -> str:
     i = entries[0]["extra_info"]
     dev, v, git = i.get("device", {}), i.get("versions", {}), i.get("git", {})
@@ -150,7 +159,7 @@ def train_section(entries) -> str:
         ips = {m: d[m].get("items_per_s") if m in d else None for m in IMPLS[:3]}
         rows.append([dtype, f"{batch} ({preset})", *(num(ips[m]) for m in IMPLS[:3]),
                      ratio(ips["fast"], ips["eager"]), ratio(ips["fast"], ips["compiled"]),
-                     ratio(ips["fast"], eager32), " / ".join(pct(d[m].get("mfu")) if m in d else "—"
+                     ratio(ips["fast"], eager32), " / ".join(pct(mfu(d[m])) if m in d else "—"
                                                              for m in IMPLS[:3]),
                      " / ".join(num(train_hours(d[m])) if m in d else "—" for m in IMPLS[:3])])
     return "## Training step (images/s)\n\n" + table(
@@ -186,7 +195,7 @@ def graphed_train_table(g) -> str:
             rows.append([dtype, f"{batch} ({preset})", *(num(ips[m]) for m in ("compiled", *cols)),
                          *(ratio(ips[m], ips["compiled"]) for m in cols),
                          ratio(ips.get(fast), ips.get(comp)) + (f" ({fast} / {comp})" if fast and comp else ""),
-                         " / ".join(pct(d[m].get("mfu")) if m in d else "—" for m in cols)])
+                         " / ".join(pct(mfu(d[m])) if m in d else "—" for m in cols)])
     if not rows:
         return ""
     return "\n\nWith CUDA graphs (`--compile-mode reduce-overhead`), images/s:\n\n" + table(
@@ -203,7 +212,7 @@ def sample_section(entries) -> str:
         ips = {m: d[m].get("items_per_s") if m in d else None for m in IMPLS}
         rows.append([dtype, batch, *(num(ips[m]) for m in IMPLS), ratio(ips["fast"], ips["eager"]),
                      ratio(ips["fast"], ips["compiled"]), ratio(ips["fast"], ips["diffusers"]),
-                     pct(d.get("fast", {}).get("mfu"))])
+                     pct(mfu(d["fast"]) if "fast" in d else None)])
         for m in IMPLS:
             if m in d:
                 proj.append([m, dtype, num(sample_seconds(d[m], 1000)), num(sample_seconds(d[m], 2000)),
@@ -277,14 +286,19 @@ def targets_section(entries) -> str:
                      f"**{fg_best / cg_best:.2f}×** — {verdict(fg_best / cg_best >= 1.5)} (each side's best "
                      f"layout{unmeasured(graphed)})")
     for name, i in (("fast", fast), (fg_name, graphed.get(fg_name))):
-        if i and i.get("mfu") is not None:
+        if i and mfu(i) is not None:
             lines.append(f"- training, bf16, batch {b}: {name} ≥ 25% of the bf16 matmul peak: "
-                         f"**{pct(i['mfu'])}** — {verdict(i['mfu'] >= 0.25)}")
+                         f"**{pct(mfu(i))}** — {verdict(mfu(i) >= 0.25)}")
     s = one("sampling", "bf16", "fast")
     if s and s.get("items_per_s"):
         secs = sample_seconds(s, 1000)
+        floor = ""
+        if s.get("flops") and s.get("items") and s.get("peak_bf16_tflops"):  # what stands in the way: arithmetic
+            flop_s = s["flops"] / s["items"] * N_IMAGES * 1000 / (s["peak_bf16_tflops"] * 1e12)
+            floor = (f" (the network's FLOPs alone take {flop_s:.1f} s at the measured bf16 peak: 30 s needs "
+                     f"{pct(flop_s / 30)} of it sustained over the whole chain; measured {pct(mfu(s))})")
         lines.append(f"- sampling 5,120 images at T = 1000 (bf16 fast) in ≤ 30 s: **{secs:.1f} s** — "
-                     f"{verdict(secs <= 30)}")
+                     f"{verdict(secs <= 30)}{floor}")
     sp = {d: speedup("sampling", d) for d in DTYPES}
     sp = {d: v for d, v in sp.items() if v is not None}
     if sp:
@@ -304,11 +318,59 @@ def targets_section(entries) -> str:
     return "## Targets (issue 11; read from this JSON)\n\n" + ("\n".join(lines) or "No result for a target.")
 
 
-def render(entries, header=None) -> str:
+def auto_choices(entries) -> dict:
+    """What ``auto`` should choose on the card of ``entries`` (fastddpm.measured.Measured's fields but
+    ``source``): per dtype, the faster of the two paths measured side by side, at the headline batch.
+    Sampling: engine fast or compiled. Training, compiled: the GroupNorm path, "triton" where our
+    kernels' step was faster, per compile mode (default: fast vs compiled; reduce-overhead:
+    fast-graphs vs compiled-graphs, NCHW). A dtype or mode missing either side has no entry."""
+    info = [e["extra_info"] for e in entries]
+
+    def rate(workload, dtype, impl):
+        i = next((i for i in info if i["workload"] == workload and i["dtype"] == dtype and i["impl"] == impl
+                  and i.get("batch") == HEADLINE_BATCH[workload]), None)
+        return i.get("items_per_s") if i else None
+
+    def faster(workload, pair, names):
+        out = {}
+        for d in DTYPES:
+            a, b = (rate(workload, d, impl) for impl in pair)
+            if a and b:
+                out[d] = names[0] if a > b else names[1]
+        return out
+
+    modes = {mode: faster("train_step", pair, ("triton", "torch")) for mode, pair in
+             (("default", ("fast", "compiled")), ("reduce-overhead", ("fast-graphs", "compiled-graphs")))}
+    return {"sample_engine": faster("sampling", ("fast", "compiled"), ("fast", "compiled")),
+            "train_kernels": {mode: d for mode, d in modes.items() if d}}
+
+
+def auto_section(entries, source: str | None) -> str:
+    """The fastddpm.measured entry this results file supports, and whether the code has it."""
+    if not entries or entries[0]["extra_info"].get("device_type") != "cuda":
+        return ""
+    from fastddpm.measured import MEASURED, card_slug
+
+    card = card_slug(entries[0]["extra_info"].get("device", {}).get("name") or "")
+    got = auto_choices(entries)
+    if not got["sample_engine"] and not got["train_kernels"]:
+        return ""
+    entry = (f'"{card}": Measured(source="{source or "bench/results/<this file>.json"}", '
+             f'sample_engine={json.dumps(got["sample_engine"])}, train_kernels={json.dumps(got["train_kernels"])}),')
+    have = MEASURED.get(card)
+    status = ("`fastddpm/measured.py` has this entry" if have and have.sample_engine == got["sample_engine"]
+              and have.train_kernels == got["train_kernels"] else
+              f"`fastddpm/measured.py` has a different entry for {card}, from {have.source}" if have else
+              f"`fastddpm/measured.py` has no entry for {card}: it falls back to another card's")
+    return (f"## What `auto` chooses on this card\n\nThe faster path per dtype, measured side by side here; "
+            f"{status}.\n\n```\n{entry}\n```")
+
+
+def render(entries, header=None, source: str | None = None) -> str:
     if not entries:
         return "# fastddpm benchmarks\n\nNo results.\n"
     parts = [header_text(entries, header or {}), train_section(entries), sample_section(entries),
-             kernel_section(entries), targets_section(entries)]
+             kernel_section(entries), targets_section(entries), auto_section(entries, source)]
     guards = [e["extra_info"] for e in entries if e["extra_info"].get("guard", {}).get("metric") not in
               (None, "reference")]
     parts.append(f"Every non-eager figure passed its guard against eager ({len(guards)} checks; each result's "
@@ -347,7 +409,7 @@ def main(argv=None) -> int:
         doc = {**results_json(entries), **{k: v for k, v in header.items() if k != "benchmarks"}}
         commands = a.command or header.get("commands", [])
         write_json(a.merge, {**doc, **record(entries, commands, str(doc.get("datetime") or ""))})
-    sys.stdout.write(render(entries, header))
+    sys.stdout.write(render(entries, header, existing[0] if len(existing) == 1 else None))
     return 0
 
 

@@ -64,15 +64,19 @@ def chunk_size(n: int, batch_size: int | None, device: torch.device) -> int:
     return -(-n // -(-n // cap))
 
 
-def auto_engine(device: torch.device, dtype: torch.dtype, triton_ok: bool) -> str:
-    """What engine="auto" runs: on CUDA the engine that sampled fastest in that dtype on the one GPU
-    measured so far (bench/results/2026-11-26-h200.json, batch 2,560, image-steps/s): bf16 fast
-    108,379 vs compiled 108,244 (a tie: fast, whose noise is batch-size independent in one CUDA
-    graph); fp16 compiled 112,847 vs fast 91,289; fp32 compiled 59,802 vs fast 51,142. Elsewhere the
-    eager loop (no compilation to wait for)."""
+def auto_engine(device: torch.device, dtype: torch.dtype, triton_ok: bool) -> tuple[str, str]:
+    """(engine, why) for engine="auto": on CUDA the engine that sampled fastest in that dtype on this
+    kind of card (``fastddpm.measured``: on the H200, fast in bf16, compiled in fp16 and fp32), the
+    compiled one where Triton is missing; elsewhere the eager loop (no compilation to wait for)."""
     if device.type != "cuda":
-        return "eager"
-    return "fast" if dtype == torch.bfloat16 and triton_ok else "compiled"
+        return "eager", "not CUDA: no compilation to wait for"
+    from fastddpm.measured import dtype_name, measured_for
+
+    why, entry = measured_for(device)
+    engine = entry.sample_engine[dtype_name(dtype)]
+    if engine == "fast" and not triton_ok:
+        return "compiled", "Triton is unavailable, so not the fast engine"
+    return engine, why
 
 
 def _named(key: str, value, cli: bool) -> str:
@@ -312,8 +316,8 @@ def sample(model_or_checkpoint_path, n: int, *, T: int | None = None, diffusion:
     ``sampler``: "ddpm" (eq. 5, all T steps), "ddim" (``steps`` strided steps, default 50; ``eta``
     0 = deterministic) or "dpm++" (DPM-Solver++(2M), ``steps`` steps, default 20, deterministic).
     ``engine``: "eager", "compiled", "fast" (Triton kernels, fused update, one CUDA graph replayed
-    for every step on CUDA) or "auto" (on CUDA the measured fastest: fast in bf16, compiled in fp16
-    and fp32; eager elsewhere). ``noise``: "torch" (a torch.Generator: the
+    for every step on CUDA) or "auto" (on CUDA the measured fastest on this kind of card, per
+    ``fastddpm.measured``; eager elsewhere; ``timings["engine_chosen_by"]`` says why). ``noise``: "torch" (a torch.Generator: the
     eager engines' default) or "philox" (the fused kernel's stream: the fast engine's); x_T always
     comes from the torch.Generator. Deterministic for (seed, engine) and independent of batch_size
     (default: ``n`` split evenly into chunks of at most 2,560 on CUDA, 256 elsewhere).
@@ -329,8 +333,10 @@ def sample(model_or_checkpoint_path, n: int, *, T: int | None = None, diffusion:
     device = next(model.parameters()).device
     from fastddpm.kernels import unavailable_reason
 
+    chosen_by = "asked for"
     if engine == "auto":
-        engine = auto_engine(device, dtype, unavailable_reason(device) is None)
+        engine, chosen_by = auto_engine(device, dtype, unavailable_reason(device) is None)
+        chosen_by = f"auto: {chosen_by}"
     if engine == "fast" or noise == "philox":
         if unavailable_reason(device):
             raise UsageError(f"engine {engine!r} / noise {noise!r}: {unavailable_reason(device)}")
@@ -375,8 +381,8 @@ def sample(model_or_checkpoint_path, n: int, *, T: int | None = None, diffusion:
     images = to_uint8(x).cpu()
     if timings is not None:
         steady_steps = info["computed_image_steps"] - (0 if info["cuda_graph"] else n)
-        timings.update(clock.report(n * len(plan), steady_image_steps=steady_steps, engine=engine, sampler=sampler,
-                                    steps=len(plan), **info))
+        timings.update(clock.report(n * len(plan), steady_image_steps=steady_steps, engine=engine,
+                                    engine_chosen_by=chosen_by, sampler=sampler, steps=len(plan), **info))
     return (images, trajectory) if trajectory_at is not None else images
 
 
@@ -391,10 +397,11 @@ def save_npz(images: torch.Tensor, path) -> None:
 
 
 def describe_timings(t: dict) -> str:
-    """'12.3 s (compile/capture/first step 4.0 s, then 123,456 image-steps/s)'."""
+    """'12.3 s (compile/capture/first step 4.0 s, then 123,456 image-steps/s; fast engine, auto: ...)'."""
     rate = t["steady_image_steps_per_s"]
     steady = f", then {rate:,.0f} image-steps/s" if rate else ""
-    return f"{t['seconds']:.1f} s (compile/capture/first step {t['warmup_seconds']:.1f} s{steady})"
+    engine = f"; {t['engine']} engine, {t['engine_chosen_by']}" if "engine_chosen_by" in t else ""
+    return f"{t['seconds']:.1f} s (compile/capture/first step {t['warmup_seconds']:.1f} s{steady}{engine})"
 
 
 def add_sampler_flags(p) -> None:
@@ -405,8 +412,8 @@ def add_sampler_flags(p) -> None:
     p.add_argument("--steps", type=int, help="steps of the ddim (default 50) or dpm++ (default 20) sampler")
     p.add_argument("--eta", type=float, help="DDIM eta (default 0: deterministic; 1: DDPM-like)")
     p.add_argument("--engine", choices=ENGINES, default="auto",
-                   help="auto (default: on CUDA the measured fastest, fast in bf16 and compiled in fp16/fp32; "
-                        "eager elsewhere), eager, compiled, fast")
+                   help="auto (default: on CUDA the measured fastest on this kind of card, see "
+                        "fastddpm/measured.py; eager elsewhere), eager, compiled, fast")
 
 
 def sampler_settings(a) -> dict:

@@ -134,13 +134,22 @@ def match_optimizer_layout(opt: torch.optim.Optimizer) -> None:
                 state[k] = torch.empty_like(p, dtype=v.dtype).copy_(v)
 
 
-def training_kernels(kernels: str, device: torch.device, compiled: bool) -> str:
-    """The GroupNorm+GELU path a training run uses. "auto" under torch.compile on CUDA is the torch
-    path: Inductor fuses GroupNorm+GELU itself, and on an H200 that whole training step ran 1.2 to
-    1.5x faster than the one with the Triton kernels (bench/results/2026-11-26-h200.json: fp32,
-    fp16 and bf16).
-    Uncompiled, "auto" keeps the model's own rule (Triton on CUDA)."""
-    return "torch" if kernels == "auto" and compiled and device.type == "cuda" else kernels
+def training_kernels(kernels: str, device: torch.device, compiled: bool, compile_mode: str = "default",
+                     dtype: str = "bf16") -> tuple[str, str]:
+    """(the GroupNorm+GELU path a training run uses, why). "auto" under torch.compile on CUDA is the
+    path whose compiled step measured faster on this kind of card, in this dtype and compile mode
+    (``fastddpm.measured``; a mode not measured there takes the default mode's choice). On the H200
+    that is the torch path in every dtype: Inductor fuses GroupNorm+GELU itself, and that step ran
+    1.2 to 1.5x faster than the one with the Triton kernels. Uncompiled, or on the CPU, "auto" keeps
+    the model's own rule (Triton on CUDA)."""
+    if kernels != "auto" or not compiled or device.type != "cuda":
+        return kernels, "asked for" if kernels != "auto" else "auto: the model's own rule"
+    from fastddpm.measured import measured_for
+
+    why, entry = measured_for(device)
+    if compile_mode not in entry.train_kernels:
+        why += f"; its {compile_mode} mode not measured: the default mode's"
+    return entry.train_kernels.get(compile_mode, entry.train_kernels["default"])[dtype], f"auto: {why}"
 
 
 class Trainer:
@@ -155,7 +164,10 @@ class Trainer:
         self.out.mkdir(parents=True, exist_ok=True)
         torch.manual_seed(cfg.seed)
         compile_ = cfg.compile if cfg.compile is not None else device.type == "cuda"
-        self.model = UNet(cfg.base_channels, kernels=training_kernels(cfg.kernels, device, compile_)).to(device)
+        kernels, why = training_kernels(cfg.kernels, device, compile_, cfg.compile_mode, cfg.dtype)
+        self.model = UNet(cfg.base_channels, kernels=kernels).to(device)
+        if kernels != cfg.kernels:  # what "auto" became, and on what measurement
+            self.log(f"GroupNorm+GELU kernels: {kernels} ({why})")
         self.memory_format = torch.channels_last if cfg.channels_last else torch.contiguous_format
         self.model.to(memory_format=self.memory_format)
         if cfg.kernels == "triton":
@@ -580,8 +592,9 @@ def build_parser() -> ArgumentParser:
     p.add_argument("--compile-mode", help="torch.compile mode: default, reduce-overhead (the compiled forward and "
                                           "backward replayed as CUDA graphs), max-autotune, "
                                           "max-autotune-no-cudagraphs (default: default)")
-    p.add_argument("--kernels", help="GroupNorm+GELU path: auto (default: Inductor's fusion under --compile, "
-                                     "Triton on CUDA without it), triton, torch")
+    p.add_argument("--kernels", help="GroupNorm+GELU path: auto (default: under --compile the path measured "
+                                     "faster on this kind of card, see fastddpm/measured.py; Triton on CUDA "
+                                     "without it), triton, torch")
     p.add_argument("--channels-last", dest="channels_last", action="store_const", const=True,
                    help="NHWC memory layout for the convolutions (default off: not yet measured faster)")
     p.add_argument("--progress", dest="progress", action="store_true", default=None,

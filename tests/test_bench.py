@@ -220,6 +220,29 @@ def test_report_judges_the_graphed_kernels_in_each_side_s_best_layout(tmp_path):
     assert "| 2.67× (fast-graphs-nhwc / compiled-graphs-nhwc) |" in text
 
 
+def test_a_probed_rate_and_its_mfu_describe_the_same_work(tmp_path):
+    """Sampling is timed with a probe that splits off a fixed per-call cost: its TFLOP/s and MFU are
+    those of the marginal rate, like items_per_s (older files counted the fixed cost in the MFU; the
+    report recomputes it), and the time target says what the arithmetic alone costs."""
+    from bench import common
+
+    # 10 image-steps in 2 s, 2 of them in 1 s: 0.125 s each, 0.75 s fixed
+    case = common.Case("sampling", "fast", "bf16", fn=None, items=10, unit="image-steps", flops=10e12,
+                       probe=lambda: None, probe_items=2)
+    info = common.extra_info(case, 2.0, 1.0, {})
+    assert info["items_per_s"] == pytest.approx(8.0) and info["fixed_s"] == pytest.approx(0.75)
+    assert info["tflops"] == pytest.approx(8.0)  # 1 TFLOP an image-step at 8 a second, not 10 TFLOP / 2 s
+    old = _entry("sampling", "fast", "bf16", batch=2560, steps=10, items=25600, items_per_s=100_000.0,
+                 flops=25600 * 3e9, peak_bf16_tflops=1000.0, fixed_s=0.5, mfu=0.1)
+    path = tmp_path / "r.json"
+    path.write_text(json.dumps({"benchmarks": [old]}))
+    text = report.render(*report.load([path]))
+    assert "| 30.0% |" in text  # 3 GFLOP x 100,000 a second of a 1,000 TFLOP/s peak, not the stored 10 %
+    # 5,120 x 1,000 image-steps x 3 GFLOP at 1,000 TFLOP/s: 15.4 s, 51.2 % of the 30 s target
+    assert "FLOPs alone take 15.4 s at the measured bf16 peak: 30 s needs 51.2% of it" in text
+    assert "measured 30.0%)" in text
+
+
 def test_report_reads_targets_at_the_bench_headline_sizes():
     from bench import common
 

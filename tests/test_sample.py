@@ -176,13 +176,3 @@ def test_progress_bars_follow_one_rule(capsys, monkeypatch, tmp_path):
         data.decode_images("zip", tmp_path / "d.zip", "train/", progress=choice)
     assert asked == [False, None, True]
 
-
-def test_auto_engine_follows_the_measured_fastest():
-    """bench/results/2026-11-26-h200.json: fast ties compiled in bf16, compiled wins in fp16 and fp32."""
-    from fastddpm.sampling import auto_engine
-
-    cuda, cpu = torch.device("cuda"), torch.device("cpu")
-    assert auto_engine(cuda, torch.bfloat16, True) == "fast"
-    assert auto_engine(cuda, torch.float16, True) == auto_engine(cuda, torch.float32, True) == "compiled"
-    assert auto_engine(cuda, torch.bfloat16, False) == "compiled"  # no Triton: no fast engine
-    assert auto_engine(cpu, torch.bfloat16, True) == "eager"

@@ -8,7 +8,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from fastddpm import train as train_mod
 from fastddpm.checkpoint import load_checkpoint, read_checkpoint
 from fastddpm.errors import DivergenceError, UsageError
-from fastddpm.train import EMA, Trainer, read_metrics, training_kernels
+from fastddpm.train import EMA, Trainer, read_metrics
 from tests.conftest import tiny_config
 
 
@@ -183,19 +183,14 @@ def test_mid_epoch_checkpoint_resumes_only_with_the_same_number_of_processes(tmp
         Trainer(tiny_config(), tmp_path, torch.device("cpu"), progress=False).restore(ckpt)
 
 
-def test_auto_kernels_for_training_follow_the_measured_faster_path(tmp_path, monkeypatch):
-    """Compiled on CUDA, "auto" means Inductor's own GroupNorm fusion (the H200 run measured it
-    faster); an explicit choice is always kept, and without compile the model's rule applies."""
-    cuda, cpu = torch.device("cuda"), torch.device("cpu")
-    assert training_kernels("auto", cuda, compiled=True) == "torch"
-    assert training_kernels("auto", cuda, compiled=False) == "auto"
-    assert training_kernels("auto", cpu, compiled=True) == "auto"
-    assert training_kernels("triton", cuda, compiled=True) == "triton"
-    # the Trainer builds its model with that choice
+def test_the_trainer_builds_its_model_with_the_kernels_training_kernels_chooses(tmp_path, monkeypatch):
+    """(What "auto" chooses per card is tests/test_measured.py's.)"""
+    cpu = torch.device("cpu")
     asked = []
-    monkeypatch.setattr(train_mod, "training_kernels", lambda k, d, compiled: asked.append((k, compiled)) or "torch")
+    monkeypatch.setattr(train_mod, "training_kernels",
+                        lambda k, d, compiled, mode, dtype: asked.append((k, compiled, mode, dtype)) or ("torch", "x"))
     trainer = Trainer(tiny_config(compile=False, kernels="auto"), tmp_path, cpu, progress=False)
-    assert asked == [("auto", False)] and trainer.model.kernels == "torch"
+    assert asked == [("auto", False, "default", "fp32")] and trainer.model.kernels == "torch"
 
 
 def test_compile_mode_reaches_torch_compile_and_marks_each_step(tmp_path, monkeypatch):

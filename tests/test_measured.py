@@ -1,0 +1,106 @@
+"""What ``auto`` runs on a GPU rests on a results file: every entry of fastddpm.measured is what
+bench.report derives from its file, and sampling and training look their card up in it."""
+import json
+
+import pytest
+import torch
+
+from bench import report
+from fastddpm import measured
+from fastddpm.measured import FALLBACK, MEASURED, Measured, card_slug
+from fastddpm.sampling import auto_engine
+from fastddpm.train import training_kernels
+from tests.test_bench import ROOT, _entry
+
+CUDA = torch.device("cuda")
+
+
+@pytest.mark.parametrize("card", sorted(MEASURED))
+def test_each_entry_is_what_its_results_file_measured(card):
+    entry = MEASURED[card]
+    entries, _ = report.load([ROOT / entry.source])
+    assert {card_slug(e["extra_info"]["device"]["name"]) for e in entries} == {card}
+    got = report.auto_choices(entries)
+    assert (got["sample_engine"], got["train_kernels"]) == (entry.sample_engine, entry.train_kernels)
+    assert set(entry.sample_engine) == {"fp32", "fp16", "bf16"}  # every dtype has a measured engine
+    assert set(entry.train_kernels["default"]) == {"fp32", "fp16", "bf16"}
+
+
+def test_the_report_prints_the_entry_and_says_whether_the_code_has_it():
+    source = MEASURED[FALLBACK].source
+    text = report.render(*report.load([ROOT / source]), source=source)
+    assert "`fastddpm/measured.py` has this entry" in text
+    line = next(x for x in text.splitlines() if x.startswith(f'"{FALLBACK}": Measured('))
+    assert eval(line.split(": ", 1)[1].rstrip(","), {"Measured": Measured}) == MEASURED[FALLBACK]
+
+
+def test_auto_choices_take_the_faster_path_at_the_headline_batch_only(tmp_path):
+    seed = dict(preset="seed")
+    e = [_entry("train_step", "compiled", "bf16", batch=256, items_per_s=5000.0, **seed),
+         _entry("train_step", "fast", "bf16", batch=256, items_per_s=4000.0, **seed),
+         _entry("train_step", "compiled", "bf16", batch=64, items_per_s=1000.0, **seed),  # a batch sweep's point
+         _entry("train_step", "fast", "bf16", batch=64, items_per_s=9000.0, **seed),
+         _entry("train_step", "compiled-graphs", "bf16", batch=256, items_per_s=8000.0, **seed),
+         _entry("train_step", "fast-graphs", "bf16", batch=256, items_per_s=10000.0, **seed),
+         _entry("train_step", "fast", "fp16", batch=256, items_per_s=10000.0, **seed),  # no compiled fp16: no entry
+         _entry("sampling", "compiled", "fp32", batch=2560, items_per_s=2.0),
+         _entry("sampling", "fast", "fp32", batch=2560, items_per_s=3.0),
+         _entry("sampling", "compiled", "bf16", batch=2560, items_per_s=3.0),
+         _entry("sampling", "fast", "bf16", batch=2560, items_per_s=2.0)]
+    assert report.auto_choices(e) == {"sample_engine": {"fp32": "fast", "bf16": "compiled"},
+                                      "train_kernels": {"default": {"bf16": "torch"},
+                                                        "reduce-overhead": {"bf16": "triton"}}}
+    path = tmp_path / "r.json"
+    path.write_text(json.dumps({"benchmarks": e}))
+    text = report.render(*report.load([path]))  # an H100 that fastddpm.measured does not have
+    assert "has no entry for h100-80gb-hbm3: it falls back to another card's" in text
+    assert ('"h100-80gb-hbm3": Measured(source="bench/results/<this file>.json", sample_engine={"fp32": "fast", '
+            '"bf16": "compiled"}, train_kernels={"default": {"bf16": "torch"}, "reduce-overhead": {"bf16": "triton"}}),'
+            ) in text
+
+
+@pytest.fixture
+def on_card(monkeypatch):
+    """Pretend the CUDA device is the named card (nothing here touches a GPU)."""
+    def use(name):
+        monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: name)
+    return use
+
+
+def test_card_slug_spells_cards_as_results_files_do():
+    assert card_slug("NVIDIA H100 80GB HBM3") == "h100-80gb-hbm3"
+    assert card_slug("NVIDIA H200") == "h200"
+    assert card_slug("NVIDIA GeForce RTX 4070") == "geforce-rtx-4070"
+    from bench.quality import _card
+
+    assert _card({"name": "NVIDIA H100 80GB HBM3"}) == "h100-80gb-hbm3" and _card({}) == "cpu"
+
+
+def test_sampling_and_training_look_their_card_up(on_card, monkeypatch):
+    monkeypatch.setitem(MEASURED, "h100-80gb-hbm3", Measured(
+        "bench/results/x.json", sample_engine={"fp32": "fast", "fp16": "fast", "bf16": "compiled"},
+        train_kernels={"default": {"fp32": "triton", "fp16": "torch", "bf16": "triton"},
+                       "reduce-overhead": {"fp32": "torch", "fp16": "torch", "bf16": "torch"}}))
+    on_card("NVIDIA H100 80GB HBM3")
+    assert auto_engine(CUDA, torch.float32, True) == ("fast", "measured fastest on this card (bench/results/x.json)")
+    assert auto_engine(CUDA, torch.bfloat16, True)[0] == "compiled"
+    assert auto_engine(CUDA, torch.float32, False) == ("compiled", "Triton is unavailable, so not the fast engine")
+    assert training_kernels("auto", CUDA, True, "default", "bf16")[0] == "triton"
+    assert training_kernels("auto", CUDA, True, "reduce-overhead", "bf16")[0] == "torch"
+    path, why = training_kernels("auto", CUDA, True, "max-autotune", "fp32")  # a mode not measured: default's
+    assert path == "triton" and "max-autotune mode not measured" in why
+    # an explicit choice is kept; uncompiled or off CUDA, "auto" is the model's own rule
+    assert training_kernels("torch", CUDA, True, "default", "bf16") == ("torch", "asked for")
+    assert training_kernels("auto", CUDA, False, "default", "bf16")[0] == "auto"
+    assert training_kernels("auto", torch.device("cpu"), True, "default", "bf16")[0] == "auto"
+    assert auto_engine(torch.device("cpu"), torch.bfloat16, True)[0] == "eager"
+
+
+def test_an_unmeasured_card_takes_the_fallback_s_choices_and_says_so(on_card):
+    on_card("NVIDIA A100-SXM4-80GB")
+    engine, why = auto_engine(CUDA, torch.float16, True)
+    assert engine == MEASURED[FALLBACK].sample_engine["fp16"]
+    assert why == f"a100-sxm4-80gb not measured: the {FALLBACK}'s choice ({MEASURED[FALLBACK].source})"
+    path, why = training_kernels("auto", CUDA, True, "default", "bf16")
+    assert path == MEASURED[FALLBACK].train_kernels["default"]["bf16"] and "a100-sxm4-80gb not measured" in why
+    assert measured.measured_for(CUDA)[1] is MEASURED[FALLBACK]
