@@ -21,6 +21,8 @@
 # kernels"), TRAIN_DTYPES / SAMPLE_DTYPES (default bf16,fp32), KERNEL_DTYPES (default bf16),
 # BATCH_DTYPES (default bf16), TRAIN_CAP_S / SAMPLE_CAP_S / KERNEL_CAP_S / PROFILE_CAP_S / TUNE_CAP_S /
 # BATCH_CAP_S (seconds per stage),
+# TUNE_ARGS (bench.tune_groupnorm's sweep, default its full grid; e.g. "--lane 0 --tile 2048 --programs 528
+# --threads 8,16,32 --resident 0,16384,32768,65536"),
 # PROFILE_WORKLOAD (train or sample), PROFILE_IMPLS (default compiled,eager), PROFILE_KNOBS (default none; e.g.
 # none,cudnn_benchmark,force_layout,cudagraphs: see bench/profile_step.py), FASTDDPM_BENCH_TRAIN_IMPLS
 # (the train stage's non-eager paths, default compiled,fast,compiled-graphs,fast-graphs: the last two
@@ -51,7 +53,7 @@ for pair in pytest_benchmark:pytest-benchmark pynvml:nvidia-ml-py; do
     say "note: ${pair##*:} is not installed and cannot be (the results say so)"
 done
 nvidia-smi >"$DEST/nvidia-smi.txt" 2>&1 || true
-CARD=$("$PY" -c "import torch; from fastddpm.measured import card_slug; print(card_slug(torch.cuda.get_device_name()))" \
+CARD=$("$PY" -c "import torch; from fastddpm.measured import card_slug as s; print(s(torch.cuda.get_device_name()))" \
   2>/dev/null || echo cpu)
 NAME="$(date -u +%Y-%m-%d)-$CARD"
 say "device $CARD, commit ${FASTDDPM_GIT_COMMIT:-unknown}, stages: $STAGES, budget ${BUDGET}s"
@@ -109,7 +111,7 @@ for s in $STAGES; do
         --knobs "${PROFILE_KNOBS:-none}" --dtype bf16 --json "$DEST/profile.json" ;;
     tune)  # the GroupNorm kernels' launch parameters and reduction style, against Inductor
       stage "GroupNorm launch sweep (bf16)" "${TUNE_CAP_S:-200}" "$PY" -m bench.tune_groupnorm \
-        --dtype bf16 --json "$DEST/tune.json" ;;
+        --dtype bf16 --json "$DEST/tune.json" ${TUNE_ARGS:-} ;;
     *) say "unknown stage $s" ;;
   esac
 done

@@ -6,7 +6,9 @@ The swept knobs are module attributes of ``fastddpm.kernels.groupnorm_gelu``: ``
 (per-lane accumulators vs a block reduction per tile), ``_TILE`` (elements per loaded tile),
 ``_TARGET_PROGRAMS`` (how finely a large group is split), ``_ELEMS_PER_THREAD`` (sets num_warps) and
 ``SPLIT_THRESHOLD`` (groups up to this many elements get one program, whose second pass over its
-group should find it in L1/L2 rather than DRAM; larger ones are split over programs, two kernels).
+group should find it in L1/L2 rather than DRAM; larger ones are split over programs, two kernels)
+and ``RESIDENT_MAX`` (groups whose padded tile holds up to this many elements are loaded once into
+one program's registers: the compulsory traffic, at the price of registers; 0 = off).
 Each setting is built, guarded against eager and timed exactly as the kernel bench does
 (``bench.test_kernels.gn_case``: CUDA-graph replays over inputs larger than L2). On the CPU it runs
 at the smoke size through Triton's interpreter, which proves only that it runs.
@@ -15,6 +17,8 @@ at the smoke size through Triton's interpreter, which proves only that it runs.
     python -m bench.tune_groupnorm --lane 0,1 --tile 2048 --programs 528 --threads 8   # a slice
     python -m bench.tune_groupnorm --lane 0 --tile 2048 --programs 528 --threads 8,16 \
         --split 4096,16384,65536      # one program per sample up to the 8x8 / 32x32 levels (8 settings)
+    python -m bench.tune_groupnorm --lane 0 --tile 2048 --programs 528 --threads 8,16,32 \
+        --resident 0,16384,32768,65536   # one load per input, up to the 8x8 / 16x16 / 32x32 levels
 """
 from __future__ import annotations
 
@@ -26,7 +30,7 @@ import time
 from bench import common as C
 
 KNOBS = {"lane": "_LANE_ACCUMULATE", "tile": "_TILE", "programs": "_TARGET_PROGRAMS", "threads": "_ELEMS_PER_THREAD",
-         "split": "SPLIT_THRESHOLD"}
+         "split": "SPLIT_THRESHOLD", "resident": "RESIDENT_MAX"}
 
 
 def ints(text: str) -> list[int]:
@@ -60,7 +64,7 @@ def sweep(args) -> list[dict]:
 
     grid = [dict(zip(KNOBS, values)) for values in
             itertools.product([bool(v) for v in args.lane], args.tile, args.programs, args.threads,
-                              args.split or [gng.SPLIT_THRESHOLD])]
+                              args.split or [gng.SPLIT_THRESHOLD], args.resident or [gng.RESIDENT_MAX])]
     default = {k: getattr(gng, attr) for k, attr in KNOBS.items()}
     rows = []
     for variant in args.variants:
@@ -108,6 +112,8 @@ def main(argv=None) -> int:
     p.add_argument("--programs", default="528,2112", type=ints, help="target programs for a split group")
     p.add_argument("--threads", default="8,16", type=ints, help="elements per thread (sets num_warps)")
     p.add_argument("--split", type=ints, help="largest group given one program (default: the kernel's own)")
+    p.add_argument("--resident", type=ints,
+                   help="largest padded tile loaded once, 0 = off (default: the kernel's own)")
     p.add_argument("--rounds", default=5, type=int)
     p.add_argument("--json", help="write every timing here, with the device, versions and commit")
     a = p.parse_args(argv)

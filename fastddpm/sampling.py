@@ -317,8 +317,8 @@ def sample(model_or_checkpoint_path, n: int, *, T: int | None = None, diffusion:
     0 = deterministic) or "dpm++" (DPM-Solver++(2M), ``steps`` steps, default 20, deterministic).
     ``engine``: "eager", "compiled", "fast" (Triton kernels, fused update, one CUDA graph replayed
     for every step on CUDA) or "auto" (on CUDA the measured fastest on this kind of card, per
-    ``fastddpm.measured``; eager elsewhere; ``timings["engine_chosen_by"]`` says why). ``noise``: "torch" (a torch.Generator: the
-    eager engines' default) or "philox" (the fused kernel's stream: the fast engine's); x_T always
+    ``fastddpm.measured``; eager elsewhere; ``timings["engine_chosen_by"]`` says why).
+    ``noise``: "torch" (a torch.Generator: the eager engines' default) or "philox" (the fused kernel's stream: the fast engine's); x_T always
     comes from the torch.Generator. Deterministic for (seed, engine) and independent of batch_size
     (default: ``n`` split evenly into chunks of at most 2,560 on CUDA, 256 elsewhere).
     ``trajectory_at``: step indices at which to also keep x_t (the paper's Figs. 19-20); then returns

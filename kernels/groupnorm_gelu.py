@@ -6,6 +6,11 @@ One pass over a group computes its statistics, a second applies them, so the for
 and writes y once; the (N, C, H, W) time-encoding broadcast (eq. 11) is computed in the epilogue and
 never materialised. The backward recomputes x_hat and GELU'(u) from the saved mean/rstd.
 
+Resident path (``RESIDENT_MAX``, off by default until a GPU measures it): a group whose
+power-of-two tile holds at most that many elements is loaded once into one program's registers,
+so the forward reads x once and the backward reads x, dy (and the residual) once: the compulsory
+traffic, where the other paths read everything twice.
+
 A group is walked as a (channels, H*W) rectangle with a stride per axis, which covers NCHW and
 channels_last without a permute copy. The model uses one group per sample (up to 65,536 elements),
 so one program per (sample, group) would leave most of a GPU idle at sampling batch sizes: large
@@ -41,6 +46,9 @@ _ELEMS_PER_THREAD = 8  # sets num_warps from the tile size
 # the H200 run of 2026-11-26 measured); True = per-lane accumulators (Welford per lane) reduced once
 # per rectangle, so the loop carries no block-wide reduction. Unmeasured on a GPU so far.
 _LANE_ACCUMULATE = os.environ.get("FASTDDPM_GN_LANE_ACCUMULATE", "0") == "1"
+# Groups whose padded (power-of-two) tile holds at most this many elements take the resident path
+# (one program, one load of each input); 0 = off. Unmeasured on a GPU so far.
+RESIDENT_MAX = int(os.environ.get("FASTDDPM_GN_RESIDENT_MAX", 0))
 # (bench/tune_groupnorm.py sweeps these launch parameters on a GPU by setting them on this module.)
 _LOG_10000 = math.log(10000.0)
 
@@ -139,33 +147,48 @@ def _tile_grad(DY, X, R, base, c0, c_hi, h0, h_hi, stride_c, stride_hw, w, b, me
 
 
 @triton.jit
+def _channel_params(W, B, T, n, c, cmask, neg_log_over_c, HAS_T: tl.constexpr):
+    """Per channel c: weight, bias and (HAS_T) the time encoding of sample n's step."""
+    w = tl.load(W + c, mask=cmask, other=0.0).to(tl.float32)
+    b = tl.load(B + c, mask=cmask, other=0.0).to(tl.float32)
+    te = tl.zeros_like(w)
+    if HAS_T:
+        # eq. 11: frequency 10000^(-2*floor(c/2)/C), sin on even channels, cos on odd ones;
+        # one value per channel, broadcast over the pixels of the tile.
+        angle = tl.load(T + n).to(tl.float32) * tl.exp((c // 2 * 2).to(tl.float32) * neg_log_over_c)
+        te = tl.where(c % 2 == 0, tl.sin(angle), tl.cos(angle))
+    return w, b, te
+
+
+@triton.jit
+def _apply(x, r, mean, rstd, w, b, te, HAS_RESIDUAL: tl.constexpr, HAS_T: tl.constexpr, GELU: tl.constexpr):
+    """y = GELU(r + x_hat * w + b) + te on a (channels, pixels) tile."""
+    y = (x - mean) * rstd * w[:, None] + b[:, None]
+    if HAS_RESIDUAL:
+        y += r
+    if GELU:
+        y = 0.5 * y * (1.0 + tl.erf(y * 0.7071067811865476))  # exact (erf) GELU
+    if HAS_T:
+        y += te[:, None]
+    return y
+
+
+@triton.jit
 def _rect_apply(X, R, T, W, B, Y, base, n, c_off, c_lo, c_hi, h_lo, h_hi, stride_c, stride_hw,
                 mean, rstd, neg_log_over_c,
                 HAS_RESIDUAL: tl.constexpr, HAS_T: tl.constexpr, GELU: tl.constexpr,
                 BLOCK_C: tl.constexpr, BLOCK_HW: tl.constexpr):
     """y = GELU(r + x_hat * w + b) + time_encoding(t) over a rectangle."""
-    if HAS_T:
-        t = tl.load(T + n).to(tl.float32)
     for c0 in range(c_lo, c_hi, BLOCK_C):
         c = c_off + c0 + tl.arange(0, BLOCK_C)  # global channel
-        cmask = c < c_off + c_hi
-        w = tl.load(W + c, mask=cmask, other=0.0).to(tl.float32)
-        b = tl.load(B + c, mask=cmask, other=0.0).to(tl.float32)
-        if HAS_T:
-            # eq. 11: frequency 10000^(-2*floor(c/2)/C), sin on even channels, cos on odd ones;
-            # one value per channel, broadcast over the pixels of the tile.
-            angle = t * tl.exp((c // 2 * 2).to(tl.float32) * neg_log_over_c)
-            te = tl.where(c % 2 == 0, tl.sin(angle), tl.cos(angle))
+        w, b, te = _channel_params(W, B, T, n, c, c < c_off + c_hi, neg_log_over_c, HAS_T)
         for h0 in range(h_lo, h_hi, BLOCK_HW):
             offs, mask = _tile(base, c0, c_hi, h0, h_hi, stride_c, stride_hw, BLOCK_C, BLOCK_HW)
             x = tl.load(X + offs, mask=mask, other=0.0).to(tl.float32)
-            y = (x - mean) * rstd * w[:, None] + b[:, None]
+            r = 0.0
             if HAS_RESIDUAL:
-                y += tl.load(R + offs, mask=mask, other=0.0).to(tl.float32)
-            if GELU:
-                y = 0.5 * y * (1.0 + tl.erf(y * 0.7071067811865476))  # exact (erf) GELU
-            if HAS_T:
-                y += te[:, None]
+                r = tl.load(R + offs, mask=mask, other=0.0).to(tl.float32)
+            y = _apply(x, r, mean, rstd, w, b, te, HAS_RESIDUAL, HAS_T, GELU)
             tl.store(Y + offs, y.to(Y.dtype.element_ty), mask=mask)
 
 
@@ -222,6 +245,13 @@ def _rect_bwd_reduce(DY, X, R, DR, W, B, PDW, PDB, base, pd_row, c_off, c_lo, c_
 
 
 @triton.jit
+def _dx(du, w, x_hat, m1, m2, rstd):
+    """dx = rstd * (dx_hat - mean(dx_hat) - x_hat * mean(dx_hat * x_hat)), dx_hat = du * w; m1, m2
+    are those two means over the group."""
+    return (du * w[:, None] - (m1 + x_hat * m2)) * rstd
+
+
+@triton.jit
 def _rect_bwd_dx(DY, X, R, W, B, DX, base, c_off, c_lo, c_hi, h_lo, h_hi, stride_c, stride_hw,
                  mean, rstd, m1, m2,
                  HAS_RESIDUAL: tl.constexpr, GELU: tl.constexpr,
@@ -235,8 +265,7 @@ def _rect_bwd_dx(DY, X, R, W, B, DX, base, c_off, c_lo, c_hi, h_lo, h_hi, stride
         for h0 in range(h_lo, h_hi, BLOCK_HW):
             offs, mask, x_hat, du = _tile_grad(DY, X, R, base, c0, c_hi, h0, h_hi, stride_c, stride_hw, w, b,
                                                mean, rstd, HAS_RESIDUAL, GELU, BLOCK_C, BLOCK_HW)
-            dx = (du * w[:, None] - (m1 + x_hat * m2)) * rstd
-            tl.store(DX + offs, dx.to(DX.dtype.element_ty), mask=mask)
+            tl.store(DX + offs, _dx(du, w, x_hat, m1, m2, rstd).to(DX.dtype.element_ty), mask=mask)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -344,6 +373,65 @@ def _gn_bwd_dx_kernel(DY, X, R, DR, W, B, MEAN, RSTD, PDW, PDB, PART, DX, G, C, 
                  mean, rstd, s1 * inv_m, s2 * inv_m, HAS_RESIDUAL, GELU, BLOCK_C, BLOCK_HW)
 
 
+@triton.jit
+def _gn_fwd_resident_kernel(X, R, T, W, B, Y, MEAN, RSTD, G, C, Cg, HW, stride_n, stride_c, stride_hw, eps,
+                            neg_log_over_c, HAS_RESIDUAL: tl.constexpr, HAS_T: tl.constexpr, GELU: tl.constexpr,
+                            BLOCK_C: tl.constexpr, BLOCK_HW: tl.constexpr):
+    """Resident path, grid (N * G,): the whole group in one tile, loaded once; statistics by two
+    passes over the registers (exact mean first, then the centred squares: no cancellation)."""
+    row = tl.program_id(0)
+    n = row // G
+    c_off = (row % G) * Cg
+    offs, mask = _tile(n.to(tl.int64) * stride_n + c_off * stride_c, 0, Cg, 0, HW, stride_c, stride_hw,
+                       BLOCK_C, BLOCK_HW)
+    x = tl.load(X + offs, mask=mask, other=0.0).to(tl.float32)
+    count = Cg * HW * 1.0
+    mean = tl.sum(x) / count
+    d = tl.where(mask, x - mean, 0.0)
+    rstd = 1.0 / tl.sqrt(tl.sum(d * d) / count + eps)
+    tl.store(MEAN + row, mean)
+    tl.store(RSTD + row, rstd)
+    c = c_off + tl.arange(0, BLOCK_C)
+    w, b, te = _channel_params(W, B, T, n, c, c < c_off + Cg, neg_log_over_c, HAS_T)
+    r = 0.0
+    if HAS_RESIDUAL:
+        r = tl.load(R + offs, mask=mask, other=0.0).to(tl.float32)
+    y = _apply(x, r, mean, rstd, w, b, te, HAS_RESIDUAL, HAS_T, GELU)
+    tl.store(Y + offs, y.to(Y.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _gn_bwd_resident_kernel(DY, X, R, DR, W, B, MEAN, RSTD, PDW, PDB, DX, G, C, Cg, HW, stride_n, stride_c,
+                            stride_hw, HAS_RESIDUAL: tl.constexpr, GELU: tl.constexpr,
+                            BLOCK_C: tl.constexpr, BLOCK_HW: tl.constexpr):
+    """Resident path, grid (N * G,): x, dy (and the residual) loaded once; d_residual, this
+    sample's dw/db partials (row n of the partials table) and dx from the same registers."""
+    row = tl.program_id(0)
+    n = row // G
+    c_off = (row % G) * Cg
+    offs, mask = _tile(n.to(tl.int64) * stride_n + c_off * stride_c, 0, Cg, 0, HW, stride_c, stride_hw,
+                       BLOCK_C, BLOCK_HW)
+    c = c_off + tl.arange(0, BLOCK_C)
+    cmask = c < c_off + Cg
+    w = tl.load(W + c, mask=cmask, other=0.0).to(tl.float32)
+    b = tl.load(B + c, mask=cmask, other=0.0).to(tl.float32)
+    x = tl.load(X + offs, mask=mask, other=0.0).to(tl.float32)
+    dy = tl.load(DY + offs, mask=mask, other=0.0).to(tl.float32)
+    r = 0.0
+    if HAS_RESIDUAL:
+        r = tl.load(R + offs, mask=mask, other=0.0).to(tl.float32)
+    rstd = tl.load(RSTD + row)
+    x_hat, du = _grad_u(x, dy, r, w, b, tl.load(MEAN + row), rstd, mask, HAS_RESIDUAL, GELU)
+    if HAS_RESIDUAL:
+        tl.store(DR + offs, du.to(DR.dtype.element_ty), mask=mask)
+    tl.store(PDW + n * C + c, tl.sum(du * x_hat, axis=1), mask=cmask)
+    tl.store(PDB + n * C + c, tl.sum(du, axis=1), mask=cmask)
+    dx_hat = du * w[:, None]
+    inv_m = 1.0 / (Cg * HW * 1.0)
+    dx = _dx(du, w, x_hat, tl.sum(dx_hat) * inv_m, tl.sum(dx_hat * x_hat) * inv_m, rstd)
+    tl.store(DX + offs, dx.to(DX.dtype.element_ty), mask=mask)
+
+
 # --------------------------------------------------------------------------------------------------
 # host side
 # --------------------------------------------------------------------------------------------------
@@ -364,7 +452,8 @@ def _like(a: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
 
 class _Launch(NamedTuple):
     """How a (Cg, HW) group is cut: S = C_SPLIT * HW_SPLIT programs, each owning a
-    C_CHUNK x HW_CHUNK sub-rectangle walked in BLOCK_C x BLOCK_HW tiles."""
+    C_CHUNK x HW_CHUNK sub-rectangle walked in BLOCK_C x BLOCK_HW tiles. ``resident``: one program
+    whose single BLOCK_C x BLOCK_HW tile is the whole group (the resident kernels)."""
     c_chunk: int
     hw_chunk: int
     hw_split: int
@@ -373,6 +462,7 @@ class _Launch(NamedTuple):
     block_hw: int
     num_warps: int
     lane: bool
+    resident: bool = False
 
     @property
     def chunks(self):
@@ -380,11 +470,16 @@ class _Launch(NamedTuple):
 
     @property
     def meta(self):
-        return dict(BLOCK_C=self.block_c, BLOCK_HW=self.block_hw, LANE=self.lane, num_warps=self.num_warps)
+        lane = {} if self.resident else dict(LANE=self.lane)
+        return dict(BLOCK_C=self.block_c, BLOCK_HW=self.block_hw, num_warps=self.num_warps, **lane)
 
 
 def _launch_config(Cg: int, HW: int, rows: int, stride_c: int, stride_hw: int) -> _Launch:
     m = Cg * HW
+    block_c, block_hw = triton.next_power_of_2(Cg), triton.next_power_of_2(HW)
+    if block_c * block_hw <= RESIDENT_MAX:  # up to 32 warps (1,024 threads, the most a program has)
+        warps = max(1, min(32, block_c * block_hw // (32 * _ELEMS_PER_THREAD)))
+        return _Launch(Cg, HW, 1, 1, block_c, block_hw, num_warps=warps, lane=False, resident=True)
     if m <= SPLIT_THRESHOLD:
         per_prog = m
     elif ELEMS_PER_PROGRAM > 0:
@@ -411,6 +506,9 @@ def _launch_config(Cg: int, HW: int, rows: int, stride_c: int, stride_hw: int) -
                    num_warps=max(1, min(8, block_c * block_hw // (32 * _ELEMS_PER_THREAD))), lane=_LANE_ACCUMULATE)
 
 
+_GROUP_ARGS = 7  # the geometry's (G, C, Cg, HW, stride_n, stride_c, stride_hw); the split's chunks follow
+
+
 def _geometry(x: torch.Tensor, num_groups: int):
     """(x in a walkable layout, group geometry tuple for the kernels, launch config)."""
     x = _layout(x)
@@ -430,6 +528,12 @@ def _forward(x, weight, bias, num_groups, eps, residual, t, gelu):
     part = torch.empty((n * num_groups * cfg.s * 3,), device=x.device, dtype=torch.float32)
     if residual is not None:
         residual = _like(residual, x)
+    if cfg.resident:
+        _gn_fwd_resident_kernel[(n * num_groups,)](
+            x, residual if residual is not None else x, t if t is not None else mean, weight, bias, y, mean, rstd,
+            *geom[:_GROUP_ARGS], eps, -_LOG_10000 / c,
+            HAS_RESIDUAL=residual is not None, HAS_T=t is not None, GELU=gelu, **cfg.meta)
+        return y, mean, rstd
     grid = (n * num_groups, cfg.s)
     if cfg.s > 1:
         _gn_stats_kernel[grid](x, part, *geom, **cfg.meta)
@@ -456,12 +560,17 @@ def _backward(dy, x, weight, bias, residual, mean, rstd, num_groups, gelu):
         dres = torch.empty_like(residual)
     else:
         residual = dres = x  # placeholders, never touched (HAS_RESIDUAL=False)
-    args = (dy, x, residual, dres, weight, bias, mean, rstd, pdw, pdb, part)
-    grid = (n * num_groups, cfg.s)
-    if cfg.s > 1:
-        _gn_bwd_reduce_kernel[grid](*args, *geom, HAS_RESIDUAL=has_residual, GELU=gelu, **cfg.meta)
-    _gn_bwd_dx_kernel[grid](*args, dx, *geom, SINGLE=cfg.s == 1, HAS_RESIDUAL=has_residual, GELU=gelu,
-                            BLOCK_S=triton.next_power_of_2(cfg.s), **cfg.meta)
+    if cfg.resident:
+        _gn_bwd_resident_kernel[(n * num_groups,)](dy, x, residual, dres, weight, bias, mean, rstd, pdw, pdb, dx,
+                                                   *geom[:_GROUP_ARGS], HAS_RESIDUAL=has_residual, GELU=gelu,
+                                                   **cfg.meta)
+    else:
+        args = (dy, x, residual, dres, weight, bias, mean, rstd, pdw, pdb, part)
+        grid = (n * num_groups, cfg.s)
+        if cfg.s > 1:
+            _gn_bwd_reduce_kernel[grid](*args, *geom, HAS_RESIDUAL=has_residual, GELU=gelu, **cfg.meta)
+        _gn_bwd_dx_kernel[grid](*args, dx, *geom, SINGLE=cfg.s == 1, HAS_RESIDUAL=has_residual, GELU=gelu,
+                                BLOCK_S=triton.next_power_of_2(cfg.s), **cfg.meta)
     dw = pdw.sum(0).to(weight.dtype)
     db = pdb.sum(0).to(bias.dtype)
     return dx, dw, db, (dres if has_residual else x.new_empty(0))

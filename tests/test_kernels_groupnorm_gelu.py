@@ -37,6 +37,12 @@ def reduction(request, monkeypatch):
     return request.param
 
 
+@pytest.fixture
+def resident(monkeypatch):
+    """Every group of the test on the resident path: one program, each input loaded once."""
+    monkeypatch.setattr(gng, "RESIDENT_MAX", 1 << 16)
+
+
 def _reference(x, weight, bias, num_groups, residual, t, gelu, dy):
     """Eager GroupNormGELU in float64: output and grads of (x, weight, bias, residual)."""
     mod = GroupNormGELU(num_groups, x.shape[1], gelu=gelu).to(device=x.device, dtype=torch.float64)
@@ -101,6 +107,15 @@ def test_dtypes_and_layouts(dtype, w_dtype, channels_last, reduction):
     _check((3, 12, 7, 7), 4, dtype=dtype, w_dtype=w_dtype, channels_last=channels_last)
 
 
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
+@pytest.mark.parametrize("dtype,w_dtype", [(F32, F32), (F16, F16), (BF16, BF16), (F16, F32), (BF16, F32)],
+                         ids=["fp32", "fp16", "bf16", "fp16-w32", "bf16-w32"])
+def test_resident_dtypes_and_layouts(resident, dtype, w_dtype, channels_last):
+    """The same checks on the resident kernels; groups of 3 x 49 padded to a 4 x 64 tile."""
+    assert gng._launch_config(3, 49, 12, *((1, 12) if channels_last else (49, 1))).resident
+    _check((3, 12, 7, 7), 4, dtype=dtype, w_dtype=w_dtype, channels_last=channels_last)
+
+
 # The four uses in the U-Net (and their mix) for every group count, fp32.
 VARIANTS = {  # (residual, gelu, t)
     "gn-gelu": (False, True, False),  # inside a DoubleConv
@@ -116,6 +131,24 @@ VARIANTS = {  # (residual, gelu, t)
 def test_variants_and_groups(num_groups, variant):
     residual, gelu, t = VARIANTS[variant]
     _check((2, 20, 5, 5), num_groups, residual=residual, gelu=gelu, t=t)
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_resident_variants(resident, variant):
+    residual, gelu, t = VARIANTS[variant]
+    _check((2, 20, 5, 5), 1, residual=residual, gelu=gelu, t=t)
+    _check((2, 20, 5, 5), 4, residual=residual, gelu=gelu, t=t, channels_last=True)
+
+
+def test_resident_only_up_to_its_tile_budget(monkeypatch):
+    """RESIDENT_MAX counts the padded tile: 12 x 49 -> 16 x 64 = 1,024 fits 1,024, 12 x 65 -> 16 x
+    128 does not (it takes the other paths, still correct); 0 turns the path off."""
+    monkeypatch.setattr(gng, "RESIDENT_MAX", 1024)
+    assert gng._launch_config(12, 49, 2, 49, 1).resident
+    assert not gng._launch_config(12, 65, 2, 65, 1).resident
+    _check((2, 12, 5, 13), 1)
+    monkeypatch.setattr(gng, "RESIDENT_MAX", 0)
+    assert not gng._launch_config(1, 1, 2, 1, 1).resident
 
 
 @pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
@@ -204,14 +237,24 @@ def test_module_switch_and_opcheck():
                           test_utils=("test_schema", "test_faketensor", "test_autograd_registration"))
 
 
-def test_statistics_are_stable_for_a_large_mean(force_split, monkeypatch, reduction):
-    """x = 1000 + N(0, 0.01): a naive sum-of-squares variance loses every digit in fp32; the
-    per-tile Chan merge and the per-lane Welford keep it (normalised output ~ N(0, 1))."""
-    monkeypatch.setattr(gng, "_TILE", 16)
-    monkeypatch.setattr(gng, "ELEMS_PER_PROGRAM", 128)
+def _large_mean_error() -> float:
+    """x = 1000 + N(0, 0.01), normalised without affine: max |kernel - float64 reference|."""
     g = torch.Generator().manual_seed(3)
     x = (1000 + 0.01 * torch.randn(2, 6, 9, 11, generator=g)).to(DEVICE)
     w, b = torch.ones(6, device=DEVICE), torch.zeros(6, device=DEVICE)
     y = group_norm_gelu(x, w, b, 1, gelu=False)
     ref = torch.nn.functional.group_norm(x.double(), 1, eps=1e-5)
-    assert (y.double() - ref).abs().max().item() < 2e-2
+    return (y.double() - ref).abs().max().item()
+
+
+def test_statistics_are_stable_for_a_large_mean(force_split, monkeypatch, reduction):
+    """A naive sum-of-squares variance loses every digit in fp32; the per-tile Chan merge and the
+    per-lane Welford keep it (normalised output ~ N(0, 1))."""
+    monkeypatch.setattr(gng, "_TILE", 16)
+    monkeypatch.setattr(gng, "ELEMS_PER_PROGRAM", 128)
+    assert _large_mean_error() < 2e-2
+
+
+def test_resident_statistics_are_stable_for_a_large_mean(resident):
+    """The resident kernel's two passes over its registers (mean, then centred squares) too."""
+    assert _large_mean_error() < 2e-2
