@@ -22,7 +22,7 @@
 # BATCH_DTYPES (default bf16), TRAIN_CAP_S / SAMPLE_CAP_S / KERNEL_CAP_S / PROFILE_CAP_S / TUNE_CAP_S /
 # BATCH_CAP_S (seconds per stage),
 # TUNE_ARGS (bench.tune_groupnorm's sweep, default its full grid; e.g. "--lane 0 --tile 2048 --programs 528
-# --threads 8,16,32 --resident 0,16384,32768,65536"),
+# --threads 8,16,32 --resident 0,4096,16384"),
 # PROFILE_WORKLOAD (train or sample), PROFILE_IMPLS (default compiled,eager), PROFILE_KNOBS (default none; e.g.
 # none,cudnn_benchmark,force_layout,cudagraphs: see bench/profile_step.py), FASTDDPM_BENCH_TRAIN_IMPLS
 # (the train stage's non-eager paths, default compiled,fast,compiled-graphs,fast-graphs: the last two

@@ -5,7 +5,9 @@ JSON-lines log of ``$FASTDDPM_BENCH_LOG``; several inputs are merged (a later re
 case replaces an earlier one), and ``--merge`` writes them as one JSON. Per workload and dtype:
 each implementation's figure, fast/eager and fast/compiled, MFU or the share of the memory
 roofline, and the projections: seconds to sample 5,120 images at T = 1000 and 2000, hours for the
-paper's 500 epochs of 50,000 images, next to what the paper's RTX 4070 took.
+paper's 500 epochs of 50,000 images, next to what the paper's RTX 4070 took. Then issue 11's
+targets, and the entry of ``fastddpm/measured.py`` (what ``auto`` runs on this card) these results
+support.
 """
 from __future__ import annotations
 
@@ -249,6 +251,12 @@ HEADLINE_BATCH = {"train_step": 256, "sampling": 2560}
 GN_TARGET_SHAPES = ([256, 64, 32, 32], [256, 128, 16, 16])
 
 
+def headline(info: list[dict], workload: str, dtype: str, impl: str) -> dict | None:
+    """The result of ``impl`` at the bench's headline batch: never a batch sweep's point."""
+    return next((i for i in info if i["workload"] == workload and i["dtype"] == dtype and i["impl"] == impl
+                 and i.get("batch") == HEADLINE_BATCH[workload]), None)
+
+
 def verdict(ok: bool) -> str:
     return "met" if ok else "not met"
 
@@ -259,9 +267,8 @@ def targets_section(entries) -> str:
         return "## Targets\n\nThe targets are for an H100/H200; this run is not on a GPU: not assessed."
     info = [e["extra_info"] for e in entries]
 
-    def one(workload, dtype, impl):  # at the headline batch only: never a batch sweep's point
-        return next((i for i in info if i["workload"] == workload and i["dtype"] == dtype and i["impl"] == impl
-                     and i.get("batch") == HEADLINE_BATCH[workload]), None)
+    def one(workload, dtype, impl):
+        return headline(info, workload, dtype, impl)
 
     def speedup(workload, dtype):
         fast, compiled = one(workload, dtype, "fast"), one(workload, dtype, "compiled")
@@ -318,25 +325,29 @@ def targets_section(entries) -> str:
     return "## Targets (issue 11; read from this JSON)\n\n" + ("\n".join(lines) or "No result for a target.")
 
 
+# Two paths within this fraction of each other tie; a tie goes to the preferred one: for sampling the
+# fast engine (its noise does not depend on the batch size, one CUDA graph), for training the torch
+# path (no Triton needed).
+TIE = 0.02
+TIE_PREFERENCE = {"sampling": "fast", "train_step": "torch"}
+
+
 def auto_choices(entries) -> dict:
     """What ``auto`` should choose on the card of ``entries`` (fastddpm.measured.Measured's fields but
-    ``source``): per dtype, the faster of the two paths measured side by side, at the headline batch.
-    Sampling: engine fast or compiled. Training, compiled: the GroupNorm path, "triton" where our
-    kernels' step was faster, per compile mode (default: fast vs compiled; reduce-overhead:
-    fast-graphs vs compiled-graphs, NCHW). A dtype or mode missing either side has no entry."""
+    ``source``): per dtype, the faster of the two paths measured side by side at the headline batch,
+    within ``TIE`` the preferred one. Sampling: engine fast or compiled. Training, compiled: the
+    GroupNorm path, "triton" where our kernels' step was faster, per compile mode (default: fast vs
+    compiled; reduce-overhead: fast-graphs vs compiled-graphs, both NCHW). A dtype or mode missing
+    either side has no entry."""
     info = [e["extra_info"] for e in entries]
-
-    def rate(workload, dtype, impl):
-        i = next((i for i in info if i["workload"] == workload and i["dtype"] == dtype and i["impl"] == impl
-                  and i.get("batch") == HEADLINE_BATCH[workload]), None)
-        return i.get("items_per_s") if i else None
 
     def faster(workload, pair, names):
         out = {}
         for d in DTYPES:
-            a, b = (rate(workload, d, impl) for impl in pair)
-            if a and b:
-                out[d] = names[0] if a > b else names[1]
+            rates = [(headline(info, workload, d, impl) or {}).get("items_per_s") for impl in pair]
+            if all(rates):
+                tie = abs(rates[0] / rates[1] - 1) < TIE
+                out[d] = TIE_PREFERENCE[workload] if tie else names[0] if rates[0] > rates[1] else names[1]
         return out
 
     modes = {mode: faster("train_step", pair, ("triton", "torch")) for mode, pair in
@@ -351,7 +362,7 @@ def auto_section(entries, source: str | None) -> str:
         return ""
     from fastddpm.measured import MEASURED, card_slug
 
-    card = card_slug(entries[0]["extra_info"].get("device", {}).get("name") or "")
+    card = card_slug(entries[0]["extra_info"].get("device", {}).get("name") or "") or "unnamed-card"
     got = auto_choices(entries)
     if not got["sample_engine"] and not got["train_kernels"]:
         return ""
@@ -404,12 +415,17 @@ def main(argv=None) -> int:
         return 2
     entries, header = load(existing)
     if a.merge:
-        from bench.common import results_json, write_json  # imports torch: only when writing
+        from bench.common import results_json, write_json  # imports torch (as does the "auto" section)
 
         doc = {**results_json(entries), **{k: v for k, v in header.items() if k != "benchmarks"}}
         commands = a.command or header.get("commands", [])
         write_json(a.merge, {**doc, **record(entries, commands, str(doc.get("datetime") or ""))})
-    sys.stdout.write(render(entries, header, existing[0] if len(existing) == 1 else None))
+    # The file an entry of fastddpm.measured would cite: a merged JSON is committed as bench/results/<its name>.
+    source = f"bench/results/{Path(a.merge).name}" if a.merge else existing[0] if len(existing) == 1 else None
+    if source and not a.merge:
+        path, root = Path(source).resolve(), Path(__file__).resolve().parent.parent
+        source = str(path.relative_to(root)) if path.is_relative_to(root) else source
+    sys.stdout.write(render(entries, header, source))
     return 0
 
 

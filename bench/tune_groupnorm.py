@@ -7,8 +7,9 @@ The swept knobs are module attributes of ``fastddpm.kernels.groupnorm_gelu``: ``
 ``_TARGET_PROGRAMS`` (how finely a large group is split), ``_ELEMS_PER_THREAD`` (sets num_warps) and
 ``SPLIT_THRESHOLD`` (groups up to this many elements get one program, whose second pass over its
 group should find it in L1/L2 rather than DRAM; larger ones are split over programs, two kernels)
-and ``RESIDENT_MAX`` (groups whose padded tile holds up to this many elements are loaded once into
-one program's registers: the compulsory traffic, at the price of registers; 0 = off).
+and ``RESIDENT_MAX`` (groups whose padded tile holds up to this many elements, 16,384 at most, are
+loaded once into one program's registers: the compulsory traffic; 0 = off). With it on, the other
+knobs still set the paths of the larger groups, and "threads" the resident program's warps.
 Each setting is built, guarded against eager and timed exactly as the kernel bench does
 (``bench.test_kernels.gn_case``: CUDA-graph replays over inputs larger than L2). On the CPU it runs
 at the smoke size through Triton's interpreter, which proves only that it runs.
@@ -18,7 +19,7 @@ at the smoke size through Triton's interpreter, which proves only that it runs.
     python -m bench.tune_groupnorm --lane 0 --tile 2048 --programs 528 --threads 8,16 \
         --split 4096,16384,65536      # one program per sample up to the 8x8 / 32x32 levels (8 settings)
     python -m bench.tune_groupnorm --lane 0 --tile 2048 --programs 528 --threads 8,16,32 \
-        --resident 0,16384,32768,65536   # one load per input, up to the 8x8 / 16x16 / 32x32 levels
+        --resident 0,4096,16384   # one load per input at the 4x4 / 8x8 levels (16,384 at most: registers)
 """
 from __future__ import annotations
 

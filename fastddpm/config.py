@@ -12,6 +12,11 @@ COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
+def dtype_name(dtype: torch.dtype) -> str:
+    """torch.bfloat16 -> "bf16" (DTYPES' key)."""
+    return next(name for name, d in DTYPES.items() if d == dtype)
+
+
 @dataclass
 class TrainConfig:
     data: str = "cifar10"

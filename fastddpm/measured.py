@@ -1,18 +1,20 @@
 """What ``auto`` runs on a GPU, per kind of card, and the results file each choice rests on.
 
 An entry of ``MEASURED`` is what ``bench.report.auto_choices`` derives from one bench results file
-(``bench/results/<date>-<card>.json``): per dtype, the path that posted the most images/s on that
-card, every figure having passed its guard against eager first. ``python -m bench.report FILE``
-prints the entry for a new file (its section "What auto chooses"), and ``tests/test_measured.py``
-checks every entry against its file, so the table cannot drift from the measurements.
-A card with no entry takes the choices of ``FALLBACK``, the one card measured so far, and says so.
+(``bench/results/<date>-<card>.json``): per dtype, the path with the higher rate there (images/s of
+a training step, image-steps/s of sampling), every figure having passed its guard against eager
+first; within 2 % (a tie) the preferred path of ``bench.report.TIE_PREFERENCE``. The training
+choice rests on NCHW measurements, and a ``--channels-last`` run takes it too.
+``python -m bench.report FILE`` prints the entry for a new file (section "What auto chooses"), and
+``tests/test_measured.py`` checks every entry against its file, so the table cannot drift from the
+measurements. Whatever an entry lacks (its card, a dtype, a compile mode) comes from the next
+measurement that has it, and ``choice``'s reason says which: the card's default compile mode, then
+``FALLBACK``, the card measured in every dtype.
 """
 from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
-
-import torch
 
 
 @dataclass(frozen=True)
@@ -20,7 +22,7 @@ class Measured:
     source: str  # the results file, relative to the repository root
     # sampling (batch 2,560): dtype -> "fast" or "compiled", the faster of the two there
     sample_engine: dict[str, str]
-    # a compiled training step (batch 256): --compile-mode -> dtype -> "triton" or "torch", the
+    # a compiled training step (batch 256, NCHW): --compile-mode -> dtype -> "triton" or "torch", the
     # GroupNorm path whose step was faster in that mode ("default": bench paths compiled vs fast;
     # "reduce-overhead": compiled-graphs vs fast-graphs)
     train_kernels: dict[str, dict[str, str]] = field(default_factory=dict)
@@ -41,16 +43,28 @@ def card_slug(name: str) -> str:
     return re.sub(r"[^a-z0-9]+", "-", name.lower().replace("nvidia", "")).strip("-")
 
 
-def measured_for(device: torch.device) -> tuple[str, Measured]:
-    """(why, the entry) for a CUDA device: its own card's entry, else FALLBACK's, and ``why`` says which."""
-    card = card_slug(torch.cuda.get_device_name(device))
-    if card in MEASURED:
-        return f"measured fastest on this card ({MEASURED[card].source})", MEASURED[card]
-    entry = MEASURED[FALLBACK]
-    return f"{card} not measured: the {FALLBACK}'s choice ({entry.source})", entry
+def choice(card: str, dtype: str, mode: str | None = None) -> tuple[str, str]:
+    """(what auto runs, why) on ``card`` in ``dtype``: the sampling engine, or with ``mode`` (a
+    --compile-mode) the GroupNorm path of a compiled training step."""
+    def lookup(entry: Measured, m: str | None):
+        return entry.sample_engine.get(dtype) if m is None else entry.train_kernels.get(m, {}).get(dtype)
+
+    modes = [mode] if mode in (None, "default") else [mode, "default"]
+    for name in dict.fromkeys([card, FALLBACK]):  # this card first, then the fallback card
+        entry = MEASURED.get(name)
+        for m in modes if entry else ():
+            got = lookup(entry, m)
+            if got:
+                lacking = f"{card or 'this card'} not measured" + (f" in {dtype}" if card in MEASURED else "")
+                where = "measured fastest on this card" if name == card else f"{lacking}: the {name}'s choice"
+                if m != mode:
+                    where += f", in the default compile mode ({mode} not measured)"
+                return got, f"{where} ({entry.source})"
+    raise LookupError(f"fastddpm.measured: {FALLBACK!r} has no {dtype} entry")  # a test keeps it complete
 
 
-def dtype_name(dtype: torch.dtype) -> str:
-    from fastddpm.config import DTYPES
+def choice_for(device, dtype: str, mode: str | None = None) -> tuple[str, str]:
+    """``choice`` for a CUDA device."""
+    import torch
 
-    return next(name for name, d in DTYPES.items() if d == dtype)
+    return choice(card_slug(torch.cuda.get_device_name(device)), dtype, mode)

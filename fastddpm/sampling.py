@@ -70,12 +70,12 @@ def auto_engine(device: torch.device, dtype: torch.dtype, triton_ok: bool) -> tu
     compiled one where Triton is missing; elsewhere the eager loop (no compilation to wait for)."""
     if device.type != "cuda":
         return "eager", "not CUDA: no compilation to wait for"
-    from fastddpm.measured import dtype_name, measured_for
+    from fastddpm.config import dtype_name
+    from fastddpm.measured import choice_for
 
-    why, entry = measured_for(device)
-    engine = entry.sample_engine[dtype_name(dtype)]
+    engine, why = choice_for(device, dtype_name(dtype))
     if engine == "fast" and not triton_ok:
-        return "compiled", "Triton is unavailable, so not the fast engine"
+        return "compiled", f"Triton is unavailable here, so not the fast engine that {why}"
     return engine, why
 
 
@@ -318,8 +318,8 @@ def sample(model_or_checkpoint_path, n: int, *, T: int | None = None, diffusion:
     ``engine``: "eager", "compiled", "fast" (Triton kernels, fused update, one CUDA graph replayed
     for every step on CUDA) or "auto" (on CUDA the measured fastest on this kind of card, per
     ``fastddpm.measured``; eager elsewhere; ``timings["engine_chosen_by"]`` says why).
-    ``noise``: "torch" (a torch.Generator: the eager engines' default) or "philox" (the fused kernel's stream: the fast engine's); x_T always
-    comes from the torch.Generator. Deterministic for (seed, engine) and independent of batch_size
+    ``noise``: "torch" (a torch.Generator: the eager engines' default) or "philox" (the fused
+    kernel's stream: the fast engine's); x_T always comes from the torch.Generator. Deterministic for (seed, engine) and independent of batch_size
     (default: ``n`` split evenly into chunks of at most 2,560 on CUDA, 256 elsewhere).
     ``trajectory_at``: step indices at which to also keep x_t (the paper's Figs. 19-20); then returns
     (images, {t: uint8 images}). ``timings``: a dict to fill with the wall time, split into the

@@ -134,22 +134,22 @@ def match_optimizer_layout(opt: torch.optim.Optimizer) -> None:
                 state[k] = torch.empty_like(p, dtype=v.dtype).copy_(v)
 
 
-def training_kernels(kernels: str, device: torch.device, compiled: bool, compile_mode: str = "default",
-                     dtype: str = "bf16") -> tuple[str, str]:
+def training_kernels(kernels: str, device: torch.device, compiled: bool, compile_mode: str, dtype: str,
+                     triton_ok: bool) -> tuple[str, str]:
     """(the GroupNorm+GELU path a training run uses, why). "auto" under torch.compile on CUDA is the
     path whose compiled step measured faster on this kind of card, in this dtype and compile mode
-    (``fastddpm.measured``; a mode not measured there takes the default mode's choice). On the H200
-    that is the torch path in every dtype: Inductor fuses GroupNorm+GELU itself, and that step ran
-    1.2 to 1.5x faster than the one with the Triton kernels. Uncompiled, or on the CPU, "auto" keeps
-    the model's own rule (Triton on CUDA)."""
+    (``fastddpm.measured``, which says what stands in for a measurement it lacks); torch where Triton
+    is unavailable. On the H200 that is the torch path in every dtype: Inductor fuses GroupNorm+GELU
+    itself, and that step ran 1.2 to 1.5x faster than the one with the Triton kernels. Uncompiled,
+    or on the CPU, "auto" keeps the model's own rule (Triton on CUDA)."""
     if kernels != "auto" or not compiled or device.type != "cuda":
         return kernels, "asked for" if kernels != "auto" else "auto: the model's own rule"
-    from fastddpm.measured import measured_for
+    from fastddpm.measured import choice_for
 
-    why, entry = measured_for(device)
-    if compile_mode not in entry.train_kernels:
-        why += f"; its {compile_mode} mode not measured: the default mode's"
-    return entry.train_kernels.get(compile_mode, entry.train_kernels["default"])[dtype], f"auto: {why}"
+    path, why = choice_for(device, dtype, compile_mode)
+    if path == "triton" and not triton_ok:
+        return "torch", f"auto: Triton is unavailable here, so not the Triton path that {why}"
+    return path, f"auto: {why}"
 
 
 class Trainer:
@@ -164,17 +164,17 @@ class Trainer:
         self.out.mkdir(parents=True, exist_ok=True)
         torch.manual_seed(cfg.seed)
         compile_ = cfg.compile if cfg.compile is not None else device.type == "cuda"
-        kernels, why = training_kernels(cfg.kernels, device, compile_, cfg.compile_mode, cfg.dtype)
+        from fastddpm.kernels import unavailable_reason
+
+        if cfg.kernels == "triton" and unavailable_reason(device):
+            raise UsageError(f"--kernels triton: {unavailable_reason(device)}")
+        kernels, why = training_kernels(cfg.kernels, device, compile_, cfg.compile_mode, cfg.dtype,
+                                        unavailable_reason(device) is None)
         self.model = UNet(cfg.base_channels, kernels=kernels).to(device)
         if kernels != cfg.kernels:  # what "auto" became, and on what measurement
             self.log(f"GroupNorm+GELU kernels: {kernels} ({why})")
         self.memory_format = torch.channels_last if cfg.channels_last else torch.contiguous_format
         self.model.to(memory_format=self.memory_format)
-        if cfg.kernels == "triton":
-            from fastddpm.kernels import unavailable_reason
-
-            if unavailable_reason(device):
-                raise UsageError(f"--kernels triton: {unavailable_reason(device)}")
         self.net = self.model  # what the training step calls: DDP and/or compiled wrappers of the model
         if world > 1:
             from torch.nn.parallel import DistributedDataParallel

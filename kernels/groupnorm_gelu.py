@@ -7,9 +7,10 @@ and writes y once; the (N, C, H, W) time-encoding broadcast (eq. 11) is computed
 never materialised. The backward recomputes x_hat and GELU'(u) from the saved mean/rstd.
 
 Resident path (``RESIDENT_MAX``, off by default until a GPU measures it): a group whose
-power-of-two tile holds at most that many elements is loaded once into one program's registers,
-so the forward reads x once and the backward reads x, dy (and the residual) once: the compulsory
-traffic, where the other paths read everything twice.
+power-of-two tile holds at most that many elements (16,384 at most: the 4x4 and 8x8 levels) is
+loaded once into one program's registers, so the forward reads x once and the backward reads x, dy
+(and the residual) once: the compulsory traffic, where the other paths read x twice in the forward
+and x, dy and the residual twice in the backward.
 
 A group is walked as a (channels, H*W) rectangle with a stride per axis, which covers NCHW and
 channels_last without a permute copy. The model uses one group per sample (up to 65,536 elements),
@@ -47,8 +48,11 @@ _ELEMS_PER_THREAD = 8  # sets num_warps from the tile size
 # per rectangle, so the loop carries no block-wide reduction. Unmeasured on a GPU so far.
 _LANE_ACCUMULATE = os.environ.get("FASTDDPM_GN_LANE_ACCUMULATE", "0") == "1"
 # Groups whose padded (power-of-two) tile holds at most this many elements take the resident path
-# (one program, one load of each input); 0 = off. Unmeasured on a GPU so far.
+# (one program, one load of each input); 0 = off. Unmeasured on a GPU so far. Never above
+# _RESIDENT_LIMIT: at 32 warps that is 16 fp32 values a thread per live tile, and the backward keeps
+# about five alive (x, dy, residual, du, x_hat) in a 64-register budget, so it spills beyond.
 RESIDENT_MAX = int(os.environ.get("FASTDDPM_GN_RESIDENT_MAX", 0))
+_RESIDENT_LIMIT = 16384
 # (bench/tune_groupnorm.py sweeps these launch parameters on a GPU by setting them on this module.)
 _LOG_10000 = math.log(10000.0)
 
@@ -147,10 +151,15 @@ def _tile_grad(DY, X, R, base, c0, c_hi, h0, h_hi, stride_c, stride_hw, w, b, me
 
 
 @triton.jit
+def _affine(W, B, c, cmask):
+    """Weight and bias of channels c, in fp32."""
+    return tl.load(W + c, mask=cmask, other=0.0).to(tl.float32), tl.load(B + c, mask=cmask, other=0.0).to(tl.float32)
+
+
+@triton.jit
 def _channel_params(W, B, T, n, c, cmask, neg_log_over_c, HAS_T: tl.constexpr):
     """Per channel c: weight, bias and (HAS_T) the time encoding of sample n's step."""
-    w = tl.load(W + c, mask=cmask, other=0.0).to(tl.float32)
-    b = tl.load(B + c, mask=cmask, other=0.0).to(tl.float32)
+    w, b = _affine(W, B, c, cmask)
     te = tl.zeros_like(w)
     if HAS_T:
         # eq. 11: frequency 10000^(-2*floor(c/2)/C), sin on even channels, cos on odd ones;
@@ -209,8 +218,7 @@ def _rect_bwd_reduce(DY, X, R, DR, W, B, PDW, PDB, base, pd_row, c_off, c_lo, c_
     for c0 in range(c_lo, c_hi, BLOCK_C):
         c = c_off + c0 + tl.arange(0, BLOCK_C)
         cmask = c < c_off + c_hi
-        w = tl.load(W + c, mask=cmask, other=0.0).to(tl.float32)
-        b = tl.load(B + c, mask=cmask, other=0.0).to(tl.float32)
+        w, b = _affine(W, B, c, cmask)
         if LANE:
             dw_acc = tl.zeros((BLOCK_C, BLOCK_HW), dtype=tl.float32)
             db_acc = tl.zeros((BLOCK_C, BLOCK_HW), dtype=tl.float32)
@@ -260,8 +268,7 @@ def _rect_bwd_dx(DY, X, R, W, B, DX, base, c_off, c_lo, c_hi, h_lo, h_hi, stride
     for c0 in range(c_lo, c_hi, BLOCK_C):
         c = c_off + c0 + tl.arange(0, BLOCK_C)
         cmask = c < c_off + c_hi
-        w = tl.load(W + c, mask=cmask, other=0.0).to(tl.float32)
-        b = tl.load(B + c, mask=cmask, other=0.0).to(tl.float32)
+        w, b = _affine(W, B, c, cmask)
         for h0 in range(h_lo, h_hi, BLOCK_HW):
             offs, mask, x_hat, du = _tile_grad(DY, X, R, base, c0, c_hi, h0, h_hi, stride_c, stride_hw, w, b,
                                                mean, rstd, HAS_RESIDUAL, GELU, BLOCK_C, BLOCK_HW)
@@ -413,8 +420,7 @@ def _gn_bwd_resident_kernel(DY, X, R, DR, W, B, MEAN, RSTD, PDW, PDB, DX, G, C, 
                        BLOCK_C, BLOCK_HW)
     c = c_off + tl.arange(0, BLOCK_C)
     cmask = c < c_off + Cg
-    w = tl.load(W + c, mask=cmask, other=0.0).to(tl.float32)
-    b = tl.load(B + c, mask=cmask, other=0.0).to(tl.float32)
+    w, b = _affine(W, B, c, cmask)
     x = tl.load(X + offs, mask=mask, other=0.0).to(tl.float32)
     dy = tl.load(DY + offs, mask=mask, other=0.0).to(tl.float32)
     r = 0.0
@@ -477,7 +483,7 @@ class _Launch(NamedTuple):
 def _launch_config(Cg: int, HW: int, rows: int, stride_c: int, stride_hw: int) -> _Launch:
     m = Cg * HW
     block_c, block_hw = triton.next_power_of_2(Cg), triton.next_power_of_2(HW)
-    if block_c * block_hw <= RESIDENT_MAX:  # up to 32 warps (1,024 threads, the most a program has)
+    if block_c * block_hw <= min(RESIDENT_MAX, _RESIDENT_LIMIT):  # up to 32 warps: 1,024 threads, a program's most
         warps = max(1, min(32, block_c * block_hw // (32 * _ELEMS_PER_THREAD)))
         return _Launch(Cg, HW, 1, 1, block_c, block_hw, num_warps=warps, lane=False, resident=True)
     if m <= SPLIT_THRESHOLD:
@@ -506,17 +512,15 @@ def _launch_config(Cg: int, HW: int, rows: int, stride_c: int, stride_hw: int) -
                    num_warps=max(1, min(8, block_c * block_hw // (32 * _ELEMS_PER_THREAD))), lane=_LANE_ACCUMULATE)
 
 
-_GROUP_ARGS = 7  # the geometry's (G, C, Cg, HW, stride_n, stride_c, stride_hw); the split's chunks follow
-
-
 def _geometry(x: torch.Tensor, num_groups: int):
-    """(x in a walkable layout, group geometry tuple for the kernels, launch config)."""
+    """(x in a walkable layout, the group's geometry for the kernels: (G, C, Cg, HW, stride_n,
+    stride_c, stride_hw), launch config; the split kernels also take ``cfg.chunks``)."""
     x = _layout(x)
     n, c, h, w = x.shape
     cg, hw = c // num_groups, h * w
     stride_n, stride_c, stride_hw = x.stride(0), x.stride(1), (x.stride(3) if w > 1 else x.stride(2))
     cfg = _launch_config(cg, hw, n * num_groups, stride_c, stride_hw)
-    return x, (num_groups, c, cg, hw, stride_n, stride_c, stride_hw, *cfg.chunks), cfg
+    return x, (num_groups, c, cg, hw, stride_n, stride_c, stride_hw), cfg
 
 
 def _forward(x, weight, bias, num_groups, eps, residual, t, gelu):
@@ -525,21 +529,21 @@ def _forward(x, weight, bias, num_groups, eps, residual, t, gelu):
     y = torch.empty_like(x)
     mean = torch.empty((n, num_groups), device=x.device, dtype=torch.float32)
     rstd = torch.empty_like(mean)
-    part = torch.empty((n * num_groups * cfg.s * 3,), device=x.device, dtype=torch.float32)
     if residual is not None:
         residual = _like(residual, x)
     if cfg.resident:
         _gn_fwd_resident_kernel[(n * num_groups,)](
             x, residual if residual is not None else x, t if t is not None else mean, weight, bias, y, mean, rstd,
-            *geom[:_GROUP_ARGS], eps, -_LOG_10000 / c,
+            *geom, eps, -_LOG_10000 / c,
             HAS_RESIDUAL=residual is not None, HAS_T=t is not None, GELU=gelu, **cfg.meta)
         return y, mean, rstd
+    part = torch.empty((n * num_groups * cfg.s * 3,), device=x.device, dtype=torch.float32)
     grid = (n * num_groups, cfg.s)
     if cfg.s > 1:
-        _gn_stats_kernel[grid](x, part, *geom, **cfg.meta)
+        _gn_stats_kernel[grid](x, part, *geom, *cfg.chunks, **cfg.meta)
     _gn_fwd_kernel[grid](
         x, residual if residual is not None else x, t if t is not None else mean, weight, bias, y, mean, rstd,
-        part, *geom, eps, -_LOG_10000 / c,
+        part, *geom, *cfg.chunks, eps, -_LOG_10000 / c,
         SINGLE=cfg.s == 1, HAS_RESIDUAL=residual is not None, HAS_T=t is not None, GELU=gelu,
         BLOCK_S=triton.next_power_of_2(cfg.s), **cfg.meta)
     return y, mean, rstd
@@ -553,7 +557,6 @@ def _backward(dy, x, weight, bias, residual, mean, rstd, num_groups, gelu):
     # Every (row, channel) of the dw/db partials is written by exactly one program: no zero-fill.
     pdw = torch.empty((n * cfg.hw_split, c), device=x.device, dtype=torch.float32)
     pdb = torch.empty_like(pdw)
-    part = torch.empty((n * num_groups * cfg.s * 2,), device=x.device, dtype=torch.float32)
     has_residual = residual is not None
     if has_residual:
         residual = _like(residual, x)
@@ -562,14 +565,15 @@ def _backward(dy, x, weight, bias, residual, mean, rstd, num_groups, gelu):
         residual = dres = x  # placeholders, never touched (HAS_RESIDUAL=False)
     if cfg.resident:
         _gn_bwd_resident_kernel[(n * num_groups,)](dy, x, residual, dres, weight, bias, mean, rstd, pdw, pdb, dx,
-                                                   *geom[:_GROUP_ARGS], HAS_RESIDUAL=has_residual, GELU=gelu,
+                                                   *geom, HAS_RESIDUAL=has_residual, GELU=gelu,
                                                    **cfg.meta)
     else:
+        part = torch.empty((n * num_groups * cfg.s * 2,), device=x.device, dtype=torch.float32)
         args = (dy, x, residual, dres, weight, bias, mean, rstd, pdw, pdb, part)
         grid = (n * num_groups, cfg.s)
         if cfg.s > 1:
-            _gn_bwd_reduce_kernel[grid](*args, *geom, HAS_RESIDUAL=has_residual, GELU=gelu, **cfg.meta)
-        _gn_bwd_dx_kernel[grid](*args, dx, *geom, SINGLE=cfg.s == 1, HAS_RESIDUAL=has_residual, GELU=gelu,
+            _gn_bwd_reduce_kernel[grid](*args, *geom, *cfg.chunks, HAS_RESIDUAL=has_residual, GELU=gelu, **cfg.meta)
+        _gn_bwd_dx_kernel[grid](*args, dx, *geom, *cfg.chunks, SINGLE=cfg.s == 1, HAS_RESIDUAL=has_residual, GELU=gelu,
                                 BLOCK_S=triton.next_power_of_2(cfg.s), **cfg.meta)
     dw = pdw.sum(0).to(weight.dtype)
     db = pdb.sum(0).to(bias.dtype)

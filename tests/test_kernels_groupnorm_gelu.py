@@ -142,11 +142,16 @@ def test_resident_variants(resident, variant):
 
 def test_resident_only_up_to_its_tile_budget(monkeypatch):
     """RESIDENT_MAX counts the padded tile: 12 x 49 -> 16 x 64 = 1,024 fits 1,024, 12 x 65 -> 16 x
-    128 does not (it takes the other paths, still correct); 0 turns the path off."""
+    128 does not (it takes the other paths, still correct); never above _RESIDENT_LIMIT (16,384:
+    registers); 0 turns the path off."""
     monkeypatch.setattr(gng, "RESIDENT_MAX", 1024)
     assert gng._launch_config(12, 49, 2, 49, 1).resident
+    _check((2, 12, 7, 7), 1)  # exactly at the budget
     assert not gng._launch_config(12, 65, 2, 65, 1).resident
     _check((2, 12, 5, 13), 1)
+    monkeypatch.setattr(gng, "RESIDENT_MAX", 1 << 20)
+    assert gng._launch_config(64, 256, 2, 256, 1).resident  # 16,384
+    assert not gng._launch_config(128, 256, 2, 256, 1).resident  # 32,768: over the limit
     monkeypatch.setattr(gng, "RESIDENT_MAX", 0)
     assert not gng._launch_config(1, 1, 2, 1, 1).resident
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from bench import report
-from fastddpm import measured
+from fastddpm.config import COMPILE_MODES, DTYPES
 from fastddpm.measured import FALLBACK, MEASURED, Measured, card_slug
 from fastddpm.sampling import auto_engine
 from fastddpm.train import training_kernels
@@ -50,6 +50,13 @@ def test_auto_choices_take_the_faster_path_at_the_headline_batch_only(tmp_path):
     assert report.auto_choices(e) == {"sample_engine": {"fp32": "fast", "bf16": "compiled"},
                                       "train_kernels": {"default": {"bf16": "torch"},
                                                         "reduce-overhead": {"bf16": "triton"}}}
+    # within 2 % the two tie, and a tie goes to the preferred path: fast for sampling, torch for training
+    tie = [_entry("sampling", "compiled", "fp16", batch=2560, items_per_s=100.0),
+           _entry("sampling", "fast", "fp16", batch=2560, items_per_s=98.5),
+           _entry("train_step", "compiled", "fp16", batch=256, items_per_s=100.0, **seed),
+           _entry("train_step", "fast", "fp16", batch=256, items_per_s=101.5, **seed)]
+    assert report.auto_choices(tie) == {"sample_engine": {"fp16": "fast"},
+                                        "train_kernels": {"default": {"fp16": "torch"}}}
     path = tmp_path / "r.json"
     path.write_text(json.dumps({"benchmarks": e}))
     text = report.render(*report.load([path]))  # an H100 that fastddpm.measured does not have
@@ -76,31 +83,59 @@ def test_card_slug_spells_cards_as_results_files_do():
     assert _card({"name": "NVIDIA H100 80GB HBM3"}) == "h100-80gb-hbm3" and _card({}) == "cpu"
 
 
+H100 = Measured("bench/results/x.json", sample_engine={"fp32": "fast", "bf16": "compiled"},  # no fp16, as gpu.sh's
+                train_kernels={"default": {"fp32": "triton", "bf16": "triton"},          # default dtypes leave it
+                               "reduce-overhead": {"bf16": "torch"}})
+
+
 def test_sampling_and_training_look_their_card_up(on_card, monkeypatch):
-    monkeypatch.setitem(MEASURED, "h100-80gb-hbm3", Measured(
-        "bench/results/x.json", sample_engine={"fp32": "fast", "fp16": "fast", "bf16": "compiled"},
-        train_kernels={"default": {"fp32": "triton", "fp16": "torch", "bf16": "triton"},
-                       "reduce-overhead": {"fp32": "torch", "fp16": "torch", "bf16": "torch"}}))
+    monkeypatch.setitem(MEASURED, "h100-80gb-hbm3", H100)
     on_card("NVIDIA H100 80GB HBM3")
     assert auto_engine(CUDA, torch.float32, True) == ("fast", "measured fastest on this card (bench/results/x.json)")
     assert auto_engine(CUDA, torch.bfloat16, True)[0] == "compiled"
-    assert auto_engine(CUDA, torch.float32, False) == ("compiled", "Triton is unavailable, so not the fast engine")
-    assert training_kernels("auto", CUDA, True, "default", "bf16")[0] == "triton"
-    assert training_kernels("auto", CUDA, True, "reduce-overhead", "bf16")[0] == "torch"
-    path, why = training_kernels("auto", CUDA, True, "max-autotune", "fp32")  # a mode not measured: default's
-    assert path == "triton" and "max-autotune mode not measured" in why
+    engine, why = auto_engine(CUDA, torch.float32, False)
+    assert engine == "compiled" and why.startswith("Triton is unavailable here") and "x.json" in why
+    assert training_kernels("auto", CUDA, True, "default", "bf16", True)[0] == "triton"
+    assert training_kernels("auto", CUDA, True, "reduce-overhead", "bf16", True)[0] == "torch"
+    path, why = training_kernels("auto", CUDA, True, "reduce-overhead", "fp32", True)  # this mode lacks fp32
+    assert path == "triton" and "in the default compile mode (reduce-overhead not measured)" in why
+    path, why = training_kernels("auto", CUDA, True, "default", "bf16", False)  # no Triton here: torch
+    assert path == "torch" and "Triton is unavailable here" in why
     # an explicit choice is kept; uncompiled or off CUDA, "auto" is the model's own rule
-    assert training_kernels("torch", CUDA, True, "default", "bf16") == ("torch", "asked for")
-    assert training_kernels("auto", CUDA, False, "default", "bf16")[0] == "auto"
-    assert training_kernels("auto", torch.device("cpu"), True, "default", "bf16")[0] == "auto"
+    assert training_kernels("torch", CUDA, True, "default", "bf16", True) == ("torch", "asked for")
+    assert training_kernels("auto", CUDA, False, "default", "bf16", True)[0] == "auto"
+    assert training_kernels("auto", torch.device("cpu"), True, "default", "bf16", True)[0] == "auto"
     assert auto_engine(torch.device("cpu"), torch.bfloat16, True)[0] == "eager"
 
 
-def test_an_unmeasured_card_takes_the_fallback_s_choices_and_says_so(on_card):
+def test_what_an_entry_lacks_comes_from_the_fallback_card_and_says_so(on_card, monkeypatch):
+    """A new card's entry pasted from gpu.sh's default dtypes (bf16, fp32) has no fp16: fp16 takes
+    the fallback card's choice; a card with no entry takes all of them; nothing raises."""
+    monkeypatch.setitem(MEASURED, "h100-80gb-hbm3", H100)
+    fb = MEASURED[FALLBACK]
+    on_card("NVIDIA H100 80GB HBM3")
+    assert auto_engine(CUDA, torch.float16, True) == (
+        fb.sample_engine["fp16"], f"h100-80gb-hbm3 not measured in fp16: the {FALLBACK}'s choice ({fb.source})")
+    path, why = training_kernels("auto", CUDA, True, "reduce-overhead", "fp16", True)
+    assert path == fb.train_kernels["default"]["fp16"]
+    assert f"not measured in fp16: the {FALLBACK}'s choice, in the default compile mode" in why
     on_card("NVIDIA A100-SXM4-80GB")
     engine, why = auto_engine(CUDA, torch.float16, True)
-    assert engine == MEASURED[FALLBACK].sample_engine["fp16"]
-    assert why == f"a100-sxm4-80gb not measured: the {FALLBACK}'s choice ({MEASURED[FALLBACK].source})"
-    path, why = training_kernels("auto", CUDA, True, "default", "bf16")
-    assert path == MEASURED[FALLBACK].train_kernels["default"]["bf16"] and "a100-sxm4-80gb not measured" in why
-    assert measured.measured_for(CUDA)[1] is MEASURED[FALLBACK]
+    assert engine == fb.sample_engine["fp16"]
+    assert why == f"a100-sxm4-80gb not measured: the {FALLBACK}'s choice ({fb.source})"
+    for mode in COMPILE_MODES:
+        for dtype in DTYPES:
+            path, why = training_kernels("auto", CUDA, True, mode, dtype, True)
+            assert path == fb.train_kernels["default"][dtype] and "a100-sxm4-80gb not measured" in why
+
+
+def test_the_printed_entry_cites_the_file_to_commit(tmp_path, capsys):
+    """gpu.sh merges its logs into $OUT/<date>-<card>.json, committed as bench/results/<that name>:
+    the entry cites the latter; one input inside the checkout is cited relative to its root."""
+    path = tmp_path / "log.jsonl"
+    path.write_text(json.dumps(_entry("sampling", "fast", "bf16", batch=2560, items_per_s=2.0)) + "\n" +
+                    json.dumps(_entry("sampling", "compiled", "bf16", batch=2560, items_per_s=1.0)) + "\n")
+    assert report.main([str(path), "--merge", str(tmp_path / "2026-12-01-h100-80gb-hbm3.json")]) == 0
+    assert '"h100-80gb-hbm3": Measured(source="bench/results/2026-12-01-h100-80gb-hbm3.json"' in capsys.readouterr().out
+    assert report.main([str(ROOT / MEASURED[FALLBACK].source)]) == 0
+    assert f'Measured(source="{MEASURED[FALLBACK].source}"' in capsys.readouterr().out

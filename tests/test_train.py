@@ -187,8 +187,11 @@ def test_the_trainer_builds_its_model_with_the_kernels_training_kernels_chooses(
     """(What "auto" chooses per card is tests/test_measured.py's.)"""
     cpu = torch.device("cpu")
     asked = []
-    monkeypatch.setattr(train_mod, "training_kernels",
-                        lambda k, d, compiled, mode, dtype: asked.append((k, compiled, mode, dtype)) or ("torch", "x"))
+    def chooser(kernels, device, compiled, mode, dtype, triton_ok):
+        asked.append((kernels, compiled, mode, dtype))
+        return "torch", ""
+
+    monkeypatch.setattr(train_mod, "training_kernels", chooser)
     trainer = Trainer(tiny_config(compile=False, kernels="auto"), tmp_path, cpu, progress=False)
     assert asked == [("auto", False, "default", "fp32")] and trainer.model.kernels == "torch"
 
