@@ -204,22 +204,24 @@ def run_samplers(loaded, configs, a, info: dict, write, save) -> None:
 
 SWEEP = "dpm++10,ddim10,dpm++20,ddim20,ddim50,ddim100,ddpm"  # cheapest first: a cut-off run keeps those
 SWEEP_MAX = 7  # samplers in one call: their .npz and sweep.json are the 8 files the device brings back
-SWEEP_NAME = re.compile(r"(?P<sampler>dpm\+\+|ddim)(?P<steps>[0-9]+)"
-                        r"|ddim(?P<ddim>[0-9]+)-eta(?P<eta>[0-9]+(\.[0-9]+)?)|ddpm")
+SWEEP_NAME = re.compile(r"(?:(?P<sampler>dpm\+\+|ddim)(?P<steps>[0-9]+)"
+                        r"|ddim(?P<ddim>[0-9]+)-eta(?P<eta>[0-9]+(\.[0-9]+)?)|(?P<ddpm>ddpm))(?P<clip>-clip)?")
 
 
 def sweep_settings(name: str) -> dict:
-    """"ddpm" (all T steps), "ddimK", "dpm++K", "ddimK-etaE" -> sample()'s settings. Plain "ddimK" has
-    sample()'s default eta 0 (deterministic, as in the DDIM paper's FID tables); "-etaE" adds noise
-    (eta 1: DDPM-like variances on the strided steps)."""
+    """"ddpm" (all T steps), "ddimK", "dpm++K", "ddimK-etaE", each of the last three with "-clip"
+    -> sample()'s settings. Plain "ddimK" has sample()'s default eta 0 (deterministic, as in the DDIM
+    paper's FID tables); "-etaE" adds noise (eta 1: DDPM-like variances on the strided steps);
+    "-clip" clips each step's predicted x0 to [-1, 1]."""
     m = SWEEP_NAME.fullmatch(name)
-    if m is None:
+    if m is None or (m["ddpm"] and m["clip"]):
         raise SystemExit(f"--configs {name}: each is ddpm, ddimK, ddimK-etaE or dpm++K (K steps, E the DDIM eta), "
-                         f"e.g. {SWEEP}")
+                         f"the last three optionally with -clip (x0 clipped), e.g. {SWEEP}")
+    clip = {"clip_x0": True} if m["clip"] else {}
     if m["sampler"]:
-        return {"sampler": m["sampler"], "steps": int(m["steps"])}
+        return {"sampler": m["sampler"], "steps": int(m["steps"]), **clip}
     if m["ddim"]:
-        return {"sampler": "ddim", "steps": int(m["ddim"]), "eta": float(m["eta"])}
+        return {"sampler": "ddim", "steps": int(m["ddim"]), "eta": float(m["eta"]), **clip}
     return {"sampler": "ddpm"}
 
 
@@ -229,7 +231,8 @@ def sweep_configs(names: str) -> list[tuple[str, dict]]:
     configs, seen = [], {}
     for name in names.split(","):
         settings = sweep_settings(name)
-        key = (settings["sampler"], settings.get("steps"), settings.get("eta", 0.0))  # sample()'s default eta is 0
+        key = (settings["sampler"], settings.get("steps"), settings.get("eta", 0.0),  # sample()'s default eta is 0
+               settings.get("clip_x0", False))
         if key in seen:
             raise SystemExit(f"--configs {names}: {seen[key]} and {name} are the same sampler")
         seen[key] = name

@@ -16,7 +16,7 @@
 # device returns only of letters, digits, ".", "_", "-") + sweep.json = 8 files, 42 MiB: the device's
 # limits (8 files, 16 MiB each, 64 MiB). The log is what the call prints.
 # Knobs: SWEEP_WEIGHTS, SWEEP_N (2048), SWEEP_CONFIGS (bench.quality's SWEEP; names ddpm, ddimK, ddimK-etaE,
-# dpm++K, at most 7 of them), SWEEP_BUDGET_S (560), PYTHON.
+# dpm++K, the last three with -clip for a clipped x0, at most 7 of them), SWEEP_BUDGET_S (560), PYTHON.
 set -uo pipefail
 source "$(dirname "$0")/stages.sh"  # say, stage, smoke_script_setup
 smoke_script_setup "$@"
@@ -25,7 +25,7 @@ RESERVE=5
 LOG=/dev/null  # the call's printed output is the log: every returned file is a result
 WEIGHTS=${SWEEP_WEIGHTS:-data-carry/weights/ema-fp16.pt}
 if (( SMOKE )); then
-  DEST=${OUT:-runs/sweep-smoke}; N=${SWEEP_N:-8}; CONFIGS=${SWEEP_CONFIGS:-dpm++2,ddim2,ddim2-eta1,ddpm}
+  DEST=${OUT:-runs/sweep-smoke}; N=${SWEEP_N:-8}; CONFIGS=${SWEEP_CONFIGS:-dpm++2,dpm++2-clip,ddim2,ddim2-eta1,ddpm}
   export TRITON_INTERPRET=1
   ENGINE=(--engine fast --ddpm-engine eager)  # the fast engine runs in Triton's interpreter here
 else

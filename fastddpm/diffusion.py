@@ -15,10 +15,16 @@ def _at_least_fp32(x: torch.Tensor) -> torch.Tensor:
     return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
 
 
+def _clipped(x0: torch.Tensor, clip: bool) -> torch.Tensor:
+    """The predicted clean image, clipped to the data's range [-1, 1] when ``clip``."""
+    return x0.clamp(-1.0, 1.0) if clip else x0
+
+
 class LinearStep(NamedTuple):
     """One sampler step as a linear map, so one generic (graph-captured) step serves every sampler:
-    ``x_next = a*x + b*eps + c*x0_prev + s*z`` with ``x0 = p*x + q*eps`` (this step's prediction of the
-    clean image, the ``x0_prev`` of the next step). ``t`` is the step index the network is called with."""
+    ``x_next = a*x + b*eps + w*x0 + c*x0_prev + s*z`` with ``x0 = p*x + q*eps`` (this step's
+    prediction of the clean image, clipped to [-1, 1] where the sampler clips it, and the ``x0_prev``
+    of the next step). ``t`` is the step index the network is called with."""
     t: int
     a: float
     b: float
@@ -26,6 +32,7 @@ class LinearStep(NamedTuple):
     s: float
     p: float
     q: float
+    w: float = 0.0
 
 
 class Diffusion:
@@ -117,13 +124,14 @@ class Diffusion:
         return torch.linspace(0, self.T - 1, steps, dtype=torch.float64).round().long().unique().flip(0).tolist()
 
     def ddim_step(self, x_t: torch.Tensor, t: int, t_prev: int, eps: torch.Tensor, eta: float,
-                  noise: torch.Tensor | None) -> torch.Tensor:
+                  noise: torch.Tensor | None, clip_x0: bool = False) -> torch.Tensor:
         """x_{t_prev} from x_t (Song et al. eq. 12); t_prev = -1 is the clean image (alpha_bar = 1).
-        eta = 1 with t_prev = t - 1 is DDPM's posterior with variance beta~_t; eta = 0 is deterministic."""
+        eta = 1 with t_prev = t - 1 is DDPM's posterior with variance beta~_t; eta = 0 is deterministic.
+        ``clip_x0``: the predicted x0 clipped to the data's range [-1, 1] first (diffusers' clip_sample)."""
         ab = self._host[2][t]
         ab_prev = self._host[2][t_prev] if t_prev >= 0 else 1.0
         eps = _at_least_fp32(eps)
-        x0 = (x_t - (1.0 - ab) ** 0.5 * eps) / ab ** 0.5
+        x0 = _clipped((x_t - (1.0 - ab) ** 0.5 * eps) / ab ** 0.5, clip_x0)
         sigma = self.ddim_sigma(t, t_prev, eta)
         x = ab_prev ** 0.5 * x0 + max(1.0 - ab_prev - sigma ** 2, 0.0) ** 0.5 * eps
         if sigma > 0 and noise is not None:
@@ -144,7 +152,7 @@ class Diffusion:
             sigma = self.ddim_sigma(t, t_prev, eta)
             direction = max(1.0 - ab_prev - sigma ** 2, 0.0) ** 0.5
             p, q = ab ** -0.5, -((1.0 - ab) / ab) ** 0.5  # x0 = p x + q eps
-            rows.append(LinearStep(t, ab_prev ** 0.5 * p, ab_prev ** 0.5 * q + direction, 0.0, sigma, p, q))
+            rows.append(LinearStep(t, 0.0, direction, 0.0, sigma, p, q, w=ab_prev ** 0.5))
         return rows
 
     # --- DPM-Solver++(2M) (Lu et al., 2022), beyond the paper: 10 to 20 steps, no retraining ---------
@@ -168,14 +176,15 @@ class Diffusion:
         return alpha, sigma, math.log(alpha) - math.log(sigma)
 
     def dpm_solver_step(self, x: torch.Tensor, eps: torch.Tensor, ts: list[int], i: int,
-                        x0_prev: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+                        x0_prev: torch.Tensor | None, clip_x0: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
         """Step ``i`` of DPM-Solver++(2M) over ``ts`` (Lu et al. 2022, Algorithm 2 with the data prediction
         x0 = (x - sigma eps) / alpha): first order at the first step and at the last (to sigma = 0), second
-        order (the multistep midpoint update) between. Returns (x at the next step, x0)."""
+        order (the multistep midpoint update) between. Returns (x at the next step, x0). ``clip_x0``: x0
+        clipped to [-1, 1] (Lu et al.'s thresholding for pixel-space models, with the static bound 1)."""
         t, t_next = ts[i], (ts[i + 1] if i + 1 < len(ts) else -1)
         alpha_s, sigma_s, lambda_s = self._alpha_sigma_lambda(t)
         alpha_t, sigma_t, lambda_t = self._alpha_sigma_lambda(t_next)
-        x0 = (x - sigma_s * _at_least_fp32(eps)) / alpha_s
+        x0 = _clipped((x - sigma_s * _at_least_fp32(eps)) / alpha_s, clip_x0)
         k = -alpha_t * math.expm1(-(lambda_t - lambda_s))  # -alpha_t (e^{-h} - 1)
         if i == 0 or t_next < 0:
             return sigma_t / sigma_s * x + k * x0, x0
@@ -196,7 +205,7 @@ class Diffusion:
             if i > 0 and t_next >= 0:
                 half_over_r = 0.5 * (lambda_t - lambda_s) / (lambda_s - self._alpha_sigma_lambda(ts[i - 1])[2])
                 w0, w1 = k * (1.0 + half_over_r), -k * half_over_r
-            rows.append(LinearStep(t, sigma_t / sigma_s + w0 * p, w0 * q, w1, 0.0, p, q))
+            rows.append(LinearStep(t, sigma_t / sigma_s, 0.0, w1, 0.0, p, q, w=w0))
         return rows
 
     def plan(self, sampler: str, steps: int | None = None, eta: float = 0.0) -> list[LinearStep]:

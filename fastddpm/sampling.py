@@ -85,7 +85,7 @@ def _named(key: str, value, cli: bool) -> str:
 
 
 def check_arguments(T: int, *, n, batch_size=None, sampler="ddpm", steps=None, eta=None, engine="auto",
-                    noise="auto", seed=0, trajectory_at=None, cli: bool = False) -> None:
+                    noise="auto", seed=0, trajectory_at=None, clip_x0=False, cli: bool = False) -> None:
     """Every sampling argument against what is allowed; a UsageError (a ValueError) naming the value given."""
     def bad(key, value, allowed):
         return UsageError(f"{_named(key, value, cli)}: {allowed}")
@@ -117,6 +117,11 @@ def check_arguments(T: int, *, n, batch_size=None, sampler="ddpm", steps=None, e
             raise bad("eta", eta, "the DDIM noise scale must be a finite number >= 0 (0: deterministic)")
         if sampler != "ddim" and eta != 0:
             raise bad("eta", eta, f"applies to the ddim sampler only (sampler is {sampler})")
+    if not isinstance(clip_x0, bool):
+        raise bad("clip_x0", clip_x0, "True or False")
+    if clip_x0 and sampler == "ddpm":
+        raise bad("clip_x0", clip_x0, "applies to the ddim and dpm++ samplers (eq. 5 has no x0 to clip); DDPM with a "
+                                      f"clipped x0 is ddim with steps={T} and eta 1")
     for t in trajectory_at or ():
         if not is_int(t) or not 0 <= t < T:
             raise bad("trajectory_at", t, f"step indices must be integers in [0, T={T})")
@@ -242,21 +247,22 @@ def _capture(step, reset):
 
 
 def graph_chain(net, diffusion: Diffusion, sampler: str, plan: list[LinearStep], x: torch.Tensor, seed: int, b: int,
-                dtype: torch.dtype, progress, clock: Clock) -> tuple[torch.Tensor, dict]:
+                dtype: torch.dtype, progress, clock: Clock, clip_x0: bool = False) -> tuple[torch.Tensor, dict]:
     """The fast engine: one network call and one update captured once as a CUDA graph (on CUDA; on
     other devices the same step runs eagerly) and replayed for every step of ``plan``; the step index,
     the seed and the chunk offset live in device tensors, so there is no host sync inside the loop.
     DDPM updates with the fused reverse-step kernel (eq. 5, in-kernel Philox noise); the few-step
-    samplers with the plan's LinearStep rows (and, for DDIM with eta > 0, the same Philox stream)."""
+    samplers with the plan's LinearStep rows (and, for DDIM with eta > 0, the same Philox stream),
+    their x0 clipped to [-1, 1] with ``clip_x0``."""
     from fastddpm.kernels.reverse_step import reverse_step, reverse_step_noise
 
     device, n, shape = x.device, len(x), (b, *x.shape[1:])
     fused_ddpm = sampler == "ddpm"
     rows = None if fused_ddpm else torch.tensor([r[1:] for r in plan], dtype=torch.float32,
-                                                device=device).view(len(plan), 6, 1, 1, 1, 1)
+                                                device=device).view(len(plan), 7, 1, 1, 1, 1)
     ts = torch.tensor([r.t for r in plan], device=device)
     stochastic = any(r.s > 0 for r in plan)
-    multistep = any(r.c != 0 for r in plan)  # DPM++ reads the last x0; DDIM never does: no pass for it
+    multistep = any(r.c != 0 for r in plan)  # DPM++ reads the last x0; DDIM never does: no copy for it
     tables = diffusion.reverse_tables(device) if fused_ddpm else None
     i_dev = torch.zeros(1, dtype=torch.long, device=device)
     seed_dev = torch.tensor([seed], device=device)
@@ -270,12 +276,15 @@ def graph_chain(net, diffusion: Diffusion, sampler: str, plan: list[LinearStep],
         if fused_ddpm:
             reverse_step(xs, eps, t, seed_dev, **tables, offset=offset_dev, out=xs)
         else:
-            a, b_, c, s, p, q = rows.index_select(0, i_dev)[0]
+            a, b_, c, s, p, q, w = rows.index_select(0, i_dev)[0]
             eps = eps.float()
-            nxt = a * xs + b_ * eps
+            x0 = p * xs + q * eps
+            if clip_x0:
+                x0 = x0.clamp_(-1.0, 1.0)
+            nxt = a * xs + b_ * eps + w * x0
             if multistep:
                 nxt += c * x0s
-                x0s.copy_(p * xs + q * eps)
+                x0s.copy_(x0)
             if stochastic:
                 nxt += s * reverse_step_noise(shape, t, seed_dev, offset_dev, device=device)
             xs.copy_(nxt)
@@ -307,7 +316,7 @@ def graph_chain(net, diffusion: Diffusion, sampler: str, plan: list[LinearStep],
 def sample(model_or_checkpoint_path, n: int, *, T: int | None = None, diffusion: Diffusion | None = None,
            batch_size: int | None = None, device=None, dtype=None, seed: int = 0, progress: bool | None = None,
            trajectory_at=None, sampler: str = "ddpm", steps: int | None = None, eta: float | None = None,
-           engine: str = "auto", noise: str = "auto", timings: dict | None = None):
+           engine: str = "auto", noise: str = "auto", clip_x0: bool = False, timings: dict | None = None):
     """Generate ``n`` images: a uint8 tensor (n, 3, 32, 32) on the CPU.
 
     With a checkpoint path, the schedule (T, betas) and the default dtype come from the checkpoint
@@ -315,6 +324,9 @@ def sample(model_or_checkpoint_path, n: int, *, T: int | None = None, diffusion:
     schedule over T steps) or ``diffusion=`` (any ``fastddpm.Diffusion``).
     ``sampler``: "ddpm" (eq. 5, all T steps), "ddim" (``steps`` strided steps, default 50; ``eta``
     0 = deterministic) or "dpm++" (DPM-Solver++(2M), ``steps`` steps, default 20, deterministic).
+    ``clip_x0`` (ddim, dpm++): each step's predicted clean image clipped to [-1, 1] before the update
+    (diffusers' DDIM default, clip_sample); for DDPM's own clipped sampler (Ho et al.'s code) take
+    ddim with ``steps=T, eta=1, clip_x0=True`` (variance beta~_t instead of eq. 5's beta_t).
     ``engine``: "eager", "compiled", "fast" (Triton kernels, fused update, one CUDA graph replayed
     for every step on CUDA) or "auto" (on CUDA the measured fastest on this kind of card, per
     ``fastddpm.measured``; eager elsewhere; ``timings["engine_chosen_by"]`` says why).
@@ -329,7 +341,7 @@ def sample(model_or_checkpoint_path, n: int, *, T: int | None = None, diffusion:
     """
     model, diffusion, dtype = _resolve(model_or_checkpoint_path, T, diffusion, device, dtype)
     check_arguments(diffusion.T, n=n, batch_size=batch_size, sampler=sampler, steps=steps, eta=eta, engine=engine,
-                    noise=noise, seed=seed, trajectory_at=trajectory_at)
+                    noise=noise, seed=seed, trajectory_at=trajectory_at, clip_x0=clip_x0)
     device = next(model.parameters()).device
     from fastddpm.kernels import unavailable_reason
 
@@ -358,7 +370,7 @@ def sample(model_or_checkpoint_path, n: int, *, T: int | None = None, diffusion:
         with engine_model(model, engine, device) as net:
             if engine == "fast" and noise == "philox" and not keep:
                 with torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext():
-                    x, info = graph_chain(net, diffusion, sampler, plan, x, seed, b, dtype, progress, clock)
+                    x, info = graph_chain(net, diffusion, sampler, plan, x, seed, b, dtype, progress, clock, clip_x0)
             else:
                 ts = [r.t for r in plan]
                 x0 = None
@@ -370,9 +382,9 @@ def sample(model_or_checkpoint_path, n: int, *, T: int | None = None, diffusion:
                         x = diffusion.reverse_step(x, t, eps, draw(t, x))
                     elif sampler == "ddim":
                         t_prev = ts[i + 1] if i + 1 < len(ts) else -1
-                        x = diffusion.ddim_step(x, t, t_prev, eps, eta, draw(t, x) if eta > 0 else None)
+                        x = diffusion.ddim_step(x, t, t_prev, eps, eta, draw(t, x) if eta > 0 else None, clip_x0)
                     else:
-                        x, x0 = diffusion.dpm_solver_step(x, eps, ts, i, x0)
+                        x, x0 = diffusion.dpm_solver_step(x, eps, ts, i, x0, clip_x0)
                     clock.warmed_up()
                 info = {"batch_size": b, "chunks": -(-n // b), "network_calls": -(-n // b) * len(plan),
                         "computed_image_steps": n * len(plan), "cuda_graph": False}
@@ -382,7 +394,8 @@ def sample(model_or_checkpoint_path, n: int, *, T: int | None = None, diffusion:
     if timings is not None:
         steady_steps = info["computed_image_steps"] - (0 if info["cuda_graph"] else n)
         timings.update(clock.report(n * len(plan), steady_image_steps=steady_steps, engine=engine,
-                                    engine_chosen_by=chosen_by, sampler=sampler, steps=len(plan), **info))
+                                    engine_chosen_by=chosen_by, sampler=sampler, steps=len(plan), clip_x0=clip_x0,
+                                    **info))
     return (images, trajectory) if trajectory_at is not None else images
 
 
@@ -411,6 +424,8 @@ def add_sampler_flags(p) -> None:
                         "dpm++: DPM-Solver++(2M) in --steps steps")
     p.add_argument("--steps", type=int, help="steps of the ddim (default 50) or dpm++ (default 20) sampler")
     p.add_argument("--eta", type=float, help="DDIM eta (default 0: deterministic; 1: DDPM-like)")
+    p.add_argument("--clip-x0", action="store_true",
+                   help="ddim/dpm++: clip each step's predicted clean image to [-1, 1] (diffusers' DDIM default)")
     p.add_argument("--engine", choices=ENGINES, default="auto",
                    help="auto (default: on CUDA the measured fastest on this kind of card, see "
                         "fastddpm/measured.py; eager elsewhere), eager, compiled, fast")
@@ -423,6 +438,8 @@ def sampler_settings(a) -> dict:
         settings["steps"] = a.steps
     if a.eta is not None:
         settings["eta"] = a.eta
+    if a.clip_x0:
+        settings["clip_x0"] = True
     return settings
 
 
@@ -433,7 +450,7 @@ def describe_sampler(settings: dict, T: int | None = None) -> str:
     else:
         steps = settings.get("steps", DEFAULT_STEPS[sampler])
         how = {"ddim": f"DDIM {steps} steps, eta {settings.get('eta', 0.0)}",
-               "dpm++": f"DPM++(2M) {steps} steps"}[sampler]
+               "dpm++": f"DPM++(2M) {steps} steps"}[sampler] + (", x0 clipped" if settings.get("clip_x0") else "")
     return f"{how}, engine {settings['engine']}"
 
 
