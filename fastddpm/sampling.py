@@ -331,8 +331,9 @@ def sample(model_or_checkpoint_path, n: int, *, T: int | None = None, diffusion:
     for every step on CUDA) or "auto" (on CUDA the measured fastest on this kind of card, per
     ``fastddpm.measured``; eager elsewhere; ``timings["engine_chosen_by"]`` says why).
     ``noise``: "torch" (a torch.Generator: the eager engines' default) or "philox" (the fused
-    kernel's stream: the fast engine's); x_T always comes from the torch.Generator. Deterministic for (seed, engine) and independent of batch_size
-    (default: ``n`` split evenly into chunks of at most 2,560 on CUDA, 256 elsewhere).
+    kernel's stream: the fast engine's); x_T always comes from the torch.Generator. Deterministic
+    for (seed, engine) and independent of batch_size (default: ``n`` split evenly into chunks of at
+    most 2,560 on CUDA, 256 elsewhere).
     ``trajectory_at``: step indices at which to also keep x_t (the paper's Figs. 19-20); then returns
     (images, {t: uint8 images}). ``timings``: a dict to fill with the wall time, split into the
     one-off part (compile, capture, first step) and the steady part, and the work done.

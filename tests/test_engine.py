@@ -126,8 +126,8 @@ def test_few_step_samplers_from_the_cli(tmp_path, sampler, what):
         assert code == 2 and f"--steps {bad}:" in err and "T=60" in err and err.count("\n") == 1, err
     code, _, err = run_main(sample_mod.main, ckpt + ["--eta", "-1"])
     assert code == 2 and "--eta -1.0" in err and err.count("\n") == 1, err
-    code, out, err = run_main(sample_mod.main, ckpt + steps + ["--clip-x0", "--n", "2", "--out", str(tmp_path / "c.png"),
-                                                              "--no-progress"])
+    clipped = ["--clip-x0", "--n", "2", "--out", str(tmp_path / "c.png"), "--no-progress"]
+    code, out, err = run_main(sample_mod.main, ckpt + steps + clipped)
     assert code == 0 and what in out and ", x0 clipped, engine" in out, err
     code, _, err = run_main(sample_mod.main, ckpt[:2] + ["--clip-x0"])  # DDPM: eq. 5 has no x0 to clip
     assert code == 2 and "--clip-x0 True: applies to the ddim and dpm++ samplers" in err and err.count("\n") == 1, err

@@ -182,7 +182,7 @@ def test_few_step_samplers_are_deterministic_and_batch_independent(sampler, step
 def test_clip_x0_arguments():
     """clip_x0 is a bool, for the samplers that predict x0; DDPM's is DDIM with steps = T and eta 1."""
     net = _Analytic(20)
-    with pytest.raises(ValueError, match="clip_x0=True: applies to the ddim and dpm\\+\\+ samplers .* ddim with steps=20"):
+    with pytest.raises(ValueError, match=r"clip_x0=True: applies to the ddim and dpm\+\+ samplers .* steps=20"):
         sample(net, 2, T=20, clip_x0=True)
     with pytest.raises(ValueError, match="clip_x0='yes': True or False"):
         sample(net, 2, T=20, sampler="ddim", clip_x0="yes")
