@@ -170,16 +170,18 @@ def _channel_params(W, B, T, n, c, cmask, neg_log_over_c, HAS_T: tl.constexpr):
 
 
 @triton.jit
-def _apply(x, r, mean, rstd, w, b, te, HAS_RESIDUAL: tl.constexpr, HAS_T: tl.constexpr, GELU: tl.constexpr):
-    """y = GELU(r + x_hat * w + b) + te on a (channels, pixels) tile."""
+def _apply_tile(R, Y, offs, mask, x, mean, rstd, w, b, te,
+                HAS_RESIDUAL: tl.constexpr, HAS_T: tl.constexpr, GELU: tl.constexpr):
+    """Store y = GELU(r + x_hat * w + b) + te for a loaded (channels, pixels) tile x; the residual r
+    is loaded here."""
     y = (x - mean) * rstd * w[:, None] + b[:, None]
     if HAS_RESIDUAL:
-        y += r
+        y += tl.load(R + offs, mask=mask, other=0.0).to(tl.float32)
     if GELU:
         y = 0.5 * y * (1.0 + tl.erf(y * 0.7071067811865476))  # exact (erf) GELU
     if HAS_T:
         y += te[:, None]
-    return y
+    tl.store(Y + offs, y.to(Y.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -194,11 +196,7 @@ def _rect_apply(X, R, T, W, B, Y, base, n, c_off, c_lo, c_hi, h_lo, h_hi, stride
         for h0 in range(h_lo, h_hi, BLOCK_HW):
             offs, mask = _tile(base, c0, c_hi, h0, h_hi, stride_c, stride_hw, BLOCK_C, BLOCK_HW)
             x = tl.load(X + offs, mask=mask, other=0.0).to(tl.float32)
-            r = 0.0
-            if HAS_RESIDUAL:
-                r = tl.load(R + offs, mask=mask, other=0.0).to(tl.float32)
-            y = _apply(x, r, mean, rstd, w, b, te, HAS_RESIDUAL, HAS_T, GELU)
-            tl.store(Y + offs, y.to(Y.dtype.element_ty), mask=mask)
+            _apply_tile(R, Y, offs, mask, x, mean, rstd, w, b, te, HAS_RESIDUAL, HAS_T, GELU)
 
 
 @triton.jit
@@ -400,11 +398,7 @@ def _gn_fwd_resident_kernel(X, R, T, W, B, Y, MEAN, RSTD, G, C, Cg, HW, stride_n
     tl.store(RSTD + row, rstd)
     c = c_off + tl.arange(0, BLOCK_C)
     w, b, te = _channel_params(W, B, T, n, c, c < c_off + Cg, neg_log_over_c, HAS_T)
-    r = 0.0
-    if HAS_RESIDUAL:
-        r = tl.load(R + offs, mask=mask, other=0.0).to(tl.float32)
-    y = _apply(x, r, mean, rstd, w, b, te, HAS_RESIDUAL, HAS_T, GELU)
-    tl.store(Y + offs, y.to(Y.dtype.element_ty), mask=mask)
+    _apply_tile(R, Y, offs, mask, x, mean, rstd, w, b, te, HAS_RESIDUAL, HAS_T, GELU)
 
 
 @triton.jit
