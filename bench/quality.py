@@ -105,7 +105,8 @@ def guarded_sample(loaded, n: int, seed: int, engine: str, settings: dict):
     sampler on the fast engine is checked against the eager engine with PyTorch's own GroupNorm (the
     model's "auto" would be the Triton kernels on CUDA), fed the same x_T and Philox noise, within the
     bench's sampling tolerance: a fast path that disagrees posts no time, and its images are replaced
-    by the compiled engine's. (DDPM's fused reverse step is checked by its native kernel tests.)"""
+    by the compiled engine's. (DDPM's fused reverse step is checked by its native kernel tests; DDPM
+    with a clipped x0 runs the few-step samplers' generic step instead, and is guarded like them.)"""
     from bench.common import SAMPLE_TOL
 
     record = {"settings": settings}
@@ -116,7 +117,7 @@ def guarded_sample(loaded, n: int, seed: int, engine: str, settings: dict):
         print(f"{settings}: engine {engine} failed ({record['error']}); sampling with the compiled engine", flush=True)
         images, timings = _sample(loaded, n, seed, engine="compiled", **settings)
     record["timings"] = timings
-    if settings["sampler"] != "ddpm" and timings["engine"] == "fast":
+    if (settings["sampler"] != "ddpm" or settings.get("clip_x0")) and timings["engine"] == "fast":
         loaded.model.set_kernels("torch")
         try:
             eager, eager_timings = _sample(loaded, n, seed, engine="eager", noise="philox", **settings)
@@ -209,20 +210,20 @@ SWEEP_NAME = re.compile(r"(?:(?P<sampler>dpm\+\+|ddim)(?P<steps>[0-9]+)"
 
 
 def sweep_settings(name: str) -> dict:
-    """"ddpm" (all T steps), "ddimK", "dpm++K", "ddimK-etaE", each of the last three with "-clip"
-    -> sample()'s settings. Plain "ddimK" has sample()'s default eta 0 (deterministic, as in the DDIM
-    paper's FID tables); "-etaE" adds noise (eta 1: DDPM-like variances on the strided steps);
-    "-clip" clips each step's predicted x0 to [-1, 1]."""
+    """"ddpm" (all T steps), "ddimK", "dpm++K", "ddimK-etaE", each with "-clip" -> sample()'s settings.
+    Plain "ddimK" has sample()'s default eta 0 (deterministic, as in the DDIM paper's FID tables);
+    "-etaE" adds noise (eta 1: DDPM-like variances on the strided steps); "-clip" clips each step's
+    predicted x0 to [-1, 1]."""
     m = SWEEP_NAME.fullmatch(name)
-    if m is None or (m["ddpm"] and m["clip"]):
+    if m is None:
         raise SystemExit(f"--configs {name}: each is ddpm, ddimK, ddimK-etaE or dpm++K (K steps, E the DDIM eta), "
-                         f"the last three optionally with -clip (x0 clipped), e.g. {SWEEP}")
+                         f"each optionally with -clip (x0 clipped), e.g. {SWEEP}")
     clip = {"clip_x0": True} if m["clip"] else {}
     if m["sampler"]:
         return {"sampler": m["sampler"], "steps": int(m["steps"]), **clip}
     if m["ddim"]:
         return {"sampler": "ddim", "steps": int(m["ddim"]), "eta": float(m["eta"]), **clip}
-    return {"sampler": "ddpm"}
+    return {"sampler": "ddpm", **clip}
 
 
 def sweep_configs(names: str) -> list[tuple[str, dict]]:

@@ -16,7 +16,7 @@
 # device returns only of letters, digits, ".", "_", "-") + sweep.json = 8 files, 42 MiB: the device's
 # limits (8 files, 16 MiB each, 64 MiB). The log is what the call prints.
 # Knobs: SWEEP_WEIGHTS, SWEEP_N (2048), SWEEP_CONFIGS (bench.quality's SWEEP; names ddpm, ddimK, ddimK-etaE,
-# dpm++K, the last three with -clip for a clipped x0, at most 7 of them), SWEEP_BUDGET_S (560), PYTHON.
+# dpm++K, each with -clip for a clipped x0, at most 7 of them), SWEEP_BUDGET_S (560), PYTHON.
 set -uo pipefail
 source "$(dirname "$0")/stages.sh"  # say, stage, smoke_script_setup
 smoke_script_setup "$@"

@@ -91,14 +91,29 @@ class Diffusion:
         # gradients whatever the layout of eps (a channels_last step would turn NCHW at its last layer).
         return (eps.float() - noise.float()).square().sum() / eps.numel()
 
-    def reverse_step(self, x_t: torch.Tensor, t: int, eps: torch.Tensor, noise: torch.Tensor | None) -> torch.Tensor:
-        """One step of p(x_{t-1} | x_t)  (eq. 5 with sigma_t^2 = beta_t, eq. 10); no noise at t index 0."""
+    def reverse_step(self, x_t: torch.Tensor, t: int, eps: torch.Tensor, noise: torch.Tensor | None,
+                     clip_x0: bool = False) -> torch.Tensor:
+        """One step of p(x_{t-1} | x_t)  (eq. 5 with sigma_t^2 = beta_t, eq. 10); no noise at t index 0.
+        ``clip_x0``: the same mean written as the posterior's (eq. 7) from x0 = (x_t - sqrt(1 - ab) eps)
+        / sqrt(ab), x0 clipped to [-1, 1] first: Ho et al.'s released sampler (clip_denoised). Unclipped,
+        the two forms are the same mean."""
         t = int(t)
         beta, alpha, ab = (table[t] for table in self._host)
-        mean = (x_t - (beta / (1.0 - ab) ** 0.5) * _at_least_fp32(eps)) / alpha ** 0.5  # eq. 9
+        eps = _at_least_fp32(eps)
+        if clip_x0:
+            c_x0, c_xt = self._posterior_coefficients(t)
+            mean = c_x0 * _clipped((x_t - (1.0 - ab) ** 0.5 * eps) / ab ** 0.5, True) + c_xt * x_t  # eq. 7
+        else:
+            mean = (x_t - (beta / (1.0 - ab) ** 0.5) * eps) / alpha ** 0.5  # eq. 9
         if t == 0 or noise is None:
             return mean
         return mean + beta ** 0.5 * noise
+
+    def _posterior_coefficients(self, t: int) -> tuple[float, float]:
+        """Eq. 7's mean = c_x0 * x0 + c_xt * x_t for q(x_{t-1} | x_t, x0); at t index 0, x0 itself."""
+        beta, alpha, ab = (table[t] for table in self._host)
+        ab_prev = self._host[2][t - 1] if t > 0 else 1.0
+        return ab_prev ** 0.5 * beta / (1.0 - ab), alpha ** 0.5 * (1.0 - ab_prev) / (1.0 - ab)
 
     def reverse_tables(self, device=None) -> dict[str, torch.Tensor]:
         """Eq. 5's per-step coefficients as fp32 tables for the fused reverse-step kernel."""
@@ -106,12 +121,20 @@ class Diffusion:
                   "sigma": self.betas.sqrt()}
         return {k: v.to(device=device, dtype=torch.float32) for k, v in tables.items()}
 
-    def ddpm_plan(self) -> list[LinearStep]:
-        """Eq. 5 over all T steps as LinearStep rows."""
+    def ddpm_plan(self, clip_x0: bool = False) -> list[LinearStep]:
+        """Eq. 5 over all T steps as LinearStep rows; with ``clip_x0``, in ``reverse_step``'s posterior
+        form (eq. 7), whose x0 term the step clips."""
         beta, alpha, ab = self._host
-        return [LinearStep(t, alpha[t] ** -0.5, -alpha[t] ** -0.5 * beta[t] / (1.0 - ab[t]) ** 0.5, 0.0,
-                           beta[t] ** 0.5 if t > 0 else 0.0, ab[t] ** -0.5, -((1.0 - ab[t]) / ab[t]) ** 0.5)
-                for t in range(self.T - 1, -1, -1)]
+        rows = []
+        for t in range(self.T - 1, -1, -1):
+            p, q, s = ab[t] ** -0.5, -((1.0 - ab[t]) / ab[t]) ** 0.5, beta[t] ** 0.5 if t > 0 else 0.0
+            if clip_x0:
+                c_x0, c_xt = self._posterior_coefficients(t)
+                rows.append(LinearStep(t, c_xt, 0.0, 0.0, s, p, q, w=c_x0))
+            else:
+                rows.append(LinearStep(t, alpha[t] ** -0.5, -alpha[t] ** -0.5 * beta[t] / (1.0 - ab[t]) ** 0.5, 0.0,
+                                       s, p, q))
+        return rows
 
     # --- DDIM (Song et al., 2021), beyond the paper: fewer steps for a DDPM-trained model -----------
 
@@ -208,10 +231,12 @@ class Diffusion:
             rows.append(LinearStep(t, sigma_t / sigma_s, 0.0, w1, 0.0, p, q, w=w0))
         return rows
 
-    def plan(self, sampler: str, steps: int | None = None, eta: float = 0.0) -> list[LinearStep]:
-        """The LinearStep rows of ``sampler``: "ddpm" (all T steps), "ddim" or "dpm++" (``steps`` steps)."""
+    def plan(self, sampler: str, steps: int | None = None, eta: float = 0.0,
+             clip_x0: bool = False) -> list[LinearStep]:
+        """The LinearStep rows of ``sampler``: "ddpm" (all T steps), "ddim" or "dpm++" (``steps`` steps).
+        (``clip_x0`` changes DDPM's rows to the posterior form; the others always carry their x0 term.)"""
         if sampler == "ddpm":
-            return self.ddpm_plan()
+            return self.ddpm_plan(clip_x0)
         if sampler == "ddim":
             return self.ddim_plan(steps, eta)
         if sampler == "dpm++":

@@ -17,7 +17,7 @@ import time
 import torch
 
 from fastddpm.config import DTYPES
-from fastddpm.diffusion import Diffusion, LinearStep
+from fastddpm.diffusion import Diffusion, LinearStep, _clipped
 from fastddpm.errors import ArgumentParser, UsageError
 from fastddpm.progress import progress_bar, progress_enabled
 
@@ -118,10 +118,7 @@ def check_arguments(T: int, *, n, batch_size=None, sampler="ddpm", steps=None, e
         if sampler != "ddim" and eta != 0:
             raise bad("eta", eta, f"applies to the ddim sampler only (sampler is {sampler})")
     if not isinstance(clip_x0, bool):
-        raise bad("clip_x0", clip_x0, "True or False")
-    if clip_x0 and sampler == "ddpm":
-        raise bad("clip_x0", clip_x0, "applies to the ddim and dpm++ samplers (eq. 5 has no x0 to clip); DDPM with a "
-                                      f"clipped x0 is ddim with steps={T} and eta 1")
+        raise bad("clip_x0", clip_x0, "must be True or False")
     for t in trajectory_at or ():
         if not is_int(t) or not 0 <= t < T:
             raise bad("trajectory_at", t, f"step indices must be integers in [0, T={T})")
@@ -252,17 +249,19 @@ def graph_chain(net, diffusion: Diffusion, sampler: str, plan: list[LinearStep],
     other devices the same step runs eagerly) and replayed for every step of ``plan``; the step index,
     the seed and the chunk offset live in device tensors, so there is no host sync inside the loop.
     DDPM updates with the fused reverse-step kernel (eq. 5, in-kernel Philox noise); the few-step
-    samplers with the plan's LinearStep rows (and, for DDIM with eta > 0, the same Philox stream),
-    their x0 clipped to [-1, 1] with ``clip_x0``."""
+    samplers, and DDPM with ``clip_x0``, with the plan's LinearStep rows (noise from the same Philox
+    stream), their x0 clipped to [-1, 1] with ``clip_x0``."""
     from fastddpm.kernels.reverse_step import reverse_step, reverse_step_noise
 
     device, n, shape = x.device, len(x), (b, *x.shape[1:])
-    fused_ddpm = sampler == "ddpm"
+    fused_ddpm = sampler == "ddpm" and not clip_x0  # the fused kernel is eq. 5, unclipped
     rows = None if fused_ddpm else torch.tensor([r[1:] for r in plan], dtype=torch.float32,
                                                 device=device).view(len(plan), 7, 1, 1, 1, 1)
     ts = torch.tensor([r.t for r in plan], device=device)
     stochastic = any(r.s > 0 for r in plan)
     multistep = any(r.c != 0 for r in plan)  # DPM++ reads the last x0; DDIM never does: no copy for it
+    # which terms the rows use (DDIM has no a*x, DPM++ no b*eps): no pass over the images for a zero one
+    use_a, use_b = any(r.a != 0 for r in plan), any(r.b != 0 for r in plan)
     tables = diffusion.reverse_tables(device) if fused_ddpm else None
     i_dev = torch.zeros(1, dtype=torch.long, device=device)
     seed_dev = torch.tensor([seed], device=device)
@@ -278,10 +277,12 @@ def graph_chain(net, diffusion: Diffusion, sampler: str, plan: list[LinearStep],
         else:
             a, b_, c, s, p, q, w = rows.index_select(0, i_dev)[0]
             eps = eps.float()
-            x0 = p * xs + q * eps
-            if clip_x0:
-                x0 = x0.clamp_(-1.0, 1.0)
-            nxt = a * xs + b_ * eps + w * x0
+            x0 = _clipped(p * xs + q * eps, clip_x0)
+            nxt = w * x0
+            if use_a:
+                nxt += a * xs
+            if use_b:
+                nxt += b_ * eps
             if multistep:
                 nxt += c * x0s
                 x0s.copy_(x0)
@@ -324,9 +325,9 @@ def sample(model_or_checkpoint_path, n: int, *, T: int | None = None, diffusion:
     schedule over T steps) or ``diffusion=`` (any ``fastddpm.Diffusion``).
     ``sampler``: "ddpm" (eq. 5, all T steps), "ddim" (``steps`` strided steps, default 50; ``eta``
     0 = deterministic) or "dpm++" (DPM-Solver++(2M), ``steps`` steps, default 20, deterministic).
-    ``clip_x0`` (ddim, dpm++): each step's predicted clean image clipped to [-1, 1] before the update
-    (diffusers' DDIM default, clip_sample); for DDPM's own clipped sampler (Ho et al.'s code) take
-    ddim with ``steps=T, eta=1, clip_x0=True`` (variance beta~_t instead of eq. 5's beta_t).
+    ``clip_x0``: each step's predicted clean image clipped to [-1, 1] before the update (DDPM: eq. 5's
+    mean written as the posterior's, eq. 7, from the clipped x0, as in Ho et al.'s released sampler;
+    DDIM: diffusers' clip_sample, its default; DPM++: thresholding with the bound 1).
     ``engine``: "eager", "compiled", "fast" (Triton kernels, fused update, one CUDA graph replayed
     for every step on CUDA) or "auto" (on CUDA the measured fastest on this kind of card, per
     ``fastddpm.measured``; eager elsewhere; ``timings["engine_chosen_by"]`` says why).
@@ -357,7 +358,7 @@ def sample(model_or_checkpoint_path, n: int, *, T: int | None = None, diffusion:
     steps = steps or DEFAULT_STEPS.get(sampler, diffusion.T)
     eta = eta or 0.0
     b = chunk_size(n, batch_size, device)
-    plan = diffusion.plan(sampler, steps, eta)
+    plan = diffusion.plan(sampler, steps, eta, clip_x0)
     keep = set(trajectory_at or ())
     trajectory = {}
     progress = progress_enabled(progress)
@@ -380,7 +381,7 @@ def sample(model_or_checkpoint_path, n: int, *, T: int | None = None, diffusion:
                         trajectory[t] = to_uint8(x).cpu()
                     eps = predict_eps(net, x, t, b, dtype)
                     if sampler == "ddpm":
-                        x = diffusion.reverse_step(x, t, eps, draw(t, x))
+                        x = diffusion.reverse_step(x, t, eps, draw(t, x), clip_x0)
                     elif sampler == "ddim":
                         t_prev = ts[i + 1] if i + 1 < len(ts) else -1
                         x = diffusion.ddim_step(x, t, t_prev, eps, eta, draw(t, x) if eta > 0 else None, clip_x0)
@@ -426,7 +427,8 @@ def add_sampler_flags(p) -> None:
     p.add_argument("--steps", type=int, help="steps of the ddim (default 50) or dpm++ (default 20) sampler")
     p.add_argument("--eta", type=float, help="DDIM eta (default 0: deterministic; 1: DDPM-like)")
     p.add_argument("--clip-x0", action="store_true",
-                   help="ddim/dpm++: clip each step's predicted clean image to [-1, 1] (diffusers' DDIM default)")
+                   help="clip each step's predicted clean image to [-1, 1] (DDPM: Ho et al.'s released sampler; "
+                        "DDIM: diffusers' default)")
     p.add_argument("--engine", choices=ENGINES, default="auto",
                    help="auto (default: on CUDA the measured fastest on this kind of card, see "
                         "fastddpm/measured.py; eager elsewhere), eager, compiled, fast")
@@ -451,8 +453,8 @@ def describe_sampler(settings: dict, T: int | None = None) -> str:
     else:
         steps = settings.get("steps", DEFAULT_STEPS[sampler])
         how = {"ddim": f"DDIM {steps} steps, eta {settings.get('eta', 0.0)}",
-               "dpm++": f"DPM++(2M) {steps} steps"}[sampler] + (", x0 clipped" if settings.get("clip_x0") else "")
-    return f"{how}, engine {settings['engine']}"
+               "dpm++": f"DPM++(2M) {steps} steps"}[sampler]
+    return f"{how}{', x0 clipped' if settings.get('clip_x0') else ''}, engine {settings['engine']}"
 
 
 def main(argv=None) -> int:

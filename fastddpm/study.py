@@ -322,6 +322,10 @@ def main(argv=None) -> int:
     cfg.validate()
     a.sample_seed, a.sampler_settings = cfg.seed, sampler_settings(a)
     rows = rows_for(a)
+    from fastddpm.sampling import check_arguments
+
+    for row in rows:  # the sampling flags fail now, not after every row has trained
+        check_arguments(row.T, n=a.n, batch_size=a.sample_batch_size, seed=cfg.seed, cli=True, **a.sampler_settings)
     try:
         a.out.mkdir(parents=True, exist_ok=True)
     except OSError as e:

@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 import torch
-from diffusers import DDIMScheduler, DPMSolverMultistepScheduler
+from diffusers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler
 
 from fastddpm.diffusion import Diffusion
 from fastddpm.model import UNet
@@ -122,16 +122,15 @@ def test_ddim_step_with_clipped_x0_matches_diffusers(eta):
     assert clipped >= steps // 2  # the clip was reached at most steps
 
 
-@pytest.mark.parametrize("sampler,steps,eta,clip_x0", [
-    ("ddpm", None, 0.0, False),  # eq. 5 has no x0 to clip (sample() refuses it: test_clip_x0_arguments)
-    *((s, k, e, clip) for s, k, e in (("ddim", 7, 0.0), ("ddim", 7, 0.6), ("dpm++", 8, 0.0), ("dpm++", 1, 0.0))
-      for clip in (False, True))])
+@pytest.mark.parametrize("clip_x0", [False, True], ids=["plain", "clip-x0"])
+@pytest.mark.parametrize("sampler,steps,eta", [("ddpm", None, 0.0), ("ddim", 7, 0.0), ("ddim", 7, 0.6),
+                                               ("dpm++", 8, 0.0), ("dpm++", 1, 0.0)])
 def test_each_plan_row_is_its_formula(sampler, steps, eta, clip_x0):
     """x_next = a x + b eps + w x0 + c x0_prev + s z with x0 = p x + q eps (clipped to [-1, 1] with
     clip_x0), row by row, against the formula the eager engine runs, in float64."""
     T = 30
     d = Diffusion(T)
-    plan = d.plan(sampler, steps, eta)
+    plan = d.plan(sampler, steps, eta, clip_x0)
     ts = [r.t for r in plan]
     g = torch.Generator().manual_seed(2)
     x, eps, z, x0_prev = (torch.randn(2, 3, 4, 4, generator=g, dtype=torch.float64) * 3 for _ in range(4))
@@ -140,7 +139,7 @@ def test_each_plan_row_is_its_formula(sampler, steps, eta, clip_x0):
         x0 = x0.clamp(-1, 1) if clip_x0 else x0
         got = row.a * x + row.b * eps + row.w * x0 + row.c * x0_prev + row.s * z
         if sampler == "ddpm":
-            want = d.reverse_step(x, row.t, eps, z)
+            want = d.reverse_step(x, row.t, eps, z, clip_x0)
         elif sampler == "ddim":
             want = d.ddim_step(x, row.t, ts[i + 1] if i + 1 < len(ts) else -1, eps, eta, z, clip_x0)
         else:
@@ -151,21 +150,21 @@ def test_each_plan_row_is_its_formula(sampler, steps, eta, clip_x0):
 
 @pytest.mark.parametrize("sampler,steps,eta,clip_x0", [("ddim", 6, 0.0, False), ("ddim", 6, 1.0, False),
                                                        ("dpm++", 6, 0.0, False), ("ddim", 6, 1.0, True),
-                                                       ("dpm++", 6, 0.0, True)])
+                                                       ("dpm++", 6, 0.0, True), ("ddpm", None, 0.0, True)])
 def test_the_fast_engines_step_loop_matches_the_eager_loop(sampler, steps, eta, clip_x0):
     """graph_chain (the loop a CUDA graph replays on the GPU; eagerly here) with the plan's rows,
     chunked, against the formula loop fed the same Philox noise."""
     T = 50
     d, net = Diffusion(T), _Analytic(T, scale=3.0 if clip_x0 else 1.0)
     x = torch.randn((5, 3, 32, 32), generator=torch.Generator().manual_seed(3))
-    fast, info = graph_chain(net, d, sampler, d.plan(sampler, steps, eta), x, 3, 2, torch.float32, False,
+    fast, info = graph_chain(net, d, sampler, d.plan(sampler, steps, eta, clip_x0), x, 3, 2, torch.float32, False,
                              Clock(torch.device("cpu")), clip_x0)
     eager = sample(net, 5, T=T, sampler=sampler, steps=steps, eta=eta, seed=3, noise="philox", progress=False,
                    clip_x0=clip_x0)
     if clip_x0:  # the clipping changed the result
         unclipped = sample(net, 5, T=T, sampler=sampler, steps=steps, eta=eta, seed=3, noise="philox", progress=False)
         assert not torch.equal(unclipped, eager)
-    assert info["chunks"] == 3 and info["network_calls"] == 3 * steps
+    assert info["chunks"] == 3 and info["network_calls"] == 3 * (steps or T)
     assert ((fast.clamp(-1, 1) + 1) * 127.5).round().sub(eager.float()).abs().max() <= 1
 
 
@@ -180,12 +179,30 @@ def test_few_step_samplers_are_deterministic_and_batch_independent(sampler, step
 
 
 def test_clip_x0_arguments():
-    """clip_x0 is a bool, for the samplers that predict x0; DDPM's is DDIM with steps = T and eta 1."""
-    net = _Analytic(20)
-    with pytest.raises(ValueError, match=r"clip_x0=True: applies to the ddim and dpm\+\+ samplers .* steps=20"):
-        sample(net, 2, T=20, clip_x0=True)
-    with pytest.raises(ValueError, match="clip_x0='yes': True or False"):
+    """clip_x0 is a bool; it reaches every sampler (DDPM's rows become the posterior form)."""
+    net = _Analytic(20, scale=3.0)
+    with pytest.raises(ValueError, match="clip_x0='yes': must be True or False"):
         sample(net, 2, T=20, sampler="ddim", clip_x0="yes")
     timings = {}
-    sample(net, 2, T=20, sampler="ddim", steps=3, clip_x0=True, timings=timings, progress=False)
-    assert timings["clip_x0"] is True
+    clipped = sample(net, 2, T=20, clip_x0=True, timings=timings, progress=False)
+    assert timings["clip_x0"] is True and not torch.equal(clipped, sample(net, 2, T=20, progress=False))
+
+
+@pytest.mark.parametrize("t", [999, 500, 37, 1, 0])
+def test_ddpm_step_with_clipped_x0_matches_diffusers(t):
+    """Eq. 5 with clip_x0 against diffusers' DDPMScheduler(clip_sample, variance "fixed_large": beta_t, as
+    eq. 5) at single steps, x0 predictions well outside [-1, 1]: the posterior mean from the clipped x0
+    plus the same noise (diffusers draws it with torch.randn from the generator given)."""
+    T = 1000
+    d, net = Diffusion(T), _Analytic(T, scale=3.0)
+    sched = DDPMScheduler(num_train_timesteps=T, beta_start=1e-4, beta_end=0.02, beta_schedule="linear",
+                          clip_sample=True, clip_sample_range=1.0, variance_type="fixed_large")
+    x = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(6))
+    eps = net(x, torch.full((2,), t))
+    want = sched.step(eps, t, x, generator=torch.Generator().manual_seed(7)).prev_sample
+    z = torch.randn(x.shape, generator=torch.Generator().manual_seed(7))
+    got = d.reverse_step(x.double(), t, eps.double(), z.double(), clip_x0=True)
+    torch.testing.assert_close(got.float(), want, atol=1e-4, rtol=1e-4)
+    ab = d.alpha_bars[t].item()
+    assert ((x - (1 - ab) ** 0.5 * eps) / ab ** 0.5).abs().max() > 1  # the clip was reached
+    assert not torch.allclose(d.reverse_step(x, t, eps, z), want, atol=1e-3)  # unclipped eq. 5 differs

@@ -100,6 +100,7 @@ def test_tiny_preset_scales_the_study_down_and_given_flags_win():
 @pytest.mark.parametrize("argv", [
     [], ["timesteps", "--T", "0"], ["timesteps", "--T", "5", "5"], ["precision", "--dtypes", "fp64"],
     ["precision", "--dtypes", "bf16", "bf16"], ["timesteps", "--n", "1"], ["timesteps", "--ref", "shapes:nope"],
+    ["timesteps", "--T", "5", "--eta", "1"], ["timesteps", "--T", "5", "10", "--sampler", "ddim", "--steps", "8"],
 ])
 def test_bad_input_is_one_line_and_exit_2(tmp_path, argv):
     code, out, err = run_main(study.main, [*argv, "--out", str(tmp_path)] if argv else argv)
