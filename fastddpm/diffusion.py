@@ -94,7 +94,7 @@ class Diffusion:
     def reverse_step(self, x_t: torch.Tensor, t: int, eps: torch.Tensor, noise: torch.Tensor | None,
                      clip_x0: bool = False) -> torch.Tensor:
         """One step of p(x_{t-1} | x_t)  (eq. 5 with sigma_t^2 = beta_t, eq. 10); no noise at t index 0.
-        ``clip_x0``: the same mean written as the posterior's (eq. 7) from x0 = (x_t - sqrt(1 - ab) eps)
+        ``clip_x0``: the same mean written as the posterior's (Ho et al.'s eq. 7) from x0 = (x_t - sqrt(1 - ab) eps)
         / sqrt(ab), x0 clipped to [-1, 1] first: Ho et al.'s released sampler (clip_denoised). Unclipped,
         the two forms are the same mean."""
         t = int(t)
@@ -102,7 +102,7 @@ class Diffusion:
         eps = _at_least_fp32(eps)
         if clip_x0:
             c_x0, c_xt = self._posterior_coefficients(t)
-            mean = c_x0 * _clipped((x_t - (1.0 - ab) ** 0.5 * eps) / ab ** 0.5, True) + c_xt * x_t  # eq. 7
+            mean = c_x0 * _clipped((x_t - (1.0 - ab) ** 0.5 * eps) / ab ** 0.5, True) + c_xt * x_t  # Ho et al. eq. 7
         else:
             mean = (x_t - (beta / (1.0 - ab) ** 0.5) * eps) / alpha ** 0.5  # eq. 9
         if t == 0 or noise is None:
@@ -110,7 +110,7 @@ class Diffusion:
         return mean + beta ** 0.5 * noise
 
     def _posterior_coefficients(self, t: int) -> tuple[float, float]:
-        """Eq. 7's mean = c_x0 * x0 + c_xt * x_t for q(x_{t-1} | x_t, x0); at t index 0, x0 itself."""
+        """The mean of q(x_{t-1} | x_t, x0) (Ho et al.'s eq. 7) as c_x0 * x0 + c_xt * x_t; at t index 0, x0."""
         beta, alpha, ab = (table[t] for table in self._host)
         ab_prev = self._host[2][t - 1] if t > 0 else 1.0
         return ab_prev ** 0.5 * beta / (1.0 - ab), alpha ** 0.5 * (1.0 - ab_prev) / (1.0 - ab)
@@ -123,7 +123,7 @@ class Diffusion:
 
     def ddpm_plan(self, clip_x0: bool = False) -> list[LinearStep]:
         """Eq. 5 over all T steps as LinearStep rows; with ``clip_x0``, in ``reverse_step``'s posterior
-        form (eq. 7), whose x0 term the step clips."""
+        form (Ho et al.'s eq. 7), whose x0 term the step clips."""
         beta, alpha, ab = self._host
         rows = []
         for t in range(self.T - 1, -1, -1):

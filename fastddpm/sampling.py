@@ -326,7 +326,7 @@ def sample(model_or_checkpoint_path, n: int, *, T: int | None = None, diffusion:
     ``sampler``: "ddpm" (eq. 5, all T steps), "ddim" (``steps`` strided steps, default 50; ``eta``
     0 = deterministic) or "dpm++" (DPM-Solver++(2M), ``steps`` steps, default 20, deterministic).
     ``clip_x0``: each step's predicted clean image clipped to [-1, 1] before the update (DDPM: eq. 5's
-    mean written as the posterior's, eq. 7, from the clipped x0, as in Ho et al.'s released sampler;
+    mean written as the posterior's (Ho et al.'s eq. 7) from the clipped x0, as their released sampler;
     DDIM: diffusers' clip_sample, its default; DPM++: thresholding with the bound 1).
     ``engine``: "eager", "compiled", "fast" (Triton kernels, fused update, one CUDA graph replayed
     for every step on CUDA) or "auto" (on CUDA the measured fastest on this kind of card, per
