@@ -25,7 +25,7 @@ RESERVE=5
 LOG=/dev/null  # the call's printed output is the log: every returned file is a result
 WEIGHTS=${SWEEP_WEIGHTS:-data-carry/weights/ema-fp16.pt}
 if (( SMOKE )); then
-  DEST=${OUT:-runs/sweep-smoke}; N=${SWEEP_N:-8}; CONFIGS=${SWEEP_CONFIGS:-dpm++2,dpm++2-clip,ddim2,ddim2-eta1,ddpm}
+  DEST=${OUT:-runs/sweep-smoke}; N=${SWEEP_N:-8}; CONFIGS=${SWEEP_CONFIGS:-dpm++2-clip,ddim2,ddim2-eta1,ddpm}
   export TRITON_INTERPRET=1
   ENGINE=(--engine fast --ddpm-engine eager)  # the fast engine runs in Triton's interpreter here
 else

@@ -160,7 +160,7 @@ def _affine(W, B, c, cmask):
 def _channel_params(W, B, T, n, c, cmask, neg_log_over_c, HAS_T: tl.constexpr):
     """Per channel c: weight, bias and (HAS_T) the time encoding of sample n's step."""
     w, b = _affine(W, B, c, cmask)
-    te = tl.zeros_like(w)
+    te = w  # a placeholder of the right type, unused without HAS_T (no zero tile to build)
     if HAS_T:
         # eq. 11: frequency 10000^(-2*floor(c/2)/C), sin on even channels, cos on odd ones;
         # one value per channel, broadcast over the pixels of the tile.
