@@ -267,21 +267,18 @@ def targets_section(entries) -> str:
         return "## Targets\n\nThe targets are for an H100/H200; this run is not on a GPU: not assessed."
     info = [e["extra_info"] for e in entries]
 
-    def one(workload, dtype, impl):
-        return headline(info, workload, dtype, impl)
-
     def speedup(workload, dtype):
-        fast, compiled = one(workload, dtype, "fast"), one(workload, dtype, "compiled")
+        fast, compiled = headline(info, workload, dtype, "fast"), headline(info, workload, dtype, "compiled")
         if fast and compiled and fast.get("items_per_s") and compiled.get("items_per_s"):
             return fast["items_per_s"] / compiled["items_per_s"]
         return None
 
     lines = []
     b = HEADLINE_BATCH["train_step"]
-    r, fast = speedup("train_step", "bf16"), one("train_step", "bf16", "fast")
+    r, fast = speedup("train_step", "bf16"), headline(info, "train_step", "bf16", "fast")
     if r is not None:
         lines.append(f"- training, bf16, batch {b}: fast ≥ 1.5× compiled: **{r:.2f}×** — {verdict(r >= 1.5)}")
-    graphed = {m: one("train_step", "bf16", m) for m in ("compiled", *GRAPHED)}
+    graphed = {m: headline(info, "train_step", "bf16", m) for m in ("compiled", *GRAPHED)}
     fg_name, cg_name = best(graphed, GRAPHED_FAST), best(graphed, GRAPHED_COMPILED)
     fg_best, cg_best, cg_nchw, c = (graphed[m]["items_per_s"] if m and graphed[m] and graphed[m].get("items_per_s")
                                     else None for m in (fg_name, cg_name, "compiled-graphs", "compiled"))
@@ -296,7 +293,7 @@ def targets_section(entries) -> str:
         if i and mfu(i) is not None:
             lines.append(f"- training, bf16, batch {b}: {name} ≥ 25% of the bf16 matmul peak: "
                          f"**{pct(mfu(i))}** — {verdict(mfu(i) >= 0.25)}")
-    s = one("sampling", "bf16", "fast")
+    s = headline(info, "sampling", "bf16", "fast")
     if s and s.get("items_per_s"):
         secs = sample_seconds(s, 1000)
         floor = ""

@@ -66,8 +66,8 @@ def chunk_size(n: int, batch_size: int | None, device: torch.device) -> int:
 
 def auto_engine(device: torch.device, dtype: torch.dtype, triton_ok: bool) -> tuple[str, str]:
     """(engine, why) for engine="auto": on CUDA the engine that sampled fastest in that dtype on this
-    kind of card (``fastddpm.measured``: on the H200, fast in bf16, compiled in fp16 and fp32), the
-    compiled one where Triton is missing; elsewhere the eager loop (no compilation to wait for)."""
+    kind of card (``fastddpm.measured``), the compiled one where Triton is missing; elsewhere the
+    eager loop (no compilation to wait for)."""
     if device.type != "cuda":
         return "eager", "not CUDA: no compilation to wait for"
     from fastddpm.config import dtype_name
