@@ -2,7 +2,9 @@
 # The GPU bench in one command, sized for one lent-GPU call (under 9 minutes of wall clock):
 #   1. native correctness first: the kernel tests (pytest-xdist workers where installed) side by side
 #      with the CUDA-graph sampling test. If the kernel tests fail, the script stops there (a fast
-#      but wrong kernel posts no number) and the rest of the lease is left for a rerun after a fix;
+#      but wrong kernel posts no number) and the rest of the lease is left for a rerun after a fix.
+#      The resident GroupNorm path (off unless the tune sweeps it) is tested apart: if it fails, the
+#      bench goes on and the tune sweeps no resident setting;
 #   2. the bench suite at full size (seed preset, batch 256 training, batch 2560 sampling, the
 #      U-Net's kernel shapes), stage by stage, each under its own time cap and with its own dtypes:
 #      eager baselines first, then bf16 (the headline), so a stage cut off by its cap still has
@@ -73,19 +75,28 @@ bench() {  # bench NAME CAP DTYPES: one bench module, through pytest-benchmark o
   fi
 }
 
+RESIDENT_OK=1  # the resident GroupNorm path (off by default) passed its native tests: the tune may sweep it
 native_tests() {
   local workers=() rc
   "$PY" -c "import xdist" 2>/dev/null && workers=(-n 8)
-  # Tests, not timings: the two runs may share the GPU. The graph test logs to its own file.
+  # Tests, not timings: the runs may share the GPU. The graph test, then the resident GroupNorm path's
+  # tests (a path no bench case runs unless the tune turns it on), log to their own files.
   (LOG="$DEST/graph-test.log"; : >"$LOG"
    stage "CUDA-graph sampling test (native)" 200 "$PY" -m pytest -q -rA -p no:cacheprovider tests/test_engine.py \
-     -k cuda_graph >/dev/null 2>&1) &
+     -k cuda_graph >/dev/null 2>&1
+   "$PY" -m pytest -q -x -p no:cacheprovider tests/test_kernels_groupnorm_gelu.py -k resident \
+     >"$WORK/resident-tests.log" 2>&1; echo "exit $?" >>"$WORK/resident-tests.log") &
   local graph=$!
   stage "kernel tests (native${workers:+, ${workers[1]} workers})" 200 "$PY" -m pytest -q -x -p no:cacheprovider \
-    "${workers[@]}" tests/test_kernels_groupnorm_gelu.py tests/test_kernels_reverse_step.py tests/test_unet_triton.py
+    "${workers[@]}" tests/test_kernels_groupnorm_gelu.py tests/test_kernels_reverse_step.py tests/test_unet_triton.py \
+    -k "not resident"
   rc=$?
   wait "$graph"
   say "CUDA-graph sampling test: exit $?"; tail -n 15 "$DEST/graph-test.log" | tee -a "$LOG"
+  say "resident GroupNorm tests (native):"; tail -n 4 "$WORK/resident-tests.log" | tee -a "$LOG"
+  if [[ $(tail -n 1 "$WORK/resident-tests.log") != "exit 0" ]]; then
+    RESIDENT_OK=0; say "the resident GroupNorm path failed its native tests: the tune sweeps no resident setting"
+  fi
   return "$rc"
 }
 
@@ -111,7 +122,7 @@ for s in $STAGES; do
         --knobs "${PROFILE_KNOBS:-none}" --dtype bf16 --json "$DEST/profile.json" ;;
     tune)  # the GroupNorm kernels' launch parameters and reduction style, against Inductor
       stage "GroupNorm launch sweep (bf16)" "${TUNE_CAP_S:-200}" "$PY" -m bench.tune_groupnorm \
-        --dtype bf16 --json "$DEST/tune.json" ${TUNE_ARGS:-} ;;
+        --dtype bf16 --json "$DEST/tune.json" ${TUNE_ARGS:-} $( ((RESIDENT_OK)) || echo --resident 0) ;;
     *) say "unknown stage $s" ;;
   esac
 done
