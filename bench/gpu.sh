@@ -25,7 +25,8 @@
 # BATCH_CAP_S (seconds per stage),
 # TUNE_ARGS (bench.tune_groupnorm's sweep, default its full grid; e.g. "--lane 0 --tile 2048 --programs 528
 # --threads 8,16,32 --resident 0,4096,16384"),
-# PROFILE_WORKLOAD (train or sample), PROFILE_IMPLS (default compiled,eager), PROFILE_KNOBS (default none; e.g.
+# PROFILE_WORKLOAD (train or sample), PROFILE_IMPLS (default compiled,eager), PROFILE_LAYOUTS (default
+# nchw,nhwc), PROFILE_KNOBS (default none; e.g.
 # none,cudnn_benchmark,force_layout,cudagraphs: see bench/profile_step.py), FASTDDPM_BENCH_TRAIN_IMPLS
 # (the train stage's non-eager paths, default compiled,fast,compiled-graphs,fast-graphs: the last two
 # under CUDA graphs; compiled-graphs-nhwc and fast-graphs-nhwc train channels_last),
@@ -119,7 +120,8 @@ for s in $STAGES; do
     profile)  # where a training (or sampling) step's time goes, NCHW vs NHWC (ratios from one process)
       stage "profile ${PROFILE_WORKLOAD:-train} step (bf16)" "${PROFILE_CAP_S:-200}" "$PY" -m bench.profile_step \
         --workload "${PROFILE_WORKLOAD:-train}" --impls "${PROFILE_IMPLS:-compiled,eager}" \
-        --knobs "${PROFILE_KNOBS:-none}" --dtype bf16 --json "$DEST/profile.json" ;;
+        --knobs "${PROFILE_KNOBS:-none}" --layouts "${PROFILE_LAYOUTS:-nchw,nhwc}" --dtype bf16 \
+        --json "$DEST/profile.json" ;;
     tune)  # the GroupNorm kernels' launch parameters and reduction style, against Inductor
       stage "GroupNorm launch sweep (bf16)" "${TUNE_CAP_S:-200}" "$PY" -m bench.tune_groupnorm \
         --dtype bf16 --json "$DEST/tune.json" ${TUNE_ARGS:-} $( ((RESIDENT_OK)) || echo --resident 0) ;;
@@ -133,7 +135,7 @@ inputs=("$WORK"/*.jsonl "$WORK"/*.json)
 if (( ${#inputs[@]} )); then
   knobs=""
   while IFS='=' read -r k v; do knobs+="$k=$(printf '%q' "$v") "; done \
-    < <(env | grep -E '^(BENCH_|TRAIN_|BATCH_|SAMPLE_|KERNEL_|PROFILE_|TUNE_|FASTDDPM_BENCH_(SIZE|COMPILE))' | sort)
+    < <(env | grep -E '^(BENCH_|TRAIN_|BATCH_|SAMPLE_|KERNEL_|PROFILE_|TUNE_|FASTDDPM_BENCH_(SIZE|COMPILE|TRAIN_IMPLS|BATCH_IMPLS))' | sort)
   "$PY" -m bench.report "${inputs[@]}" --merge "$DEST/$NAME.json" --command "${knobs}bash bench/gpu.sh" \
     >"$DEST/report.md" 2>>"$LOG"
   cat "$DEST/report.md"
