@@ -135,7 +135,8 @@ inputs=("$WORK"/*.jsonl "$WORK"/*.json)
 if (( ${#inputs[@]} )); then
   knobs=""
   while IFS='=' read -r k v; do knobs+="$k=$(printf '%q' "$v") "; done \
-    < <(env | grep -E '^(BENCH_|TRAIN_|BATCH_|SAMPLE_|KERNEL_|PROFILE_|TUNE_|FASTDDPM_BENCH_(SIZE|COMPILE|TRAIN_IMPLS|BATCH_IMPLS))' | sort)
+    < <(env | grep -E '^(BENCH_|TRAIN_|BATCH_|SAMPLE_|KERNEL_|PROFILE_|TUNE_)' | sort
+        env | grep -E '^FASTDDPM_BENCH_(SIZE|COMPILE|TRAIN_IMPLS|BATCH_IMPLS)' | sort)
   "$PY" -m bench.report "${inputs[@]}" --merge "$DEST/$NAME.json" --command "${knobs}bash bench/gpu.sh" \
     >"$DEST/report.md" 2>>"$LOG"
   cat "$DEST/report.md"

@@ -22,7 +22,9 @@ CASES += [dict(kernel="groupnorm_gelu", variant=v, shape=s, dtype=d, impl=i)
           for s in (C.S["gn_shapes"] if v in ("fwd", "fwd+bwd") else C.S["gn_variant_shapes"]) for i in C.IMPLS]
 
 
-def gn_case(variant, shape, dtype, impl):
+def gn_case(variant, shape, dtype, impl, layout="nchw"):
+    """The case's (fn, calls, timing mode, bytes moved, elements, guard); ``layout`` nhwc makes every
+    input channels_last (bench.tune_groupnorm's layout axis; the bench's own cases are NCHW)."""
     from fastddpm.model import GroupNormGELU
 
     res, temb, bwd = GN_VARIANTS[variant]
@@ -37,7 +39,11 @@ def gn_case(variant, shape, dtype, impl):
 
     def make_input(i):
         g = torch.Generator(C.DEVICE).manual_seed(i)
-        rnd = lambda: torch.randn(full, generator=g, device=C.DEVICE, dtype=dt)  # noqa: E731
+        fmt = torch.channels_last if layout == "nhwc" else torch.contiguous_format
+
+        def rnd():
+            return torch.randn(full, generator=g, device=C.DEVICE, dtype=dt).contiguous(memory_format=fmt)
+
         return dict(x=rnd().requires_grad_(bwd), r=rnd().requires_grad_(bwd) if res else None,
                     t=torch.randint(0, 1000, (full[0],), generator=g, device=C.DEVICE) if temb else None,
                     dy=rnd() if bwd else None)

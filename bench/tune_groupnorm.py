@@ -10,6 +10,8 @@ group should find it in L1/L2 rather than DRAM; larger ones are split over progr
 and ``RESIDENT_MAX`` (groups whose padded tile holds up to this many elements, 16,384 at most, are
 loaded once into one program's registers: the compulsory traffic; 0 = off). With it on, the other
 knobs still set the paths of the larger groups, and "threads" the resident program's warps.
+``_LANE_BWD_CHANNELS_LAST`` (the backward's reduction pass over a channels_last group accumulates per
+lane) matters only with ``--layouts nhwc``, which makes every input channels_last.
 Each setting is built, guarded against eager and timed exactly as the kernel bench does
 (``bench.test_kernels.gn_case``: CUDA-graph replays over inputs larger than L2). On the CPU it runs
 at the smoke size through Triton's interpreter, which proves only that it runs.
@@ -20,6 +22,8 @@ at the smoke size through Triton's interpreter, which proves only that it runs.
         --split 4096,16384,65536      # one program per sample up to the 8x8 / 32x32 levels (8 settings)
     python -m bench.tune_groupnorm --lane 0 --tile 2048 --programs 528 --threads 8,16,32 \
         --resident 0,4096,16384   # one load per input at the 4x4 / 8x8 levels (16,384 at most: registers)
+    python -m bench.tune_groupnorm --variants fwd+bwd --layouts nchw,nhwc --lane 0 --tile 2048 \
+        --programs 528 --threads 8 --lane-bwd-nhwc 0,1   # channels_last inputs: the backward's reduction
 """
 from __future__ import annotations
 
@@ -31,19 +35,19 @@ import time
 from bench import common as C
 
 KNOBS = {"lane": "_LANE_ACCUMULATE", "tile": "_TILE", "programs": "_TARGET_PROGRAMS", "threads": "_ELEMS_PER_THREAD",
-         "split": "SPLIT_THRESHOLD", "resident": "RESIDENT_MAX"}
+         "split": "SPLIT_THRESHOLD", "resident": "RESIDENT_MAX", "lane_bwd_nhwc": "_LANE_BWD_CHANNELS_LAST"}
 
 
 def ints(text: str) -> list[int]:
     return [int(v) for v in text.split(",") if v]
 
 
-def time_case(variant, shape, dtype, impl, rounds) -> dict:
+def time_case(variant, shape, dtype, impl, rounds, layout="nchw") -> dict:
     """Build, guard and time one kernel case: µs per call, GB/s and the share of copy bandwidth."""
     from bench.test_kernels import gn_case
 
     C.fresh()
-    fn, calls, mode, moved, _n, check = gn_case(variant, shape, dtype, impl)
+    fn, calls, mode, moved, _n, check = gn_case(variant, shape, dtype, impl, layout)
     guard = check() if impl != "eager" else None
     timer = C.Timer()
     timer.pedantic(fn, rounds=rounds, warmup_rounds=1)
@@ -65,41 +69,48 @@ def sweep(args) -> list[dict]:
 
     grid = [dict(zip(KNOBS, values)) for values in
             itertools.product([bool(v) for v in args.lane], args.tile, args.programs, args.threads,
-                              args.split or [gng.SPLIT_THRESHOLD], args.resident or [gng.RESIDENT_MAX])]
+                              args.split or [gng.SPLIT_THRESHOLD], args.resident or [gng.RESIDENT_MAX],
+                              [bool(v) for v in args.lane_bwd_nhwc or [gng._LANE_BWD_CHANNELS_LAST]])]
     default = {k: getattr(gng, attr) for k, attr in KNOBS.items()}
     rows = []
-    for variant in args.variants:
-        for shape in C.S["gn_shapes"]:
-            base = {"variant": variant, "shape": [C.S["kernel_batch"], *shape], "dtype": args.dtype}
-            rows.append({**base, "impl": "compiled", **time_case(variant, shape, args.dtype, "compiled", args.rounds)})
-            for knobs in grid:
-                for k, v in knobs.items():
-                    setattr(gng, KNOBS[k], v)
-                try:
-                    rows.append({**base, "impl": "fast", "knobs": knobs, "default": knobs == default,
-                                 **time_case(variant, shape, args.dtype, "fast", args.rounds)})
-                finally:
-                    for k, v in default.items():
+    for layout in args.layouts:
+        # the channels_last knob changes nothing in NCHW: its default there, not repeated rows
+        knob_grid = grid if layout == "nhwc" else \
+            list({str(k): k for k in ({**k, "lane_bwd_nhwc": default["lane_bwd_nhwc"]} for k in grid)}.values())
+        for variant in args.variants:
+            for shape in C.S["gn_shapes"]:
+                base = {"variant": variant, "shape": [C.S["kernel_batch"], *shape], "dtype": args.dtype,
+                        "layout": layout}
+                rows.append({**base, "impl": "compiled",
+                             **time_case(variant, shape, args.dtype, "compiled", args.rounds, layout)})
+                for knobs in knob_grid:
+                    for k, v in knobs.items():
                         setattr(gng, KNOBS[k], v)
-                print(f"{variant} {shape} {knobs}: {rows[-1]['us']:.1f} µs", file=sys.stderr, flush=True)
-                save(args, rows)
+                    try:
+                        rows.append({**base, "impl": "fast", "knobs": knobs, "default": knobs == default,
+                                     **time_case(variant, shape, args.dtype, "fast", args.rounds, layout)})
+                    finally:
+                        for k, v in default.items():
+                            setattr(gng, KNOBS[k], v)
+                    print(f"{layout} {variant} {shape} {knobs}: {rows[-1]['us']:.1f} µs", file=sys.stderr, flush=True)
+                    save(args, rows)
     return rows
 
 
 def table(rows: list[dict]) -> str:
     """Per (variant, shape): compiled, the default setting, the best setting and its knobs."""
-    lines = ["| variant | shape | compiled µs | default µs | best µs | best/compiled | best roofline | best knobs |",
-             "|---|---|---|---|---|---|---|---|"]
+    lines = ["| variant | shape | layout | compiled µs | default µs | best µs | best/compiled | best roofline "
+             "| best knobs |", "|---|---|---|---|---|---|---|---|---|"]
     groups: dict = {}
     for r in rows:
-        groups.setdefault((r["variant"], str(r["shape"])), []).append(r)
-    for (variant, shape), rs in groups.items():
+        groups.setdefault((r["variant"], str(r["shape"]), r.get("layout", "nchw")), []).append(r)
+    for (variant, shape, layout), rs in groups.items():
         compiled = next(r for r in rs if r["impl"] == "compiled")
         fast = [r for r in rs if r["impl"] == "fast"]
         best = min(fast, key=lambda r: r["us"])
         default = next((f"{r['us']:.1f}" for r in fast if r["default"]), "—")
         roof = f"{best['roofline']:.1%}" if best["roofline"] else "—"
-        lines.append(f"| {variant} | {shape} | {compiled['us']:.1f} | {default} | {best['us']:.1f} | "
+        lines.append(f"| {variant} | {shape} | {layout} | {compiled['us']:.1f} | {default} | {best['us']:.1f} | "
                      f"{compiled['us'] / best['us']:.2f}× | {roof} | {best['knobs']} |")
     return "\n".join(lines)
 
@@ -115,6 +126,11 @@ def main(argv=None) -> int:
     p.add_argument("--split", type=ints, help="largest group given one program (default: the kernel's own)")
     p.add_argument("--resident", type=ints,
                    help="largest padded tile loaded once, 0 = off (default: the kernel's own)")
+    p.add_argument("--lane-bwd-nhwc", default=None, type=ints,
+                   help="the backward's per-lane accumulation over channels_last groups off/on (default: the "
+                        "kernel's own); swept in the nhwc layout only")
+    p.add_argument("--layouts", default="nchw", type=lambda s: [v for v in s.split(",") if v],
+                   help="nchw and/or nhwc (channels_last inputs; Inductor compiles each layout on its own)")
     p.add_argument("--rounds", default=5, type=int)
     p.add_argument("--json", help="write every timing here, with the device, versions and commit")
     a = p.parse_args(argv)
@@ -123,6 +139,9 @@ def main(argv=None) -> int:
     unknown = [v for v in a.variants if v not in GN_VARIANTS]
     if unknown:
         p.error(f"unknown variant {unknown[0]!r}: choose from {', '.join(GN_VARIANTS)}")
+    bad = [v for v in a.layouts if v not in ("nchw", "nhwc")]
+    if bad or not a.layouts:
+        p.error(f"--layouts {','.join(a.layouts)}: choose from nchw, nhwc")
     start = time.perf_counter()
     rows = sweep(a)
     out = table(rows)

@@ -34,6 +34,11 @@ MEASURED = {
         sample_engine={"fp32": "compiled", "fp16": "compiled", "bf16": "fast"},
         train_kernels={"default": {"fp32": "torch", "fp16": "torch", "bf16": "torch"}},
     ),
+    "h100-80gb-hbm3": Measured(
+        source="bench/results/2026-11-27-h100-80gb-hbm3.json",
+        sample_engine={"fp32": "compiled", "fp16": "compiled", "bf16": "compiled"},
+        train_kernels={"reduce-overhead": {"bf16": "torch"}},
+    ),
 }
 FALLBACK = "h200"
 

@@ -47,6 +47,11 @@ _ELEMS_PER_THREAD = 8  # sets num_warps from the tile size
 # the H200 run of 2026-11-26 measured); True = per-lane accumulators (Welford per lane) reduced once
 # per rectangle, so the loop carries no block-wide reduction. Unmeasured on a GPU so far.
 _LANE_ACCUMULATE = os.environ.get("FASTDDPM_GN_LANE_ACCUMULATE", "0") == "1"
+# The backward's reduction pass over a channels_last group accumulates per lane whatever
+# _LANE_ACCUMULATE says: there the dw/db sums run across the tile's strided (pixel) axis, a block-wide
+# reduction per tile, and the H100 profile of 2026-11-27 (bench/results/...-profile-fast.json) found
+# that pass 2.7x slower in NHWC than in NCHW (3.07 vs 1.16 ms a step). Not yet timed on a GPU.
+_LANE_BWD_CHANNELS_LAST = os.environ.get("FASTDDPM_GN_LANE_BWD_CHANNELS_LAST", "1") == "1"
 # Groups whose padded (power-of-two) tile holds at most this many elements take the resident path
 # (one program, one load of each input); 0 = off. Unmeasured on a GPU so far. Never above
 # _RESIDENT_LIMIT: at 32 warps that is 16 fp32 values a thread per live tile, and the backward keeps
@@ -463,6 +468,7 @@ class _Launch(NamedTuple):
     num_warps: int
     lane: bool
     resident: bool = False
+    lane_bwd: bool = False  # the backward's reduction pass accumulates per lane (_LANE_BWD_CHANNELS_LAST)
 
     @property
     def chunks(self):
@@ -472,6 +478,10 @@ class _Launch(NamedTuple):
     def meta(self):
         lane = {} if self.resident else dict(LANE=self.lane)
         return dict(BLOCK_C=self.block_c, BLOCK_HW=self.block_hw, num_warps=self.num_warps, **lane)
+
+    @property
+    def meta_bwd(self):
+        return {**self.meta, **({} if self.resident else dict(LANE=self.lane_bwd))}
 
 
 def _launch_config(Cg: int, HW: int, rows: int, stride_c: int, stride_hw: int) -> _Launch:
@@ -488,7 +498,8 @@ def _launch_config(Cg: int, HW: int, rows: int, stride_c: int, stride_hw: int) -
         per_prog = max(_MIN_ELEMS_PER_PROGRAM, triton.cdiv(m * rows, _TARGET_PROGRAMS))
     budget = min(_TILE, triton.next_power_of_2(per_prog))
     # The contiguous axis takes the tile budget first so loads coalesce in either layout.
-    if stride_c == 1 and stride_hw != 1:
+    channels_last = stride_c == 1 and stride_hw != 1
+    if channels_last:
         block_c = min(triton.next_power_of_2(Cg), budget)
         block_hw = min(triton.next_power_of_2(HW), max(1, budget // block_c))
     else:
@@ -503,7 +514,8 @@ def _launch_config(Cg: int, HW: int, rows: int, stride_c: int, stride_hw: int) -
         c_chunk, hw_chunk = kc * block_c, kh * block_hw
     hw_split = triton.cdiv(HW, hw_chunk)
     return _Launch(c_chunk, hw_chunk, hw_split, triton.cdiv(Cg, c_chunk) * hw_split, block_c, block_hw,
-                   num_warps=max(1, min(8, block_c * block_hw // (32 * _ELEMS_PER_THREAD))), lane=_LANE_ACCUMULATE)
+                   num_warps=max(1, min(8, block_c * block_hw // (32 * _ELEMS_PER_THREAD))), lane=_LANE_ACCUMULATE,
+                   lane_bwd=_LANE_ACCUMULATE or (_LANE_BWD_CHANNELS_LAST and channels_last))
 
 
 def _geometry(x: torch.Tensor, num_groups: int):
@@ -549,8 +561,9 @@ def _backward(dy, x, weight, bias, residual, mean, rstd, num_groups, gelu):
     dy = _like(dy, x)
     dx = torch.empty_like(x)
     # Every (row, channel) of the dw/db partials is written by exactly one program: no zero-fill.
-    pdw = torch.empty((n * cfg.hw_split, c), device=x.device, dtype=torch.float32)
-    pdb = torch.empty_like(pdw)
+    # One table for both, so that one reduction (one kernel) sums them.
+    pd = torch.empty((2, n * cfg.hw_split, c), device=x.device, dtype=torch.float32)
+    pdw, pdb = pd[0], pd[1]
     has_residual = residual is not None
     if has_residual:
         residual = _like(residual, x)
@@ -566,12 +579,11 @@ def _backward(dy, x, weight, bias, residual, mean, rstd, num_groups, gelu):
         args = (dy, x, residual, dres, weight, bias, mean, rstd, pdw, pdb, part)
         grid = (n * num_groups, cfg.s)
         if cfg.s > 1:
-            _gn_bwd_reduce_kernel[grid](*args, *geom, *cfg.chunks, HAS_RESIDUAL=has_residual, GELU=gelu, **cfg.meta)
+            _gn_bwd_reduce_kernel[grid](*args, *geom, *cfg.chunks, HAS_RESIDUAL=has_residual, GELU=gelu,
+                                        **cfg.meta_bwd)
         _gn_bwd_dx_kernel[grid](*args, dx, *geom, *cfg.chunks, SINGLE=cfg.s == 1, HAS_RESIDUAL=has_residual, GELU=gelu,
-                                BLOCK_S=triton.next_power_of_2(cfg.s), **cfg.meta)
-    dw = pdw.sum(0).to(weight.dtype)
-    db = pdb.sum(0).to(bias.dtype)
-    return dx, dw, db, (dres if has_residual else x.new_empty(0))
+                                BLOCK_S=triton.next_power_of_2(cfg.s), **cfg.meta_bwd)
+    return dx, pd.sum(1), (dres if has_residual else x.new_empty(0))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -596,8 +608,9 @@ def _(x, weight, bias, num_groups, eps, residual, t, gelu):
 def group_norm_gelu_bwd(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
                         residual: Optional[torch.Tensor], mean: torch.Tensor, rstd: torch.Tensor,
                         num_groups: int, gelu: bool
-                        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(dx, dweight, dbias, dresidual); dresidual is empty when there is no residual."""
+                        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(dx, dweight_and_dbias, dresidual): the (2, C) fp32 rows dweight, dbias (one tensor: an op's
+    outputs may not alias, and one reduction sums both); dresidual is empty when there is no residual."""
     return _backward(dy, x, weight, bias, residual, mean, rstd, num_groups, gelu)
 
 
@@ -605,7 +618,7 @@ def group_norm_gelu_bwd(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor,
 def _(dy, x, weight, bias, residual, mean, rstd, num_groups, gelu):
     x = _layout(x)
     dres = torch.empty_like(_like_fake(residual, x)) if residual is not None else x.new_empty(0)
-    return torch.empty_like(x), torch.empty_like(weight), torch.empty_like(bias), dres
+    return torch.empty_like(x), weight.new_empty((2, weight.shape[0]), dtype=torch.float32), dres
 
 
 def _like_fake(a, ref):
@@ -621,7 +634,8 @@ def _setup_context(ctx, inputs, output):
 
 def _backward_rule(ctx, dy, _dmean, _drstd):
     x, weight, bias, residual, mean, rstd = ctx.saved_tensors
-    dx, dw, db, dres = group_norm_gelu_bwd(dy, x, weight, bias, residual, mean, rstd, ctx.num_groups, ctx.gelu)
+    dx, dwb, dres = group_norm_gelu_bwd(dy, x, weight, bias, residual, mean, rstd, ctx.num_groups, ctx.gelu)
+    dw, db = dwb[0].to(weight.dtype), dwb[1].to(bias.dtype)
     return dx, dw, db, None, None, (dres if ctx.has_residual else None), None, None
 
 

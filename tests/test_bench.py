@@ -97,7 +97,8 @@ def test_profile_and_launch_sweep_tools_run(tmp_path):
                       (["bench.profile_step", "--workload", "sample", "--impls", "eager,fast", "--layouts", "nhwc",
                         "--steps", "1"], fwd),
                       (["bench.tune_groupnorm", "--tile", "16", "--programs", "4", "--threads", "8", "--rounds", "1",
-                        "--lane", "0", "--split", "0,4096", "--resident", "0,512", "--variants", "fwd+bwd"], tune)):
+                        "--lane", "0", "--split", "0,4096", "--resident", "0,512", "--variants", "fwd+bwd",
+                        "--layouts", "nchw,nhwc", "--lane-bwd-nhwc", "0,1"], tune)):
         proc = subprocess.run([sys.executable, "-m", *argv, "--json", str(out)], cwd=ROOT, env=_env(tmp_path),
                               capture_output=True, text=True, timeout=600)
         assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
@@ -115,9 +116,13 @@ def test_profile_and_launch_sweep_tools_run(tmp_path):
     assert not any("backward" in k["name"].lower() for r in rows for k in r["kernels"])  # no gradients
     rows = json.loads(tune.read_text())["rows"]
     fast = [r for r in rows if r["impl"] == "fast"]
-    assert len(fast) == 4 and {r["knobs"]["lane"] for r in fast} == {False}
+    assert {r["knobs"]["lane"] for r in fast} == {False}
     assert {r["knobs"]["split"] for r in fast} == {0, 4096}  # the split path and one program per group
     assert {r["knobs"]["resident"] for r in fast} == {0, 512}  # off, and on for the smoke shape (8 x 64 groups)
+    # the channels_last knob is swept on channels_last inputs only: 4 NCHW settings, 8 NHWC ones
+    assert [sum(r["layout"] == lay for r in fast) for lay in ("nchw", "nhwc")] == [4, 8]
+    assert {r["knobs"]["lane_bwd_nhwc"] for r in fast if r["layout"] == "nhwc"} == {False, True}
+    assert [r["layout"] for r in rows if r["impl"] == "compiled"] == ["nchw", "nhwc"]
     assert all(r["guard"]["value"] <= r["guard"]["tol"] for r in fast)
 
 

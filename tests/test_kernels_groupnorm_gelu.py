@@ -32,8 +32,10 @@ def force_split(monkeypatch):
 
 @pytest.fixture(params=[False, True], ids=["tile-reduce", "lane-accumulate"])
 def reduction(request, monkeypatch):
-    """Both ways the kernels reduce a group (see groupnorm_gelu._LANE_ACCUMULATE)."""
+    """Both ways the kernels reduce a group (see groupnorm_gelu._LANE_ACCUMULATE), in every pass:
+    tile-reduce also turns off the backward's per-lane default for channels_last groups."""
     monkeypatch.setattr(gng, "_LANE_ACCUMULATE", request.param)
+    monkeypatch.setattr(gng, "_LANE_BWD_CHANNELS_LAST", request.param)
     return request.param
 
 
@@ -138,6 +140,18 @@ def test_resident_variants(resident, variant):
     residual, gelu, t = VARIANTS[variant]
     _check((2, 20, 5, 5), 1, residual=residual, gelu=gelu, t=t)
     _check((2, 20, 5, 5), 4, residual=residual, gelu=gelu, t=t, channels_last=True)
+
+
+def test_backward_accumulates_per_lane_over_channels_last_groups(monkeypatch):
+    """Where the dw/db sums run across a tile's strided axis (channels_last), the backward's
+    reduction pass accumulates per lane by default; NCHW keeps _LANE_ACCUMULATE's choice, and so
+    does the forward in both layouts."""
+    monkeypatch.setattr(gng, "_LANE_ACCUMULATE", False)
+    nhwc, nchw = gng._launch_config(64, 1024, 256, 1, 64), gng._launch_config(64, 1024, 256, 1024, 1)
+    assert (nhwc.lane, nhwc.lane_bwd, nhwc.meta_bwd["LANE"], nhwc.meta["LANE"]) == (False, True, True, False)
+    assert (nchw.lane, nchw.lane_bwd) == (False, False)
+    monkeypatch.setattr(gng, "_LANE_BWD_CHANNELS_LAST", False)
+    assert not gng._launch_config(64, 1024, 256, 1, 64).lane_bwd
 
 
 def test_resident_only_up_to_its_tile_budget(monkeypatch):
