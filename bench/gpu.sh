@@ -85,15 +85,17 @@ native_tests() {
   (LOG="$DEST/graph-test.log"; : >"$LOG"
    stage "CUDA-graph sampling test (native)" 200 "$PY" -m pytest -q -rA -p no:cacheprovider tests/test_engine.py \
      -k cuda_graph >/dev/null 2>&1
-   "$PY" -m pytest -q -x -p no:cacheprovider tests/test_kernels_groupnorm_gelu.py -k resident \
+   echo $? >"$WORK/graph-test.rc"
+   timeout -k 10 120 "$PY" -m pytest -q -x -p no:cacheprovider tests/test_kernels_groupnorm_gelu.py -k resident \
      >"$WORK/resident-tests.log" 2>&1; echo "exit $?" >>"$WORK/resident-tests.log") &
   local graph=$!
   stage "kernel tests (native${workers:+, ${workers[1]} workers})" 200 "$PY" -m pytest -q -x -p no:cacheprovider \
     "${workers[@]}" tests/test_kernels_groupnorm_gelu.py tests/test_kernels_reverse_step.py tests/test_unet_triton.py \
-    -k "not resident"
+    tests/test_upsample_bilinear.py -k "not resident"
   rc=$?
   wait "$graph"
-  say "CUDA-graph sampling test: exit $?"; tail -n 15 "$DEST/graph-test.log" | tee -a "$LOG"
+  say "CUDA-graph sampling test: exit $(cat "$WORK/graph-test.rc" 2>/dev/null || echo unknown)"
+  tail -n 15 "$DEST/graph-test.log" | tee -a "$LOG"
   say "resident GroupNorm tests (native):"; tail -n 4 "$WORK/resident-tests.log" | tee -a "$LOG"
   if [[ $(tail -n 1 "$WORK/resident-tests.log") != "exit 0" ]]; then
     RESIDENT_OK=0; say "the resident GroupNorm path failed its native tests: the tune sweeps no resident setting"

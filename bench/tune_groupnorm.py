@@ -128,7 +128,7 @@ def main(argv=None) -> int:
                    help="largest padded tile loaded once, 0 = off (default: the kernel's own)")
     p.add_argument("--lane-bwd-nhwc", default=None, type=ints,
                    help="the backward's per-lane accumulation over channels_last groups off/on (default: the "
-                        "kernel's own); swept in the nhwc layout only")
+                        "kernel's own); swept in the nhwc layout only; with --lane 1 it is on whatever this says")
     p.add_argument("--layouts", default="nchw", type=lambda s: [v for v in s.split(",") if v],
                    help="nchw and/or nhwc (channels_last inputs; Inductor compiles each layout on its own)")
     p.add_argument("--rounds", default=5, type=int)

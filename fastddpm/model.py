@@ -2,8 +2,9 @@
 
 One module tree serves both paths. Every normalisation goes through ``GroupNormGELU``, which on the
 "torch" path is plain eager PyTorch (the spec) and on the "triton" path calls one fused kernel
-(GroupNorm, residual add, GELU and the time-encoding addition in one pass). ``UNet.set_kernels``
-is the single switch.
+(GroupNorm, residual add, GELU and the time-encoding addition in one pass); on the "triton" path the
+Up blocks' upsampling also takes a backward that gathers instead of scattering (the same forward).
+``UNet.set_kernels`` is the single switch.
 """
 from __future__ import annotations
 
@@ -113,9 +114,15 @@ class Up(nn.Module):
         super().__init__()
         self.conv_res = DoubleConv(in_ch, in_ch, residual=True)
         self.conv_out = DoubleConv(in_ch, out_ch, mid_ch=in_ch // 2)
+        self.kernels = "torch"
 
     def forward(self, x, skip, t):
-        x = F.interpolate(x, scale_factor=2, mode="bilinear", align_corners=True)
+        if self.kernels == "triton":  # the same upsampling, its backward a gather (no atomic scatter)
+            from fastddpm.kernels.upsample_bilinear import upsample_bilinear2x
+
+            x = upsample_bilinear2x(x)
+        else:
+            x = F.interpolate(x, scale_factor=2, mode="bilinear", align_corners=True)
         x = torch.cat([skip, x], dim=1)
         return self.conv_out(self.conv_res(x), t=t)
 
@@ -183,8 +190,9 @@ class UNet(nn.Module):
         self.set_kernels(kernels)
 
     def set_kernels(self, kernels: str) -> "UNet":
-        """Choose the GroupNormGELU implementation: "torch" (eager reference), "triton" (fused
-        kernels) or "auto" (Triton on CUDA, torch elsewhere, decided at each forward)."""
+        """Choose the GroupNormGELU implementation (and the Up blocks' upsampling backward): "torch"
+        (eager reference), "triton" (fused kernels) or "auto" (Triton on CUDA, torch elsewhere,
+        decided at each forward)."""
         if kernels not in KERNEL_CHOICES:
             raise ValueError(f"kernels={kernels!r}: choose one of {', '.join(KERNEL_CHOICES)}")
         self.kernels = kernels
@@ -194,7 +202,7 @@ class UNet(nn.Module):
     def _apply_kernels(self, path: str):
         self._path = path
         for m in self.modules():
-            if isinstance(m, GroupNormGELU):
+            if isinstance(m, (GroupNormGELU, Up)):
                 m.kernels = path
 
     def _apply(self, fn, recurse=True):

@@ -6,7 +6,7 @@ One pass over a group computes its statistics, a second applies them, so the for
 and writes y once; the (N, C, H, W) time-encoding broadcast (eq. 11) is computed in the epilogue and
 never materialised. The backward recomputes x_hat and GELU'(u) from the saved mean/rstd.
 
-Resident path (``RESIDENT_MAX``, off by default until a GPU measures it): a group whose
+Resident path (``RESIDENT_MAX``, off by default until a whole training step measures it): a group whose
 power-of-two tile holds at most that many elements (16,384 at most: the 4x4 and 8x8 levels) is
 loaded once into one program's registers, so the forward reads x once and the backward reads x, dy
 (and the residual) once: the compulsory traffic, where the other paths read x twice in the forward
@@ -53,7 +53,8 @@ _LANE_ACCUMULATE = os.environ.get("FASTDDPM_GN_LANE_ACCUMULATE", "0") == "1"
 # that pass 2.7x slower in NHWC than in NCHW (3.07 vs 1.16 ms a step). Not yet timed on a GPU.
 _LANE_BWD_CHANNELS_LAST = os.environ.get("FASTDDPM_GN_LANE_BWD_CHANNELS_LAST", "1") == "1"
 # Groups whose padded (power-of-two) tile holds at most this many elements take the resident path
-# (one program, one load of each input); 0 = off. Unmeasured on a GPU so far. Never above
+# (one program, one load of each input); 0 = off. The fastest setting at the 4x4 and 8x8 levels in the
+# H100 sweep of 2026-11-27 (bench/results/2026-11-27-h100-80gb-hbm3-tune.json); no step timed yet. Never above
 # _RESIDENT_LIMIT: at 32 warps that is 16 fp32 values a thread per live tile, and the backward keeps
 # about five alive (x, dy, residual, du, x_hat) in a 64-register budget, so it spills beyond.
 RESIDENT_MAX = int(os.environ.get("FASTDDPM_GN_RESIDENT_MAX", 0))

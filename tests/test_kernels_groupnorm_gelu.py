@@ -147,6 +147,7 @@ def test_backward_accumulates_per_lane_over_channels_last_groups(monkeypatch):
     reduction pass accumulates per lane by default; NCHW keeps _LANE_ACCUMULATE's choice, and so
     does the forward in both layouts."""
     monkeypatch.setattr(gng, "_LANE_ACCUMULATE", False)
+    monkeypatch.setattr(gng, "_LANE_BWD_CHANNELS_LAST", True)  # the default
     nhwc, nchw = gng._launch_config(64, 1024, 256, 1, 64), gng._launch_config(64, 1024, 256, 1024, 1)
     assert (nhwc.lane, nhwc.lane_bwd, nhwc.meta_bwd["LANE"], nhwc.meta["LANE"]) == (False, True, True, False)
     assert (nchw.lane, nchw.lane_bwd) == (False, False)

@@ -110,6 +110,20 @@ def test_sampling_and_training_look_their_card_up(on_card, monkeypatch):
     assert auto_engine(torch.device("cpu"), torch.bfloat16, True)[0] == "eager"
 
 
+def test_the_h100_entry_says_which_mode_it_was_measured_in(on_card):
+    """The H100 was measured under reduce-overhead only: a default-mode run takes the H200's choice
+    and says that the H100 lacks that mode, not that it was never measured in the dtype."""
+    on_card("NVIDIA H100 80GB HBM3")
+    h100, fb = MEASURED["h100-80gb-hbm3"], MEASURED[FALLBACK]
+    assert auto_engine(CUDA, torch.float16, True) == ("compiled", f"measured fastest on this card ({h100.source})")
+    path, why = training_kernels("auto", CUDA, True, "reduce-overhead", "bf16", True)
+    assert (path, why) == ("torch", f"auto: measured fastest on this card ({h100.source})")
+    path, why = training_kernels("auto", CUDA, True, "default", "bf16", True)
+    assert path == fb.train_kernels["default"]["bf16"]
+    assert why == f"auto: h100-80gb-hbm3 not measured in bf16 under --compile-mode default: the {FALLBACK}'s " \
+        f"choice ({fb.source})"
+
+
 def test_what_an_entry_lacks_comes_from_the_fallback_card_and_says_so(on_card, monkeypatch):
     """A new card's entry pasted from gpu.sh's default dtypes (bf16, fp32) has no fp16: fp16 takes
     the fallback card's choice; a card with no entry takes all of them; nothing raises."""
@@ -120,7 +134,8 @@ def test_what_an_entry_lacks_comes_from_the_fallback_card_and_says_so(on_card, m
         fb.sample_engine["fp16"], f"h100-80gb-hbm3 not measured in fp16: the {FALLBACK}'s choice ({fb.source})")
     path, why = training_kernels("auto", CUDA, True, "reduce-overhead", "fp16", True)
     assert path == fb.train_kernels["default"]["fp16"]
-    assert f"not measured in fp16: the {FALLBACK}'s choice, in the default compile mode" in why
+    assert f"not measured in fp16 under --compile-mode reduce-overhead: the {FALLBACK}'s choice, in the default " \
+        "compile mode (reduce-overhead not measured)" in why
     on_card("NVIDIA A100-SXM4-80GB")
     engine, why = auto_engine(CUDA, torch.float16, True)
     assert engine == fb.sample_engine["fp16"]

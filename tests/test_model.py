@@ -3,7 +3,7 @@ import math
 import pytest
 import torch
 
-from fastddpm.model import UNet, time_encoding
+from fastddpm.model import UNet, Up, time_encoding
 
 
 def test_paper_parameter_count():
@@ -67,3 +67,7 @@ def test_kernel_switch_reaches_every_norm():
     assert model.kernels == "auto"
     model.set_kernels("torch")
     assert all(m.kernels == "torch" for m in model.modules() if hasattr(m, "gelu"))
+    ups = [m for m in model.modules() if isinstance(m, Up)]  # the upsampling's backward follows the switch
+    assert len(ups) == 3 and all(m.kernels == "torch" for m in ups)
+    model.set_kernels("triton")
+    assert all(m.kernels == "triton" for m in model.modules() if hasattr(m, "gelu") or isinstance(m, Up))
