@@ -22,6 +22,7 @@ at the smoke size through Triton's interpreter, which proves only that it runs.
         --split 4096,16384,65536      # one program per sample up to the 8x8 / 32x32 levels (8 settings)
     python -m bench.tune_groupnorm --lane 0 --tile 2048 --programs 528 --threads 8,16,32 \
         --resident 0,4096,16384   # one load per input at the 4x4 / 8x8 levels (16,384 at most: registers)
+    python -m bench.tune_groupnorm --variants fwd --batch 2560 --programs 528,2112,8448   # sampling's batch
     python -m bench.tune_groupnorm --variants fwd+bwd --layouts nchw,nhwc --lane 0 --tile 2048 \
         --programs 528 --threads 8 --lane-bwd-nhwc 0,1   # channels_last inputs: the backward's reduction
 """
@@ -131,6 +132,8 @@ def main(argv=None) -> int:
                         "kernel's own); swept in the nhwc layout only; with --lane 1 it is on whatever this says")
     p.add_argument("--layouts", default="nchw", type=lambda s: [v for v in s.split(",") if v],
                    help="nchw and/or nhwc (channels_last inputs; Inductor compiles each layout on its own)")
+    p.add_argument("--batch", type=int,
+                   help="images per call (default: the kernel bench's, 256 on a GPU); 2560 is the sampling batch")
     p.add_argument("--rounds", default=5, type=int)
     p.add_argument("--json", help="write every timing here, with the device, versions and commit")
     a = p.parse_args(argv)
@@ -139,6 +142,10 @@ def main(argv=None) -> int:
     unknown = [v for v in a.variants if v not in GN_VARIANTS]
     if unknown:
         p.error(f"unknown variant {unknown[0]!r}: choose from {', '.join(GN_VARIANTS)}")
+    if a.batch is not None:
+        if a.batch < 1:
+            p.error(f"--batch {a.batch}: must be a positive integer")
+        C.S["kernel_batch"] = a.batch  # gn_case and the rows read it
     bad = [v for v in a.layouts if v not in ("nchw", "nhwc")]
     if bad or not a.layouts:
         p.error(f"--layouts {','.join(a.layouts)}: choose from nchw, nhwc")

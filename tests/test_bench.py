@@ -98,7 +98,7 @@ def test_profile_and_launch_sweep_tools_run(tmp_path):
                         "--steps", "1"], fwd),
                       (["bench.tune_groupnorm", "--tile", "16", "--programs", "4", "--threads", "8", "--rounds", "1",
                         "--lane", "0", "--split", "0,4096", "--resident", "0,512", "--variants", "fwd+bwd",
-                        "--layouts", "nchw,nhwc", "--lane-bwd-nhwc", "0,1"], tune)):
+                        "--layouts", "nchw,nhwc", "--lane-bwd-nhwc", "0,1", "--batch", "2"], tune)):
         proc = subprocess.run([sys.executable, "-m", *argv, "--json", str(out)], cwd=ROOT, env=_env(tmp_path),
                               capture_output=True, text=True, timeout=600)
         assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
@@ -123,6 +123,7 @@ def test_profile_and_launch_sweep_tools_run(tmp_path):
     assert [sum(r["layout"] == lay for r in fast) for lay in ("nchw", "nhwc")] == [4, 8]
     assert {r["knobs"]["lane_bwd_nhwc"] for r in fast if r["layout"] == "nhwc"} == {False, True}
     assert [r["layout"] for r in rows if r["impl"] == "compiled"] == ["nchw", "nhwc"]
+    assert {tuple(r["shape"]) for r in rows} == {(2, 8, 8, 8)}  # --batch 2, the smoke shape
     assert all(r["guard"]["value"] <= r["guard"]["tol"] for r in fast)
 
 

@@ -155,6 +155,22 @@ def test_backward_accumulates_per_lane_over_channels_last_groups(monkeypatch):
     assert not gng._launch_config(64, 1024, 256, 1, 64).lane_bwd
 
 
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
+@pytest.mark.parametrize("cg,hw,rows", [(64, 1024, 256), (128, 256, 256), (64, 1024, 1), (3, 4900, 2)])
+def test_split_programs_share_the_work_evenly(cg, hw, rows, channels_last):
+    """Along each axis the largest chunk (the critical path) is as small as its number of chunks
+    allows: ceil(tiles / chunks) tiles. The model's 64-channel 32x32 group was once cut into 30, 30
+    and 4 channels; now 22, 22 and 20."""
+    cfg = gng._launch_config(cg, hw, rows, *((1, cg) if channels_last else (hw, 1)))
+    assert cfg.s > 1
+    for size, chunk, block in ((cg, cfg.c_chunk, cfg.block_c), (hw, cfg.hw_chunk, cfg.block_hw)):
+        tiles, chunks = -(-size // block), -(-size // chunk)
+        assert chunk % block == 0 and chunk // block == -(-tiles // chunks)
+    assert cfg.s == -(-cg // cfg.c_chunk) * cfg.hw_split
+    if (cg, hw, rows, channels_last) == (64, 1024, 256, False):
+        assert cfg.c_chunk == 22 and cfg.s == 3
+
+
 def test_resident_only_up_to_its_tile_budget(monkeypatch):
     """RESIDENT_MAX counts the padded tile: 12 x 49 -> 16 x 64 = 1,024 fits 1,024, 12 x 65 -> 16 x
     128 does not (it takes the other paths, still correct); never above _RESIDENT_LIMIT (16,384:
