@@ -4,6 +4,8 @@
   (+ time encoding), forward and backward.
 - ``fastddpm.kernels.reverse_step.reverse_step`` (and ``reverse_step_noise``): the fused DDPM
   reverse step (eq. 5) with in-kernel Philox noise.
+- ``fastddpm.kernels.upsample_bilinear.upsample_bilinear2x``: the Up blocks' bilinear x2 upsampling,
+  whose backward under torch.compile is a gather instead of an atomic scatter (plain PyTorch, no Triton).
 
 Deliberately no re-exports: importing this package (which ``import fastddpm`` does) neither
 imports Triton nor defines a kernel, so the package works without Triton, and ``TRITON_INTERPRET``
