@@ -4,9 +4,9 @@ The forward is PyTorch's own ``F.interpolate``. Its backward scatters: every out
 weighted taps per axis into the input gradient, which ``torch.compile`` lowers to an atomic
 ``index_put`` (accumulate). On an H100 that scatter took 0.52 ms of a 13.4 ms NCHW training step
 and 1.44 ms of a 14.0 ms channels_last one (bench/results/2026-11-27-h100-80gb-hbm3-profile-fast.json).
-Under ``torch.compile`` the backward is the transpose written as a gather, one axis at a time: each input index ``i``
-sums the ``K`` output indices that can read it, with the forward's own weights (zero where an output
-does not read ``i``). That is K index-and-multiply terms per axis, with no atomics, which Inductor
+Under ``torch.compile`` the backward is the transpose written as a gather, one axis at a time: each
+input index ``i`` sums the ``K`` output indices that can read it, with the forward's own weights (zero
+where an output does not read ``i``). That is K index-and-multiply terms per axis, with no atomics, which Inductor
 can fuse in either memory layout; plain PyTorch, so it needs no Triton. Run eagerly, those are K
 small passes per axis, so outside ``torch.compile`` the backward stays PyTorch's own kernel.
 
@@ -79,7 +79,7 @@ class _UpsampleBilinear2x(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dy):
-        if torch.compiler.is_compiling():  # the gather is for the compiler; eagerly, 16 small passes
+        if torch.compiler.is_compiling():  # the gather is for the compiler; eagerly it is 2K small passes
             return gather_backward(dy, ctx.dtype, ctx.fmt)
         dx = torch.ops.aten.upsample_bilinear2d_backward(dy, dy.shape[2:], ctx.size, True, None, None)
         return dx.to(ctx.dtype, memory_format=ctx.fmt)
@@ -87,7 +87,7 @@ class _UpsampleBilinear2x(torch.autograd.Function):
 
 def upsample_bilinear2x(x: torch.Tensor) -> torch.Tensor:
     """``F.interpolate(x, scale_factor=2, mode="bilinear", align_corners=True)`` for (N, C, H, W) x,
-    NCHW or channels_last; the same forward, a gather backward."""
+    NCHW or channels_last: the same forward; under torch.compile, a gather backward."""
     if x.dim() != 4:
         raise ValueError(f"expected (N, C, H, W), got shape {tuple(x.shape)}")
     return _UpsampleBilinear2x.apply(x)
