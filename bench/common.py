@@ -8,6 +8,7 @@ pytest-benchmark fixture. ``python -m bench.run`` (no pytest-benchmark needed) h
 """
 from __future__ import annotations
 
+import contextlib
 import datetime
 import functools
 import gc
@@ -44,6 +45,54 @@ DTYPE_ORDER = tuple(os.environ.get("FASTDDPM_BENCH_DTYPES", "bf16,fp32,fp16").sp
 if not set(DTYPE_ORDER) <= set(DTYPES):
     raise SystemExit(f"FASTDDPM_BENCH_DTYPES={','.join(DTYPE_ORDER)}: choose from {', '.join(DTYPES)}")
 IMPLS = ("eager", "compiled", "fast")
+
+
+def split_impl(impl: str) -> tuple[str, dict]:
+    """``"fast-graphs-nhwc@tile=8192+persistent=2"`` -> ``("fast-graphs-nhwc", {"tile": 8192, "persistent":
+    2})``: a path timed with these GroupNorm launch knobs (``LAUNCH_KNOBS`` of
+    ``fastddpm/kernels/groupnorm_gelu.py``, the names ``bench.tune_groupnorm`` sweeps), so that a setting
+    the kernel sweep favours is timed in a whole step, side by side with the defaults. ValueError on a
+    bad knob or value."""
+    base, at, text = impl.partition("@")
+    if not at:
+        return impl, {}
+    from fastddpm.kernels.groupnorm_gelu import parse_launch_settings
+
+    return base, parse_launch_settings(text)
+
+
+def impl_error(impl: str, paths, triton_paths) -> Optional[str]:
+    """Why ``impl`` cannot be a case (not one of ``paths``; launch settings on a path that does not run
+    the Triton kernels, i.e. not in ``triton_paths``; a bad knob), or None."""
+    try:
+        base, knobs = split_impl(impl)
+    except ValueError as e:
+        return f"{impl}: {e}"
+    if base not in paths:
+        return f"unknown implementation {base!r}: choose from {', '.join(paths)}"
+    if knobs and base not in triton_paths:
+        return f"{impl}: launch settings apply to the Triton paths only ({', '.join(triton_paths)})"
+    return None
+
+
+def impls_from_env(var: str, default, paths, triton_paths) -> tuple:
+    """The implementations an environment variable lists (comma-separated; ``default`` if unset), each
+    checked by ``impl_error``: a bad one stops the bench module with one line naming it."""
+    impls = tuple(i for i in os.environ.get(var, ",".join(default)).split(",") if i)
+    for impl in impls:
+        if error := impl_error(impl, paths, triton_paths):
+            raise SystemExit(f"{var}={','.join(impls)}: {error}")
+    return impls
+
+
+def launch_settings(impl: str):
+    """The GroupNorm launch settings ``impl`` names, in force while the context is open (none: nothing)."""
+    knobs = split_impl(impl)[1]
+    if not knobs:
+        return contextlib.nullcontext()
+    from fastddpm.kernels.groupnorm_gelu import launch_settings as settings
+
+    return settings(**knobs)
 
 
 def grid(impls=IMPLS) -> list[dict]:
@@ -240,12 +289,14 @@ def fresh() -> None:
         torch.cuda.empty_cache()
 
 
-def run(benchmark, build: Callable[[], Case]) -> dict:
-    """Build a case, guard it, time it, and record everything in ``benchmark.extra_info``."""
+def run(benchmark, build: Callable[[], Case], impl: str = "") -> dict:
+    """Build a case, guard it, time it, and record everything in ``benchmark.extra_info``; with the
+    GroupNorm launch settings ``impl`` names (``split_impl``) in force from the build to the last timing."""
     fresh()
     precision = torch.get_float32_matmul_precision(), torch.backends.cudnn.allow_tf32
     try:
-        return _run(benchmark, build)
+        with launch_settings(impl):
+            return _run(benchmark, build)
     finally:  # no implementation may leave TF32 on for the cases after it
         torch.set_float32_matmul_precision(precision[0])
         torch.backends.cudnn.allow_tf32 = precision[1]
@@ -427,6 +478,10 @@ def extra_info(case: Case, median: Optional[float], probe_s: Optional[float], gu
         "compile_backend": os.environ.get("FASTDDPM_BENCH_COMPILE_BACKEND") or "inductor",
         "triton_interpret": os.environ.get("TRITON_INTERPRET") == "1",
     }
+    if split_impl(case.impl)[1]:  # every launch knob in force while it ran (run() holds them)
+        from fastddpm.kernels.groupnorm_gelu import current_launch_settings
+
+        info["launch_settings"] = current_launch_settings()
     return info
 
 

@@ -30,7 +30,11 @@
 # none,cudnn_benchmark,force_layout,cudagraphs: see bench/profile_step.py), FASTDDPM_BENCH_TRAIN_IMPLS
 # (the train stage's non-eager paths, default compiled,fast,compiled-graphs,fast-graphs: the last two
 # under CUDA graphs; compiled-graphs-nhwc and fast-graphs-nhwc train channels_last),
-# FASTDDPM_BENCH_BATCH_IMPLS (the batch stage's, default compiled), PYTHON (python3).
+# FASTDDPM_BENCH_BATCH_IMPLS (the batch stage's, default compiled), FASTDDPM_BENCH_SAMPLE_IMPLS (the
+# sample stage's engines, default compiled,fast,diffusers), PYTHON (python3). A Triton path in any of
+# these lists may carry GroupNorm launch settings, timed beside its defaults in the same stage:
+# FASTDDPM_BENCH_TRAIN_IMPLS=compiled-graphs,fast-graphs,fast-graphs@split=65536+tile=8192+persistent=2
+# (knobs: bench.tune_groupnorm's; FASTDDPM_GN_* variables, recorded with the command, change the defaults).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONPATH=".${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
@@ -138,7 +142,7 @@ if (( ${#inputs[@]} )); then
   knobs=""
   while IFS='=' read -r k v; do knobs+="$k=$(printf '%q' "$v") "; done \
     < <(env | grep -E '^(BENCH_|TRAIN_|BATCH_|SAMPLE_|KERNEL_|PROFILE_|TUNE_)' | sort
-        env | grep -E '^FASTDDPM_BENCH_(SIZE|COMPILE|TRAIN_IMPLS|BATCH_IMPLS)' | sort)
+        env | grep -E '^FASTDDPM_(BENCH_(SIZE|COMPILE|TRAIN_IMPLS|BATCH_IMPLS|SAMPLE_IMPLS)|GN_)' | sort)
   "$PY" -m bench.report "${inputs[@]}" --merge "$DEST/$NAME.json" --command "${knobs}bash bench/gpu.sh" \
     >"$DEST/report.md" 2>>"$LOG"
   cat "$DEST/report.md"

@@ -147,7 +147,9 @@ def profile_one(impl: str, dtype: str, layout: str, steps: int, knobs: str = "no
     C.fresh()
     set_knobs(knobs)
     with contextlib.ExitStack() as stack:
-        step, b = (training_step if workload == "train" else sampling_forward)(impl, dtype, layout, stack)
+        stack.enter_context(C.launch_settings(impl))  # "fast@tile=8192": the kernels' launch knobs
+        step, b = (training_step if workload == "train" else sampling_forward)(C.split_impl(impl)[0], dtype,
+                                                                                  layout, stack)
         for _ in range(3):  # compilation, autotuning, allocator
             step()
         sec = step_seconds(step, steps)
@@ -189,7 +191,8 @@ def main(argv=None) -> int:
     p.add_argument("--workload", default="train", choices=WORKLOADS,
                    help="train: one training step; sample: one network call of the sampling chain")
     p.add_argument("--impls", default="eager,compiled,fast", type=split,
-                   help=f"train: the train bench's paths; sample: the engines {', '.join(SAMPLE_IMPLS)}")
+                   help=f"train: the train bench's paths; sample: the engines {', '.join(SAMPLE_IMPLS)}; a Triton "
+                        "path may carry GroupNorm launch settings, e.g. fast@tile=8192+persistent=2")
     p.add_argument("--dtype", default="bf16", choices=list(C.DTYPES))
     p.add_argument("--layouts", default="nchw,nhwc", type=split)
     p.add_argument("--knobs", default="none", type=split,
@@ -199,19 +202,22 @@ def main(argv=None) -> int:
     p.add_argument("--top", default=12, type=int)
     p.add_argument("--json", help="write every row (all kernels) here, with the device, versions and commit")
     a = p.parse_args(argv)
-    from bench.test_train_step import PATHS
+    from bench.test_train_step import PATHS, TRITON_PATHS
 
     # the layout is this tool's own axis (--layouts): the bench's -nhwc paths would contradict it
-    if any(PATHS.get(v) and PATHS[v].channels_last for v in a.impls):
+    bases = [v.partition("@")[0] for v in a.impls]
+    if any(PATHS.get(v) and PATHS[v].channels_last for v in bases):
         p.error(f"--impls {','.join(a.impls)}: this tool has its own layout axis: name the path without "
                 f"-nhwc and add --layouts nhwc")
-    impls = [i for i, path in PATHS.items() if not path.channels_last] if a.workload == "train" else SAMPLE_IMPLS
-    bad = [v for v in a.impls if v not in impls] + \
-        [v for v in a.layouts if v not in ("nchw", "nhwc")] + \
+    impls, triton = ([i for i, path in PATHS.items() if not path.channels_last], TRITON_PATHS) \
+        if a.workload == "train" else (SAMPLE_IMPLS, ("fast",))
+    error = next((e for v in a.impls if (e := C.impl_error(v, impls, triton))), None)  # a path@launch settings
+    if error:
+        p.error(f"--impls: {error}")
+    bad = [v for v in a.layouts if v not in ("nchw", "nhwc")] + \
         [k for v in a.knobs if v != "none" for k in v.split("+") if k not in KNOBS]
     if bad:
-        p.error(f"unknown implementation, layout or knob {bad[0]!r}: impls {', '.join(impls)}; layouts nchw, nhwc; "
-                f"knobs none, {', '.join(KNOBS)}")
+        p.error(f"unknown layout or knob {bad[0]!r}: layouts nchw, nhwc; knobs none, {', '.join(KNOBS)}")
     command = " ".join(["python -m bench.profile_step", *(argv if argv is not None else sys.argv[1:])])
     rows = []
     try:

@@ -246,6 +246,31 @@ def kernel_section(entries) -> str:
          "fast GB/s", "roofline fast", "roofline compiled"], rows)
 
 
+def settings_section(entries) -> str:
+    """The paths timed with GroupNorm launch settings (``path@knob=value+...``, bench.common.split_impl),
+    each beside the same path on the defaults and the compiled path it would have to beat (for a
+    graphed training path, the faster compiled-graphs layout measured). The targets and ``auto`` read
+    only the defaults: a setting that wins here has to become the default first."""
+    rows = []
+    for workload, fields, unit in (("train_step", ("batch", "preset", "dtype"), "images/s"),
+                                   ("sampling", ("batch", "steps", "dtype"), "image-steps/s")):
+        for values, d in groups(entries, workload, fields).items():
+            for impl, i in d.items():
+                base = impl.partition("@")[0]
+                if base == impl:
+                    continue
+                rival = best(d, GRAPHED_COMPILED) if base in GRAPHED else "compiled"
+                ips = i.get("items_per_s")
+                rows.append([workload, values[-1], values[0], f"`{impl}`", f"{num(ips)} {unit}",
+                             ratio(ips, (d.get(base) or {}).get("items_per_s")) + f" ({base})",
+                             ratio(ips, (d.get(rival) or {}).get("items_per_s")) + f" ({rival})" if rival else "—"])
+    if not rows:
+        return ""
+    return "## GroupNorm launch settings in the whole step\n\n" + table(
+        ["workload", "dtype", "batch", "path@settings", "rate", "vs its defaults", "vs compiled"], rows) + \
+        "\n\nThe targets and `auto` read the defaults only: a setting that wins here becomes the default first."
+
+
 # The headline sizes of bench.common.SIZES["gpu"]: a target is read at these, not at a batch sweep's.
 HEADLINE_BATCH = {"train_step": 256, "sampling": 2560}
 GN_TARGET_SHAPES = ([256, 64, 32, 32], [256, 128, 16, 16])
@@ -378,7 +403,8 @@ def render(entries, header=None, source: str | None = None) -> str:
     if not entries:
         return "# fastddpm benchmarks\n\nNo results.\n"
     parts = [header_text(entries, header or {}), train_section(entries), sample_section(entries),
-             kernel_section(entries), targets_section(entries), auto_section(entries, source)]
+             settings_section(entries), kernel_section(entries), targets_section(entries),
+             auto_section(entries, source)]
     guards = [e["extra_info"] for e in entries if e["extra_info"].get("guard", {}).get("metric") not in
               (None, "reference")]
     parts.append(f"Every non-eager figure passed its guard against eager ({len(guards)} checks; each result's "

@@ -35,7 +35,7 @@ def main(argv=None) -> int:
                 continue
             timer = common.Timer(name)
             try:
-                common.run(timer, lambda: mod.build(**params))
+                common.run(timer, lambda: mod.build(**params), impl=params.get("impl", ""))
             except common.Unavailable as e:
                 skipped.append(name)
                 print(f"SKIP {name}: {e.reason}", flush=True)

@@ -9,7 +9,11 @@ import torch
 
 from bench import common as C
 
-CASES = C.grid(C.IMPLS + ("diffusers",))
+# FASTDDPM_BENCH_SAMPLE_IMPLS picks the non-eager engines (default: compiled, fast, diffusers); the fast
+# engine may carry GroupNorm launch settings, e.g. "fast@tile=8192+persistent=2" (C.split_impl).
+IMPLS = C.impls_from_env("FASTDDPM_BENCH_SAMPLE_IMPLS", ("compiled", "fast", "diffusers"),
+                         ("compiled", "fast", "diffusers"), ("fast",))
+CASES = C.grid(("eager",) + IMPLS)
 
 
 def network():
@@ -55,11 +59,12 @@ def diffusers_loop(net, dtype, steps):
 def build(dtype, impl):
     b, steps, probe_steps = C.S["sample_batch"], C.S["sample_steps"], C.S["sample_probe_steps"]
     net = network()
-    if impl == "diffusers":
+    engine = C.split_impl(impl)[0]  # its launch settings are in force around the whole case (C.run)
+    if engine == "diffusers":
         fn, probe = diffusers_loop(net, dtype, steps), diffusers_loop(net, dtype, probe_steps)
     else:
-        fn, probe = ours(net, dtype, impl, steps), ours(net, dtype, impl, probe_steps)
-    noise = "philox" if impl == "fast" else "torch"
+        fn, probe = ours(net, dtype, engine, steps), ours(net, dtype, engine, probe_steps)
+    noise = "philox" if engine == "fast" else "torch"
 
     def eager_images():
         return ours(network(), dtype, "eager", steps, noise=noise)()
@@ -82,4 +87,4 @@ def build(dtype, impl):
 
 @pytest.mark.parametrize("params", CASES, ids=C.case_id)
 def test_sampling(benchmark, params):
-    C.run(benchmark, lambda: build(**params))
+    C.run(benchmark, lambda: build(**params), impl=params["impl"])

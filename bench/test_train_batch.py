@@ -4,18 +4,17 @@ report shows where the GPU saturates (images/s and MFU stop rising). The eager s
 run first (nothing to compile), then each compiled path from the smallest batch up, so a run cut
 short by its cap still has the curve's start. A batch the device cannot hold is reported as out of
 memory (a skip), not a crash. FASTDDPM_BENCH_BATCH_IMPLS picks the non-eager paths (default:
-compiled, the training default on CUDA); FASTDDPM_BENCH_DTYPES the dtypes (default bf16 only).
+compiled, the training default on CUDA; launch settings as in the train bench); FASTDDPM_BENCH_DTYPES
+the dtypes (default bf16 only).
 """
 import os
 
 import pytest
 
 from bench import common as C
-from bench.test_train_step import PATHS, build
+from bench.test_train_step import PATHS, TRITON_PATHS, build
 
-IMPLS = tuple(i for i in os.environ.get("FASTDDPM_BENCH_BATCH_IMPLS", "compiled").split(",") if i)
-if not set(IMPLS) <= set(PATHS) - {"eager"}:
-    raise SystemExit(f"FASTDDPM_BENCH_BATCH_IMPLS={','.join(IMPLS)}: choose from {', '.join(list(PATHS)[1:])}")
+IMPLS = C.impls_from_env("FASTDDPM_BENCH_BATCH_IMPLS", ("compiled",), list(PATHS)[1:], TRITON_PATHS)
 
 # bf16 unless FASTDDPM_BENCH_DTYPES says otherwise: the headline module covers every dtype at batch 256
 DTYPES = C.DTYPE_ORDER if os.environ.get("FASTDDPM_BENCH_DTYPES") else ("bf16",)
@@ -25,4 +24,4 @@ CASES = [dict(dtype=d, impl="eager", batch=b) for d in DTYPES for b in C.S["trai
 
 @pytest.mark.parametrize("params", CASES, ids=C.case_id)
 def test_train_batch(benchmark, params):
-    C.run(benchmark, lambda: build(**params))
+    C.run(benchmark, lambda: build(**params), impl=params["impl"])

@@ -8,8 +8,9 @@ convolutions should need none of the NCHW<->NHWC transposes that took 3.0 of 13.
 (not yet measured: under torch.compile's own GroupNorm the NHWC step kept its layout copies).
 Guard: the first step's loss and gradients against eager's (NCHW), from the same weights, t and noise
 (Trainer seeds all of them from cfg.seed). FASTDDPM_BENCH_TRAIN_IMPLS picks the non-eager paths
-(default: compiled, fast, compiled-graphs, fast-graphs)."""
-import os
+(default: compiled, fast, compiled-graphs, fast-graphs); a Triton path may carry GroupNorm launch
+settings, e.g. ``fast-graphs-nhwc@tile=8192+persistent=2`` (``bench.common.split_impl``), timed and
+guarded like the path itself."""
 import shutil
 import tempfile
 from typing import NamedTuple
@@ -34,11 +35,11 @@ PATHS = {"eager": Path("torch", False, "default"), "compiled": Path("torch", Tru
          "fast-graphs-nhwc": Path("triton", True, "reduce-overhead", True)}
 GRAPHED = tuple(i for i, path in PATHS.items() if path.mode == "reduce-overhead")
 DEFAULT_IMPLS = ("compiled", "fast", "compiled-graphs", "fast-graphs")  # what fits gpu.sh's train cap
-IMPLS = tuple(i for i in os.environ.get("FASTDDPM_BENCH_TRAIN_IMPLS", ",".join(DEFAULT_IMPLS)).split(",") if i)
-if not set(IMPLS) <= set(PATHS) - {"eager"}:
-    raise SystemExit(f"FASTDDPM_BENCH_TRAIN_IMPLS={','.join(IMPLS)}: choose from {', '.join(list(PATHS)[1:])}")
+TRITON_PATHS = tuple(i for i, path in PATHS.items() if path.kernels == "triton")
+# A path may carry GroupNorm launch settings, "fast-graphs-nhwc@tile=8192+persistent=2" (C.split_impl).
+IMPLS = C.impls_from_env("FASTDDPM_BENCH_TRAIN_IMPLS", DEFAULT_IMPLS, list(PATHS)[1:], TRITON_PATHS)
 # CUDA graphs exist only on CUDA: elsewhere the graphed paths are not cases at all (not skips)
-CASES = C.grid(("eager",) + tuple(i for i in IMPLS if C.CUDA or i not in GRAPHED))
+CASES = C.grid(("eager",) + tuple(i for i in IMPLS if C.CUDA or C.split_impl(i)[0] not in GRAPHED))
 
 
 def trainer(dtype, impl, channels_last=None, batch=None):
@@ -46,7 +47,7 @@ def trainer(dtype, impl, channels_last=None, batch=None):
     from fastddpm.config import TrainConfig
     from fastddpm.train import Trainer
 
-    path = PATHS[impl]
+    path = PATHS[C.split_impl(impl)[0]]  # its launch settings are the caller's (C.run) to put in force
     b = batch or C.S["train_batch"]
     cfg = TrainConfig(data="shapes", preset=C.S["preset"], dtype=dtype, batch_size=b, train_size=b, val_size=0,
                       n_samples=0, compile=path.compile, compile_mode=path.mode, kernels=path.kernels,
@@ -86,7 +87,7 @@ def build(dtype, impl, batch=None):
     else:
         def check():
             ref_loss, ref_grads = C.reference(key, lambda: first_step(trainer(dtype, "eager", batch=b), x0))
-            loss, grads = first_step(tr, x0, warm_up=impl in GRAPHED)
+            loss, grads = first_step(tr, x0, warm_up=C.split_impl(impl)[0] in GRAPHED)
             tol_loss, tol_grad = C.TOL[dtype]
             out = C.guard(f"loss vs eager ({dtype})", C.rel(loss, ref_loss), tol_loss)
             # fp16: the scaler's first scale overflows some gradients (a skipped step, in both paths)
@@ -104,4 +105,4 @@ def build(dtype, impl, batch=None):
 
 @pytest.mark.parametrize("params", CASES, ids=C.case_id)
 def test_train_step(benchmark, params):
-    C.run(benchmark, lambda: build(**params))
+    C.run(benchmark, lambda: build(**params), impl=params["impl"])

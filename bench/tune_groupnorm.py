@@ -2,7 +2,8 @@
 U-Net's shapes and print, per shape and variant, the best setting next to the default and to
 ``torch.compile`` (Inductor's own fusion, the bar to beat).
 
-The swept knobs are module attributes of ``fastddpm.kernels.groupnorm_gelu``: ``_LANE_ACCUMULATE``
+The swept knobs are ``fastddpm.kernels.groupnorm_gelu.LAUNCH_KNOBS``, set through its
+``launch_settings()`` (the same names as a bench path's ``@knob=value`` settings): ``_LANE_ACCUMULATE``
 (per-lane accumulators vs a block reduction per tile), ``_TILE`` (elements per loaded tile),
 ``_TARGET_PROGRAMS`` (how finely a large group is split), ``_ELEMS_PER_THREAD`` (sets num_warps) and
 ``SPLIT_THRESHOLD`` (groups up to this many elements get one program, whose second pass over its
@@ -11,7 +12,9 @@ and ``RESIDENT_MAX`` (groups whose padded tile holds up to this many elements, 1
 loaded once into one program's registers: the compulsory traffic; 0 = off). With it on, the other
 knobs still set the paths of the larger groups, and "threads" the resident program's warps.
 ``_LANE_BWD_CHANNELS_LAST`` (the backward's reduction pass over a channels_last group accumulates per
-lane) matters only with ``--layouts nhwc``, which makes every input channels_last.
+lane) matters only with ``--layouts nhwc``, which makes every input channels_last. ``PERSISTENT``
+(``--persistent``: k programs per SM, each looping over (sample, group) rows, 0 = a program per row)
+bounds the groups in flight, so that a program's second pass over its group can find it in L2.
 Each setting is built, guarded against eager and timed exactly as the kernel bench does
 (``bench.test_kernels.gn_case``: CUDA-graph replays over inputs larger than L2). On the CPU it runs
 at the smoke size through Triton's interpreter, which proves only that it runs.
@@ -25,6 +28,8 @@ at the smoke size through Triton's interpreter, which proves only that it runs.
     python -m bench.tune_groupnorm --variants fwd --batch 2560 --programs 528,2112,8448   # sampling's batch
     python -m bench.tune_groupnorm --variants fwd+bwd --layouts nchw,nhwc --lane 0 --tile 2048 \
         --programs 528 --threads 8 --lane-bwd-nhwc 0,1   # channels_last inputs: the backward's reduction
+    python -m bench.tune_groupnorm --lane 0 --tile 2048,8192 --programs 528 --threads 8 --split 65536 \
+        --persistent 0,1,2   # one program per group, its second pass from L2 (the groups in flight bounded)
 """
 from __future__ import annotations
 
@@ -34,10 +39,6 @@ import sys
 import time
 
 from bench import common as C
-
-KNOBS = {"lane": "_LANE_ACCUMULATE", "tile": "_TILE", "programs": "_TARGET_PROGRAMS", "threads": "_ELEMS_PER_THREAD",
-         "split": "SPLIT_THRESHOLD", "resident": "RESIDENT_MAX", "lane_bwd_nhwc": "_LANE_BWD_CHANNELS_LAST"}
-
 
 def ints(text: str) -> list[int]:
     return [int(v) for v in text.split(",") if v]
@@ -68,11 +69,14 @@ def save(args, rows: list[dict]) -> None:
 def sweep(args) -> list[dict]:
     from fastddpm.kernels import groupnorm_gelu as gng
 
-    grid = [dict(zip(KNOBS, values)) for values in
-            itertools.product([bool(v) for v in args.lane], args.tile, args.programs, args.threads,
-                              args.split or [gng.SPLIT_THRESHOLD], args.resident or [gng.RESIDENT_MAX],
-                              [bool(v) for v in args.lane_bwd_nhwc or [gng._LANE_BWD_CHANNELS_LAST]])]
-    default = {k: getattr(gng, attr) for k, attr in KNOBS.items()}
+    default = gng.current_launch_settings()
+    axes = {"lane": args.lane, "tile": args.tile, "programs": args.programs, "threads": args.threads,
+            "split": args.split, "resident": args.resident, "lane_bwd_nhwc": args.lane_bwd_nhwc,
+            "persistent": args.persistent}
+    assert set(axes) == set(gng.LAUNCH_KNOBS), "a launch knob without a sweep axis"
+    # each knob's values as launch_settings takes them (bools for the switches), its default if not swept
+    values = [[gng.launch_knob(k, v) for v in axes[k]] if axes[k] else [default[k]] for k in axes]
+    grid = [dict(zip(axes, combo)) for combo in itertools.product(*values)]
     rows = []
     for layout in args.layouts:
         # the channels_last knob changes nothing in NCHW: its default there, not repeated rows
@@ -85,14 +89,9 @@ def sweep(args) -> list[dict]:
                 rows.append({**base, "impl": "compiled",
                              **time_case(variant, shape, args.dtype, "compiled", args.rounds, layout)})
                 for knobs in knob_grid:
-                    for k, v in knobs.items():
-                        setattr(gng, KNOBS[k], v)
-                    try:
+                    with gng.launch_settings(**knobs):
                         rows.append({**base, "impl": "fast", "knobs": knobs, "default": knobs == default,
                                      **time_case(variant, shape, args.dtype, "fast", args.rounds, layout)})
-                    finally:
-                        for k, v in default.items():
-                            setattr(gng, KNOBS[k], v)
                     print(f"{layout} {variant} {shape} {knobs}: {rows[-1]['us']:.1f} µs", file=sys.stderr, flush=True)
                     save(args, rows)
     return rows
@@ -127,6 +126,8 @@ def main(argv=None) -> int:
     p.add_argument("--split", type=ints, help="largest group given one program (default: the kernel's own)")
     p.add_argument("--resident", type=ints,
                    help="largest padded tile loaded once, 0 = off (default: the kernel's own)")
+    p.add_argument("--persistent", type=ints,
+                   help="programs per SM looping over rows, 0 = a program per row (default: the kernel's own)")
     p.add_argument("--lane-bwd-nhwc", default=None, type=ints,
                    help="the backward's per-lane accumulation over channels_last groups off/on (default: the "
                         "kernel's own); swept in the nhwc layout only; with --lane 1 it is on whatever this says")

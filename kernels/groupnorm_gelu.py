@@ -20,11 +20,20 @@ M2 merged with Chan et al.'s formula, as stable as Welford but made of plain ``t
 kernel combines. Small groups keep one fused program. Weight/bias gradients are per-program partial
 sums reduced by ``torch.sum``: deterministic, no atomics.
 
+Every split kernel loops over the (sample, group) rows its program id strides to: once each with the
+default grid, several with ``PERSISTENT`` programs per SM, which bounds the groups in flight. The
+launch knobs are module settings read at each launch; ``launch_settings(**knobs)`` sets them by the
+names of ``LAUNCH_KNOBS`` for a block (the bench's sweep and its ``path@knob=value`` cases use it).
+
 Registered with ``torch.library.custom_op`` (+ fake + autograd) so ``torch.compile(fullgraph=True)``
-traces through it.
+traces through it, tagged ``flexible_layout``: Inductor may hand it channels_last activations as they
+are (its layout optimisation of inference graphs), where by default it would copy them back to the
+eager trace's NCHW strides first.
 """
 from __future__ import annotations
 
+import contextlib
+import functools
 import math
 import os
 from typing import NamedTuple, Optional
@@ -33,16 +42,24 @@ import torch
 import triton
 import triton.language as tl
 
-__all__ = ["group_norm_gelu", "group_norm_gelu_fwd", "group_norm_gelu_bwd"]
+__all__ = ["group_norm_gelu", "group_norm_gelu_fwd", "group_norm_gelu_bwd", "LAUNCH_KNOBS", "launch_settings",
+           "parse_launch_settings", "current_launch_settings", "launch_knob"]
 
 # Groups of at most this many elements are handled by one program (stats + apply fused).
 SPLIT_THRESHOLD = int(os.environ.get("FASTDDPM_GN_SPLIT_THRESHOLD", 4096))
 # Elements per program on the split path; 0 = derive from _TARGET_PROGRAMS. Tests set it small.
 ELEMS_PER_PROGRAM = int(os.environ.get("FASTDDPM_GN_ELEMS_PER_PROGRAM", 0))
-_TARGET_PROGRAMS = 528  # ~4 programs per SM on an H100 (132 SMs): enough to fill it at batch 1
+_TARGET_PROGRAMS = int(os.environ.get("FASTDDPM_GN_TARGET_PROGRAMS", 528))  # ~4 per SM of an H100 (132)
 _MIN_ELEMS_PER_PROGRAM = 1024
-_TILE = 2048  # elements per loaded tile (fp32: 8 KiB in registers)
-_ELEMS_PER_THREAD = 8  # sets num_warps from the tile size
+_TILE = int(os.environ.get("FASTDDPM_GN_TILE", 2048))  # elements per loaded tile (fp32: 8 KiB in registers)
+_ELEMS_PER_THREAD = int(os.environ.get("FASTDDPM_GN_ELEMS_PER_THREAD", 8))  # sets num_warps from the tile size
+# Persistent rows: 0 = a program per (sample, group) row (times the split programs); k > 0 = k programs
+# per SM (k in all on the CPU, where the interpreter runs them), each looping over rows. A program that
+# takes both passes over its group (one program per group: SPLIT_THRESHOLD) finds the group in L2 on
+# the second pass only if the groups in flight fit there: 64x32x32 bf16 is 128 KiB, so 2 programs on
+# each of 132 SMs hold 34 MB of a 50 MB L2, where the 2,560 groups of a sampling call are otherwise
+# scheduled as densely as occupancy allows. Unmeasured on a GPU so far.
+PERSISTENT = int(os.environ.get("FASTDDPM_GN_PERSISTENT", 0))
 # Reductions: False = each tile reduced across the block as it is loaded (Chan merge per tile; what
 # the H200 run of 2026-11-26 measured); True = per-lane accumulators (Welford per lane) reduced once
 # per rectangle, so the loop carries no block-wide reduction. Unmeasured on a GPU so far.
@@ -59,7 +76,7 @@ _LANE_BWD_CHANNELS_LAST = os.environ.get("FASTDDPM_GN_LANE_BWD_CHANNELS_LAST", "
 # about five alive (x, dy, residual, du, x_hat) in a 64-register budget, so it spills beyond.
 RESIDENT_MAX = int(os.environ.get("FASTDDPM_GN_RESIDENT_MAX", 0))
 _RESIDENT_LIMIT = 16384
-# (bench/tune_groupnorm.py sweeps these launch parameters on a GPU by setting them on this module.)
+# (bench/tune_groupnorm.py sweeps these launch knobs on a GPU through launch_settings(); see LAUNCH_KNOBS.)
 _LOG_10000 = math.log(10000.0)
 
 
@@ -283,105 +300,107 @@ def _rect_bwd_dx(DY, X, R, W, B, DX, base, c_off, c_lo, c_hi, h_lo, h_hi, stride
 # kernels: grid (N * G, S); axis 0 is the (sample, group) row, axis 1 the split program
 # --------------------------------------------------------------------------------------------------
 @triton.jit
-def _gn_stats_kernel(X, PART, G, C, Cg, HW, stride_n, stride_c, stride_hw, C_CHUNK, HW_CHUNK, HW_SPLIT, S,
+def _gn_stats_kernel(X, PART, ROWS, G, C, Cg, HW, stride_n, stride_c, stride_hw, C_CHUNK, HW_CHUNK, HW_SPLIT, S,
                      BLOCK_C: tl.constexpr, BLOCK_HW: tl.constexpr, LANE: tl.constexpr):
-    """Split path, pass 1: partial (count, mean, M2) of one sub-rectangle."""
-    row = tl.program_id(0)
+    """Split path, pass 1: partial (count, mean, M2) of one sub-rectangle per row."""
     pid = tl.program_id(1)
-    n = row // G
-    base = n.to(tl.int64) * stride_n + (row % G) * Cg * stride_c
     c_lo, c_hi, h_lo, h_hi = _rect(pid, Cg, HW, C_CHUNK, HW_CHUNK, HW_SPLIT)
-    count, mean, m2 = _rect_stats(X, base, c_lo, c_hi, h_lo, h_hi, stride_c, stride_hw, BLOCK_C, BLOCK_HW, LANE)
-    p = PART + (row * S + pid) * 3
-    tl.store(p, count)
-    tl.store(p + 1, mean)
-    tl.store(p + 2, m2)
+    for row in range(tl.program_id(0), ROWS, tl.num_programs(0)):
+        n = row // G
+        base = n.to(tl.int64) * stride_n + (row % G) * Cg * stride_c
+        count, mean, m2 = _rect_stats(X, base, c_lo, c_hi, h_lo, h_hi, stride_c, stride_hw, BLOCK_C, BLOCK_HW,
+                                      LANE)
+        p = PART + (row * S + pid) * 3
+        tl.store(p, count)
+        tl.store(p + 1, mean)
+        tl.store(p + 2, m2)
 
 
 @triton.jit
-def _gn_fwd_kernel(X, R, T, W, B, Y, MEAN, RSTD, PART, G, C, Cg, HW, stride_n, stride_c, stride_hw,
+def _gn_fwd_kernel(X, R, T, W, B, Y, MEAN, RSTD, PART, ROWS, G, C, Cg, HW, stride_n, stride_c, stride_hw,
                    C_CHUNK, HW_CHUNK, HW_SPLIT, S, eps, neg_log_over_c,
                    SINGLE: tl.constexpr, HAS_RESIDUAL: tl.constexpr, HAS_T: tl.constexpr,
                    GELU: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_HW: tl.constexpr,
                    BLOCK_S: tl.constexpr, LANE: tl.constexpr):
-    """Normalise and apply one sub-rectangle. SINGLE: one program per group computes the stats
-    itself; otherwise it combines the S partials left by ``_gn_stats_kernel``."""
-    row = tl.program_id(0)
+    """Normalise and apply one sub-rectangle per row. SINGLE: one program per group computes the
+    stats itself; otherwise it combines the S partials left by ``_gn_stats_kernel``."""
     pid = tl.program_id(1)
-    n = row // G
-    c_off = (row % G) * Cg
-    base = n.to(tl.int64) * stride_n
-    if SINGLE:
-        count, mean, m2 = _rect_stats(X, base + c_off * stride_c, 0, Cg, 0, HW, stride_c, stride_hw,
-                                      BLOCK_C, BLOCK_HW, LANE)
-        var = m2 / count
-    else:
-        s = tl.arange(0, BLOCK_S)
-        smask = s < S
-        p = PART + (row * S + s) * 3
-        cnt = tl.load(p, mask=smask, other=0.0)
-        mu = tl.load(p + 1, mask=smask, other=0.0)
-        total = tl.sum(cnt)
-        mean = tl.sum(cnt * mu) / total
-        d = mu - mean
-        var = (tl.sum(tl.load(p + 2, mask=smask, other=0.0)) + tl.sum(cnt * d * d)) / total
-    rstd = 1.0 / tl.sqrt(var + eps)
-    if pid == 0:
-        tl.store(MEAN + row, mean)
-        tl.store(RSTD + row, rstd)
     c_lo, c_hi, h_lo, h_hi = _rect(pid, Cg, HW, C_CHUNK, HW_CHUNK, HW_SPLIT)
-    _rect_apply(X, R, T, W, B, Y, base + c_off * stride_c, n, c_off, c_lo, c_hi, h_lo, h_hi,
-                stride_c, stride_hw, mean, rstd, neg_log_over_c,
-                HAS_RESIDUAL, HAS_T, GELU, BLOCK_C, BLOCK_HW)
+    for row in range(tl.program_id(0), ROWS, tl.num_programs(0)):
+        n = row // G
+        c_off = (row % G) * Cg
+        base = n.to(tl.int64) * stride_n
+        if SINGLE:
+            count, mean, m2 = _rect_stats(X, base + c_off * stride_c, 0, Cg, 0, HW, stride_c, stride_hw,
+                                          BLOCK_C, BLOCK_HW, LANE)
+            var = m2 / count
+        else:
+            s = tl.arange(0, BLOCK_S)
+            smask = s < S
+            p = PART + (row * S + s) * 3
+            cnt = tl.load(p, mask=smask, other=0.0)
+            mu = tl.load(p + 1, mask=smask, other=0.0)
+            total = tl.sum(cnt)
+            mean = tl.sum(cnt * mu) / total
+            d = mu - mean
+            var = (tl.sum(tl.load(p + 2, mask=smask, other=0.0)) + tl.sum(cnt * d * d)) / total
+        rstd = 1.0 / tl.sqrt(var + eps)
+        if pid == 0:
+            tl.store(MEAN + row, mean)
+            tl.store(RSTD + row, rstd)
+        _rect_apply(X, R, T, W, B, Y, base + c_off * stride_c, n, c_off, c_lo, c_hi, h_lo, h_hi,
+                    stride_c, stride_hw, mean, rstd, neg_log_over_c,
+                    HAS_RESIDUAL, HAS_T, GELU, BLOCK_C, BLOCK_HW)
 
 
 @triton.jit
-def _gn_bwd_reduce_kernel(DY, X, R, DR, W, B, MEAN, RSTD, PDW, PDB, PART, G, C, Cg, HW,
+def _gn_bwd_reduce_kernel(DY, X, R, DR, W, B, MEAN, RSTD, PDW, PDB, PART, ROWS, G, C, Cg, HW,
                           stride_n, stride_c, stride_hw, C_CHUNK, HW_CHUNK, HW_SPLIT, S,
                           HAS_RESIDUAL: tl.constexpr, GELU: tl.constexpr,
                           BLOCK_C: tl.constexpr, BLOCK_HW: tl.constexpr, LANE: tl.constexpr):
-    """Split path, pass 1: d_residual, dw/db partials and the partial group sums for dx."""
-    row = tl.program_id(0)
+    """Split path, pass 1: d_residual, dw/db partials and the partial group sums for dx, per row."""
     pid = tl.program_id(1)
-    n = row // G
-    c_off = (row % G) * Cg
-    base = n.to(tl.int64) * stride_n + c_off * stride_c
     c_lo, c_hi, h_lo, h_hi = _rect(pid, Cg, HW, C_CHUNK, HW_CHUNK, HW_SPLIT)
-    pd_row = (n * HW_SPLIT + pid % HW_SPLIT) * C
-    s1, s2 = _rect_bwd_reduce(DY, X, R, DR, W, B, PDW, PDB, base, pd_row, c_off, c_lo, c_hi, h_lo, h_hi,
-                              stride_c, stride_hw, tl.load(MEAN + row), tl.load(RSTD + row),
-                              HAS_RESIDUAL, GELU, BLOCK_C, BLOCK_HW, LANE)
-    tl.store(PART + (row * S + pid) * 2, s1)
-    tl.store(PART + (row * S + pid) * 2 + 1, s2)
+    for row in range(tl.program_id(0), ROWS, tl.num_programs(0)):
+        n = row // G
+        c_off = (row % G) * Cg
+        base = n.to(tl.int64) * stride_n + c_off * stride_c
+        pd_row = (n * HW_SPLIT + pid % HW_SPLIT) * C
+        s1, s2 = _rect_bwd_reduce(DY, X, R, DR, W, B, PDW, PDB, base, pd_row, c_off, c_lo, c_hi, h_lo, h_hi,
+                                  stride_c, stride_hw, tl.load(MEAN + row), tl.load(RSTD + row),
+                                  HAS_RESIDUAL, GELU, BLOCK_C, BLOCK_HW, LANE)
+        tl.store(PART + (row * S + pid) * 2, s1)
+        tl.store(PART + (row * S + pid) * 2 + 1, s2)
 
 
 @triton.jit
-def _gn_bwd_dx_kernel(DY, X, R, DR, W, B, MEAN, RSTD, PDW, PDB, PART, DX, G, C, Cg, HW,
+def _gn_bwd_dx_kernel(DY, X, R, DR, W, B, MEAN, RSTD, PDW, PDB, PART, DX, ROWS, G, C, Cg, HW,
                       stride_n, stride_c, stride_hw, C_CHUNK, HW_CHUNK, HW_SPLIT, S,
                       SINGLE: tl.constexpr, HAS_RESIDUAL: tl.constexpr, GELU: tl.constexpr,
                       BLOCK_C: tl.constexpr, BLOCK_HW: tl.constexpr, BLOCK_S: tl.constexpr,
                       LANE: tl.constexpr):
-    """dx of one sub-rectangle. SINGLE: one program per group also does the reduction pass;
-    otherwise it sums the S partials left by ``_gn_bwd_reduce_kernel``."""
-    row = tl.program_id(0)
+    """dx of one sub-rectangle per row. SINGLE: one program per group also does the reduction
+    pass; otherwise it sums the S partials left by ``_gn_bwd_reduce_kernel``."""
     pid = tl.program_id(1)
-    n = row // G
-    c_off = (row % G) * Cg
-    base = n.to(tl.int64) * stride_n + c_off * stride_c
-    mean = tl.load(MEAN + row)
-    rstd = tl.load(RSTD + row)
-    if SINGLE:
-        s1, s2 = _rect_bwd_reduce(DY, X, R, DR, W, B, PDW, PDB, base, n * C, c_off, 0, Cg, 0, HW,
-                                  stride_c, stride_hw, mean, rstd, HAS_RESIDUAL, GELU, BLOCK_C, BLOCK_HW, LANE)
-    else:
-        s = tl.arange(0, BLOCK_S)
-        p = PART + (row * S + s) * 2
-        s1 = tl.sum(tl.load(p, mask=s < S, other=0.0))
-        s2 = tl.sum(tl.load(p + 1, mask=s < S, other=0.0))
-    inv_m = 1.0 / (Cg * HW * 1.0)
     c_lo, c_hi, h_lo, h_hi = _rect(pid, Cg, HW, C_CHUNK, HW_CHUNK, HW_SPLIT)
-    _rect_bwd_dx(DY, X, R, W, B, DX, base, c_off, c_lo, c_hi, h_lo, h_hi, stride_c, stride_hw,
-                 mean, rstd, s1 * inv_m, s2 * inv_m, HAS_RESIDUAL, GELU, BLOCK_C, BLOCK_HW)
+    inv_m = 1.0 / (Cg * HW * 1.0)
+    for row in range(tl.program_id(0), ROWS, tl.num_programs(0)):
+        n = row // G
+        c_off = (row % G) * Cg
+        base = n.to(tl.int64) * stride_n + c_off * stride_c
+        mean = tl.load(MEAN + row)
+        rstd = tl.load(RSTD + row)
+        if SINGLE:
+            s1, s2 = _rect_bwd_reduce(DY, X, R, DR, W, B, PDW, PDB, base, n * C, c_off, 0, Cg, 0, HW,
+                                      stride_c, stride_hw, mean, rstd, HAS_RESIDUAL, GELU, BLOCK_C, BLOCK_HW,
+                                      LANE)
+        else:
+            s = tl.arange(0, BLOCK_S)
+            p = PART + (row * S + s) * 2
+            s1 = tl.sum(tl.load(p, mask=s < S, other=0.0))
+            s2 = tl.sum(tl.load(p + 1, mask=s < S, other=0.0))
+        _rect_bwd_dx(DY, X, R, W, B, DX, base, c_off, c_lo, c_hi, h_lo, h_hi, stride_c, stride_hw,
+                     mean, rstd, s1 * inv_m, s2 * inv_m, HAS_RESIDUAL, GELU, BLOCK_C, BLOCK_HW)
 
 
 @triton.jit
@@ -441,6 +460,69 @@ def _gn_bwd_resident_kernel(DY, X, R, DR, W, B, MEAN, RSTD, PDW, PDB, DX, G, C, 
 # --------------------------------------------------------------------------------------------------
 # host side
 # --------------------------------------------------------------------------------------------------
+# The launch knobs by the names the bench and its sweep use: (module attribute, type).
+LAUNCH_KNOBS = {"lane": ("_LANE_ACCUMULATE", bool), "tile": ("_TILE", int), "programs": ("_TARGET_PROGRAMS", int),
+                "threads": ("_ELEMS_PER_THREAD", int), "split": ("SPLIT_THRESHOLD", int),
+                "resident": ("RESIDENT_MAX", int), "lane_bwd_nhwc": ("_LANE_BWD_CHANNELS_LAST", bool),
+                "persistent": ("PERSISTENT", int)}
+
+
+def launch_knob(name: str, value):
+    """``value`` as the knob's type, or a ValueError naming the knob, the value and what is allowed."""
+    if name not in LAUNCH_KNOBS:
+        raise ValueError(f"unknown GroupNorm launch knob {name!r}: choose from {', '.join(LAUNCH_KNOBS)}")
+    kind = LAUNCH_KNOBS[name][1]
+    try:
+        v = int(value)
+    except (TypeError, ValueError):
+        v = None
+    if kind is bool:
+        if v not in (0, 1):
+            raise ValueError(f"GroupNorm launch knob {name}={value!r}: must be 0 or 1")
+        return bool(v)
+    power_of_two = name in ("tile", "threads")
+    if v is None or v < (1 if power_of_two or name == "programs" else 0) or (power_of_two and v & (v - 1)):
+        allowed = "a power of two" if power_of_two else "a positive integer" if name == "programs" else \
+            "an integer >= 0"
+        raise ValueError(f"GroupNorm launch knob {name}={value!r}: must be {allowed}")
+    if name == "resident" and v > _RESIDENT_LIMIT:
+        raise ValueError(f"GroupNorm launch knob resident={value!r}: at most {_RESIDENT_LIMIT} (registers)")
+    return v
+
+
+def current_launch_settings() -> dict:
+    """Every launch knob's value now, by name."""
+    return {name: globals()[attr] for name, (attr, _) in LAUNCH_KNOBS.items()}
+
+
+@contextlib.contextmanager
+def launch_settings(**knobs):
+    """Run the kernels with these launch knobs (``LAUNCH_KNOBS`` names), restoring the previous values
+    on exit. The knobs are read at each launch: a CUDA graph keeps those it was captured with."""
+    checked = {name: launch_knob(name, v) for name, v in knobs.items()}
+    before = current_launch_settings()
+    try:
+        for name, v in checked.items():
+            globals()[LAUNCH_KNOBS[name][0]] = v
+        yield
+    finally:
+        for name, v in before.items():
+            globals()[LAUNCH_KNOBS[name][0]] = v
+
+
+def parse_launch_settings(text: str) -> dict:
+    """``"tile=8192+persistent=2"`` -> ``{"tile": 8192, "persistent": 2}``, checked ("+" joins them: the
+    bench lists its paths with commas, "fast@tile=8192+persistent=2,compiled")."""
+    out = {}
+    for item in (i.strip() for i in text.split("+")):
+        name, eq, value = item.partition("=")
+        if not eq:
+            raise ValueError(f"GroupNorm launch setting {item!r}: expected knob=value, knobs: "
+                             f"{', '.join(LAUNCH_KNOBS)}")
+        out[name.strip()] = launch_knob(name.strip(), value.strip())
+    return out
+
+
 def _layout(x: torch.Tensor) -> torch.Tensor:
     """x itself if NCHW- or channels_last-contiguous (kernels walk both through strides, and
     ``empty_like`` gives outputs the same strides), else an NCHW copy."""
@@ -523,6 +605,20 @@ def _launch_config(Cg: int, HW: int, rows: int, stride_c: int, stride_hw: int) -
                    lane_bwd=_LANE_ACCUMULATE or (_LANE_BWD_CHANNELS_LAST and channels_last))
 
 
+@functools.cache
+def _multiprocessors(device: torch.device) -> int:
+    """SMs of a CUDA device; 1 elsewhere (the interpreter), so that PERSISTENT counts programs there."""
+    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 1
+
+
+def _grid(rows: int, s: int, device: torch.device) -> tuple[int, int]:
+    """(row programs, split programs): a program per row, or with PERSISTENT, as many as that many per
+    SM keep in flight (each kernel loops over the rows its program id strides to)."""
+    if PERSISTENT > 0:
+        rows = min(rows, PERSISTENT * _multiprocessors(device))
+    return rows, s
+
+
 def _geometry(x: torch.Tensor, num_groups: int):
     """(x in a walkable layout, the group's geometry for the kernels: (G, C, Cg, HW, stride_n,
     stride_c, stride_hw), launch config; the split kernels also take ``cfg.chunks``)."""
@@ -548,13 +644,14 @@ def _forward(x, weight, bias, num_groups, eps, residual, t, gelu):
             *geom, eps, -_LOG_10000 / c,
             HAS_RESIDUAL=residual is not None, HAS_T=t is not None, GELU=gelu, **cfg.meta)
         return y, mean, rstd
-    part = torch.empty((n * num_groups * cfg.s * 3,), device=x.device, dtype=torch.float32)
-    grid = (n * num_groups, cfg.s)
+    rows = n * num_groups
+    part = torch.empty((rows * cfg.s * 3,), device=x.device, dtype=torch.float32)
+    grid = _grid(rows, cfg.s, x.device)
     if cfg.s > 1:
-        _gn_stats_kernel[grid](x, part, *geom, *cfg.chunks, **cfg.meta)
+        _gn_stats_kernel[grid](x, part, rows, *geom, *cfg.chunks, **cfg.meta)
     _gn_fwd_kernel[grid](
         x, residual if residual is not None else x, t if t is not None else mean, weight, bias, y, mean, rstd,
-        part, *geom, *cfg.chunks, eps, -_LOG_10000 / c,
+        part, rows, *geom, *cfg.chunks, eps, -_LOG_10000 / c,
         SINGLE=cfg.s == 1, HAS_RESIDUAL=residual is not None, HAS_T=t is not None, GELU=gelu,
         BLOCK_S=triton.next_power_of_2(cfg.s), **cfg.meta)
     return y, mean, rstd
@@ -580,21 +677,22 @@ def _backward(dy, x, weight, bias, residual, mean, rstd, num_groups, gelu):
                                                    *geom, HAS_RESIDUAL=has_residual, GELU=gelu,
                                                    **cfg.meta)
     else:
-        part = torch.empty((n * num_groups * cfg.s * 2,), device=x.device, dtype=torch.float32)
+        rows = n * num_groups
+        part = torch.empty((rows * cfg.s * 2,), device=x.device, dtype=torch.float32)
         args = (dy, x, residual, dres, weight, bias, mean, rstd, pdw, pdb, part)
-        grid = (n * num_groups, cfg.s)
+        grid = _grid(rows, cfg.s, x.device)
         if cfg.s > 1:
-            _gn_bwd_reduce_kernel[grid](*args, *geom, *cfg.chunks, HAS_RESIDUAL=has_residual, GELU=gelu,
+            _gn_bwd_reduce_kernel[grid](*args, rows, *geom, *cfg.chunks, HAS_RESIDUAL=has_residual, GELU=gelu,
                                         **cfg.meta_bwd)
-        _gn_bwd_dx_kernel[grid](*args, dx, *geom, *cfg.chunks, SINGLE=cfg.s == 1, HAS_RESIDUAL=has_residual, GELU=gelu,
-                                BLOCK_S=triton.next_power_of_2(cfg.s), **cfg.meta_bwd)
+        _gn_bwd_dx_kernel[grid](*args, dx, rows, *geom, *cfg.chunks, SINGLE=cfg.s == 1, HAS_RESIDUAL=has_residual,
+                                GELU=gelu, BLOCK_S=triton.next_power_of_2(cfg.s), **cfg.meta_bwd)
     return dx, pd.sum(1), (dres if has_residual else x.new_empty(0))
 
 
 # --------------------------------------------------------------------------------------------------
 # torch.library registration
 # --------------------------------------------------------------------------------------------------
-@torch.library.custom_op("fastddpm::group_norm_gelu", mutates_args=())
+@torch.library.custom_op("fastddpm::group_norm_gelu", mutates_args=(), tags=(torch.Tag.flexible_layout,))
 def group_norm_gelu_fwd(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, num_groups: int,
                         eps: float, residual: Optional[torch.Tensor], t: Optional[torch.Tensor],
                         gelu: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -609,7 +707,7 @@ def _(x, weight, bias, num_groups, eps, residual, t, gelu):
     return torch.empty_like(x), mean, torch.empty_like(mean)
 
 
-@torch.library.custom_op("fastddpm::group_norm_gelu_backward", mutates_args=())
+@torch.library.custom_op("fastddpm::group_norm_gelu_backward", mutates_args=(), tags=(torch.Tag.flexible_layout,))
 def group_norm_gelu_bwd(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
                         residual: Optional[torch.Tensor], mean: torch.Tensor, rstd: torch.Tensor,
                         num_groups: int, gelu: bool

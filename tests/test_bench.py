@@ -86,6 +86,49 @@ def test_fallback_runner_writes_the_same_schema(tmp_path):
     assert "## Kernels" in proc.stdout and "3 passed, 0 failed" in proc.stdout
 
 
+def test_paths_run_with_launch_settings(tmp_path):
+    """A Triton path with GroupNorm launch settings ("fast@persistent=1": one program looping over
+    every row on the CPU) is a case of the train and sampling benches: built, guarded and recorded
+    under its own name with every knob in force, and tabled beside its defaults."""
+    out = tmp_path / "settings.json"
+    env = _env(tmp_path, FASTDDPM_BENCH_DTYPES="bf16", FASTDDPM_BENCH_TRAIN_IMPLS="fast@persistent=1",
+               FASTDDPM_BENCH_SAMPLE_IMPLS="fast@persistent=1")
+    proc = subprocess.run([sys.executable, "-m", "bench.run", "--only", "train,sample", "-k", "@", "--json", str(out)],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    infos = [b["extra_info"] for b in json.loads(out.read_text())["benchmarks"]]
+    assert sorted((i["workload"], i["impl"]) for i in infos) == [("sampling", "fast@persistent=1"),
+                                                                   ("train_step", "fast@persistent=1")]
+    for i in infos:
+        assert i["launch_settings"]["persistent"] == 1 and i["launch_settings"]["tile"] == 2048  # the rest default
+        assert i["guard"]["value"] <= i["guard"]["tol"]
+    assert "## GroupNorm launch settings in the whole step" in proc.stdout
+    from fastddpm.kernels import groupnorm_gelu
+
+    assert groupnorm_gelu.PERSISTENT == 0  # this process's kernels are untouched
+
+
+def test_launch_settings_are_checked_where_paths_are_named(monkeypatch):
+    from bench import common
+
+    assert common.split_impl("fast-graphs-nhwc@tile=8192+persistent=2") == \
+        ("fast-graphs-nhwc", {"tile": 8192, "persistent": 2})
+    assert common.split_impl("compiled") == ("compiled", {})
+    paths, triton = ("compiled", "fast"), ("fast",)
+    assert common.impl_error("fast@split=0", paths, triton) is None
+    assert "launch settings apply to the Triton paths only (fast)" in \
+        common.impl_error("compiled@tile=8", paths, triton)
+    assert "unknown implementation 'fats'" in common.impl_error("fats", paths, triton)
+    assert "tile='3': must be a power of two" in common.impl_error("fast@tile=3", paths, triton)
+    assert "expected knob=value" in common.impl_error("fast@tile=8+persistent", paths, triton)
+    monkeypatch.setenv("FASTDDPM_TEST_IMPLS", "fast@tile=8192,compiled@tile=8192")
+    with pytest.raises(SystemExit, match="FASTDDPM_TEST_IMPLS=fast@tile=8192,compiled@tile=8192: compiled@tile=8192: "
+                                         "launch settings apply"):
+        common.impls_from_env("FASTDDPM_TEST_IMPLS", ("fast",), paths, triton)
+    monkeypatch.delenv("FASTDDPM_TEST_IMPLS")
+    assert common.impls_from_env("FASTDDPM_TEST_IMPLS", ("fast", "compiled"), paths, triton) == ("fast", "compiled")
+
+
 def test_profile_and_launch_sweep_tools_run(tmp_path):
     """The next GPU session's diagnosis tools, at the smoke size: the step profile splits the
     profiled time into categories that add up, for both layouts; the sampling profile times the
@@ -98,7 +141,8 @@ def test_profile_and_launch_sweep_tools_run(tmp_path):
                         "--steps", "1"], fwd),
                       (["bench.tune_groupnorm", "--tile", "16", "--programs", "4", "--threads", "8", "--rounds", "1",
                         "--lane", "0", "--split", "0,4096", "--resident", "0,512", "--variants", "fwd+bwd",
-                        "--layouts", "nchw,nhwc", "--lane-bwd-nhwc", "0,1", "--batch", "2"], tune)):
+                        "--layouts", "nchw,nhwc", "--lane-bwd-nhwc", "0,1", "--batch", "2", "--persistent",
+                        "0,1"], tune)):
         proc = subprocess.run([sys.executable, "-m", *argv, "--json", str(out)], cwd=ROOT, env=_env(tmp_path),
                               capture_output=True, text=True, timeout=600)
         assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
@@ -119,8 +163,9 @@ def test_profile_and_launch_sweep_tools_run(tmp_path):
     assert {r["knobs"]["lane"] for r in fast} == {False}
     assert {r["knobs"]["split"] for r in fast} == {0, 4096}  # the split path and one program per group
     assert {r["knobs"]["resident"] for r in fast} == {0, 512}  # off, and on for the smoke shape (8 x 64 groups)
-    # the channels_last knob is swept on channels_last inputs only: 4 NCHW settings, 8 NHWC ones
-    assert [sum(r["layout"] == lay for r in fast) for lay in ("nchw", "nhwc")] == [4, 8]
+    assert {r["knobs"]["persistent"] for r in fast} == {0, 1}  # a program per row, one looping over them all
+    # the channels_last knob is swept on channels_last inputs only: 8 NCHW settings, 16 NHWC ones
+    assert [sum(r["layout"] == lay for r in fast) for lay in ("nchw", "nhwc")] == [8, 16]
     assert {r["knobs"]["lane_bwd_nhwc"] for r in fast if r["layout"] == "nhwc"} == {False, True}
     assert [r["layout"] for r in rows if r["impl"] == "compiled"] == ["nchw", "nhwc"]
     assert {tuple(r["shape"]) for r in rows} == {(2, 8, 8, 8)}  # --batch 2, the smoke shape
@@ -225,6 +270,24 @@ def test_report_judges_the_graphed_kernels_in_each_side_s_best_layout(tmp_path):
             "compiled-graphs, fast-graphs not measured)") in text
     assert "(CUDA graphs alone)" not in text
     assert "| 2.67× (fast-graphs-nhwc / compiled-graphs-nhwc) |" in text
+
+
+def test_report_tables_launch_settings_beside_the_defaults(tmp_path):
+    """A path@settings result gets a row beside its own defaults and the compiled path it must beat (for
+    a graphed path, the faster compiled-graphs layout); the targets still read the defaults."""
+    e = _synthetic() + [
+        _entry("train_step", "compiled-graphs-nhwc", "bf16", batch=256, preset="seed", items_per_s=6000.0),
+        _entry("train_step", "fast-graphs@persistent=2", "bf16", batch=256, preset="seed", items_per_s=16000.0),
+        _entry("sampling", "fast@tile=8192", "bf16", batch=2560, steps=10, items_per_s=192_000.0, fixed_s=1.0)]
+    path = tmp_path / "r.json"
+    path.write_text(json.dumps({"benchmarks": e}))
+    text = report.render(*report.load([path]))
+    assert ("| train_step | bf16 | 256 | `fast-graphs@persistent=2` | 16,000 images/s | 1.60× (fast-graphs) | "
+            "2.00× (compiled-graphs) |") in text
+    assert ("| sampling | bf16 | 2560 | `fast@tile=8192` | 192,000 image-steps/s | 1.50× (fast) | 3.75× (compiled) |"
+            in text)
+    assert "fast-graphs ≥ 1.5× compiled-graphs: **1.25×** — not met" in text  # the defaults, not the setting
+    assert "fast@" not in text.split("## Targets")[1] and "persistent" not in text.split("## Targets")[1]
 
 
 def test_a_probed_rate_and_its_mfu_describe_the_same_work(tmp_path):

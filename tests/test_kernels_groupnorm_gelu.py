@@ -223,6 +223,53 @@ def test_single_program_several_tiles(shape, num_groups, reduction):
     _check(shape, num_groups, residual=False)
 
 
+@pytest.mark.parametrize("split", [False, True], ids=["program-per-group", "split"])
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
+@pytest.mark.parametrize("dtype,w_dtype", [(F32, F32), (F16, F16), (BF16, F32)], ids=["fp32", "fp16", "bf16-w32"])
+def test_persistent_programs_stride_over_rows(monkeypatch, dtype, w_dtype, channels_last, split):
+    """PERSISTENT: 3 programs for 20 (sample, group) rows (not a divisor: the last program does 6), each
+    kernel looping over the rows its program id strides to; every output and gradient matches."""
+    monkeypatch.setattr(gng, "_multiprocessors", lambda device: 1)  # on a GPU too: 3 programs in all
+    monkeypatch.setattr(gng, "PERSISTENT", 3)
+    if split:
+        monkeypatch.setattr(gng, "SPLIT_THRESHOLD", 0)
+        monkeypatch.setattr(gng, "ELEMS_PER_PROGRAM", 32)
+    assert gng._grid(20, 2, torch.device(DEVICE)) == (3, 2)
+    assert gng._grid(2, 1, torch.device(DEVICE)) == (2, 1)  # never more programs than rows
+    assert (gng._launch_config(3, 49, 20, 49, 1).s > 1) == split
+    _check((5, 12, 7, 7), 4, dtype=dtype, w_dtype=w_dtype, channels_last=channels_last)
+
+
+def test_launch_settings_set_and_restore():
+    """launch_settings sets the knobs by name for its block and restores them after, on error too;
+    a bad name or value is refused before anything changes, naming it and what is allowed."""
+    before = gng.current_launch_settings()
+    with gng.launch_settings(tile=4096, persistent=2, lane=1):
+        assert (gng._TILE, gng.PERSISTENT, gng._LANE_ACCUMULATE) == (4096, 2, True)
+    assert gng.current_launch_settings() == before
+    with pytest.raises(RuntimeError), gng.launch_settings(split=0):
+        assert gng.SPLIT_THRESHOLD == 0
+        raise RuntimeError("inside")
+    assert gng.current_launch_settings() == before
+    for knobs, message in [(dict(tiles=4096), "unknown GroupNorm launch knob 'tiles'"),
+                           (dict(tile=3000), "tile=3000: must be a power of two"),
+                           (dict(threads="eight"), "threads='eight': must be a power of two"),
+                           (dict(programs=0), "programs=0: must be a positive integer"),
+                           (dict(persistent=-1), "persistent=-1: must be an integer >= 0"),
+                           (dict(lane=2), "lane=2: must be 0 or 1"),
+                           (dict(resident=32768), "resident=32768: at most 16384")]:
+        with pytest.raises(ValueError, match=message.replace("(", r"\(")):
+            with gng.launch_settings(**{"persistent": 1, **knobs}):
+                pass
+        assert gng.current_launch_settings() == before
+    assert gng.parse_launch_settings("tile=8192+ persistent=2+lane_bwd_nhwc=0") == \
+        {"tile": 8192, "persistent": 2, "lane_bwd_nhwc": False}
+    with pytest.raises(ValueError, match="'tile': expected knob=value"):
+        gng.parse_launch_settings("tile")
+    with pytest.raises(ValueError, match="split='x': must be an integer >= 0"):
+        gng.parse_launch_settings("split=x")
+
+
 def test_deterministic_backward(force_split):
     """No atomics: two backward passes give bit-identical gradients."""
     g = torch.Generator().manual_seed(1)

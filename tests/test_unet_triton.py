@@ -105,3 +105,41 @@ def test_torch_compile_fullgraph(no_tf32):
     torch.testing.assert_close(y.detach(), y_ref, atol=1e-5 * y_ref.abs().max().item(), rtol=1e-4)
     for name, p in model.named_parameters():
         assert _rel(p.grad, g_ref[name]) < 1e-4, name
+
+
+def test_compiled_layout_optimisation_hands_the_fused_op_channels_last(monkeypatch, no_tf32):
+    """Inductor's layout optimisation (on by itself for a GPU's inference graph, the sampling engines')
+    computes the convolutions channels_last. The fused op is tagged flexible_layout, so Inductor hands it
+    those tensors as they are: every call sees channels_last input, where the default (exact eager
+    strides) had Inductor copy each one back to NCHW and the result forward again. Forward and backward
+    still match the eager Triton path."""
+    import torch._inductor.config as inductor_config
+
+    from fastddpm.kernels import groupnorm_gelu as gng
+
+    monkeypatch.setattr(inductor_config, "force_layout_optimization", True)
+    layouts = []
+    forward = gng._forward
+
+    def recording(x, *args):
+        layouts.append(x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous())
+        return forward(x, *args)
+
+    monkeypatch.setattr(gng, "_forward", recording)
+    torch.manual_seed(2)
+    model = UNet(base_channels=4, kernels="triton").to(DEVICE)
+    x = torch.randn(2, 3, 32, 32, device=DEVICE)
+    t = torch.tensor([3, 640], device=DEVICE)
+    y_ref, g_ref = _run(model, x, t, "triton")
+    torch._dynamo.reset()
+    compiled = torch.compile(model, fullgraph=True)
+    layouts.clear()
+    with torch.no_grad():
+        y = compiled(x, t)
+    assert len(layouts) == 26 and all(layouts)  # every GroupNorm of the U-Net, none converted back
+    torch.testing.assert_close(y, y_ref, atol=1e-5 * y_ref.abs().max().item(), rtol=1e-4)
+    model.zero_grad(set_to_none=True)
+    compiled(x, t).float().square().mean().backward()  # the backward takes whatever layout dy arrives in
+    for name, p in model.named_parameters():
+        assert _rel(p.grad, g_ref[name]) < 1e-4, name
+    torch._dynamo.reset()
