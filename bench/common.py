@@ -85,7 +85,7 @@ def impls_from_env(var: str, default, paths, triton_paths) -> tuple:
     return impls
 
 
-def launch_settings(impl: str):
+def impl_launch_settings(impl: str):
     """The GroupNorm launch settings ``impl`` names, in force while the context is open (none: nothing)."""
     knobs = split_impl(impl)[1]
     if not knobs:
@@ -202,6 +202,7 @@ class Case:
     rounds: int = 3
     warmup: int = 0
     info: dict = field(default_factory=dict)  # workload-specific facts (batch, shape, preset, ...)
+    group_norm_kernels: bool = False  # runs our GroupNorm kernels: the result records their launch settings
 
     @property
     def group(self) -> str:
@@ -295,7 +296,7 @@ def run(benchmark, build: Callable[[], Case], impl: str = "") -> dict:
     fresh()
     precision = torch.get_float32_matmul_precision(), torch.backends.cudnn.allow_tf32
     try:
-        with launch_settings(impl):
+        with impl_launch_settings(impl):
             return _run(benchmark, build)
     finally:  # no implementation may leave TF32 on for the cases after it
         torch.set_float32_matmul_precision(precision[0])
@@ -478,7 +479,7 @@ def extra_info(case: Case, median: Optional[float], probe_s: Optional[float], gu
         "compile_backend": os.environ.get("FASTDDPM_BENCH_COMPILE_BACKEND") or "inductor",
         "triton_interpret": os.environ.get("TRITON_INTERPRET") == "1",
     }
-    if split_impl(case.impl)[1]:  # every launch knob in force while it ran (run() holds them)
+    if case.group_norm_kernels:  # every launch knob in force while it ran: defaults, FASTDDPM_GN_*, path@settings
         from fastddpm.kernels.groupnorm_gelu import current_launch_settings
 
         info["launch_settings"] = current_launch_settings()

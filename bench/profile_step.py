@@ -147,7 +147,7 @@ def profile_one(impl: str, dtype: str, layout: str, steps: int, knobs: str = "no
     C.fresh()
     set_knobs(knobs)
     with contextlib.ExitStack() as stack:
-        stack.enter_context(C.launch_settings(impl))  # "fast@tile=8192": the kernels' launch knobs
+        stack.enter_context(C.impl_launch_settings(impl))  # "fast@tile=8192": the kernels' launch knobs
         step, b = (training_step if workload == "train" else sampling_forward)(C.split_impl(impl)[0], dtype,
                                                                                   layout, stack)
         for _ in range(3):  # compilation, autotuning, allocator
@@ -202,6 +202,7 @@ def main(argv=None) -> int:
     p.add_argument("--top", default=12, type=int)
     p.add_argument("--json", help="write every row (all kernels) here, with the device, versions and commit")
     a = p.parse_args(argv)
+    from bench.test_sampling import TRITON_ENGINES
     from bench.test_train_step import PATHS, TRITON_PATHS
 
     # the layout is this tool's own axis (--layouts): the bench's -nhwc paths would contradict it
@@ -210,7 +211,7 @@ def main(argv=None) -> int:
         p.error(f"--impls {','.join(a.impls)}: this tool has its own layout axis: name the path without "
                 f"-nhwc and add --layouts nhwc")
     impls, triton = ([i for i, path in PATHS.items() if not path.channels_last], TRITON_PATHS) \
-        if a.workload == "train" else (SAMPLE_IMPLS, ("fast",))
+        if a.workload == "train" else (SAMPLE_IMPLS, TRITON_ENGINES)
     error = next((e for v in a.impls if (e := C.impl_error(v, impls, triton))), None)  # a path@launch settings
     if error:
         p.error(f"--impls: {error}")

@@ -112,7 +112,8 @@ def build(kernel, variant, shape, dtype, impl):
     batch = C.S["step_shape"][0] if kernel == "reverse_step" else C.S["kernel_batch"]
     return C.Case(kernel, impl, dtype, fn=fn, calls=calls, items=n, unit="elements", bytes=moved,
                   check=None if impl == "eager" else check, rounds=C.S["kernel_rounds"], warmup=C.S["warmup"],
-                  info=dict(variant=variant, shape=[batch, *shape], batch=batch, timing=mode))
+                  info=dict(variant=variant, shape=[batch, *shape], batch=batch, timing=mode),
+                  group_norm_kernels=kernel == "groupnorm_gelu" and impl == "fast")
 
 
 @pytest.mark.parametrize("params", CASES, ids=C.case_id)

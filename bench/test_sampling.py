@@ -11,8 +11,9 @@ from bench import common as C
 
 # FASTDDPM_BENCH_SAMPLE_IMPLS picks the non-eager engines (default: compiled, fast, diffusers); the fast
 # engine may carry GroupNorm launch settings, e.g. "fast@tile=8192+persistent=2" (C.split_impl).
+TRITON_ENGINES = ("fast",)  # fastddpm.sampling's engine that runs our kernels
 IMPLS = C.impls_from_env("FASTDDPM_BENCH_SAMPLE_IMPLS", ("compiled", "fast", "diffusers"),
-                         ("compiled", "fast", "diffusers"), ("fast",))
+                         ("compiled", "fast", "diffusers"), TRITON_ENGINES)
 CASES = C.grid(("eager",) + IMPLS)
 
 
@@ -82,7 +83,8 @@ def build(dtype, impl):
         "sampling", impl, dtype, fn=C.synced(fn), items=b * steps, unit="image-steps",
         flops=C.model_flops(net.base_channels, False) * b * steps, check=check, probe=C.synced(probe),
         probe_items=b * probe_steps, rounds=C.S["sample_rounds"], warmup=0,  # the guard/reference call warmed it
-        info=dict(batch=b, steps=steps, preset=C.S["preset"], noise=noise))
+        info=dict(batch=b, steps=steps, preset=C.S["preset"], noise=noise),
+        group_norm_kernels=engine in TRITON_ENGINES)
 
 
 @pytest.mark.parametrize("params", CASES, ids=C.case_id)

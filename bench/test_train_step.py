@@ -100,7 +100,8 @@ def build(dtype, impl, batch=None):
         "train_step", impl, dtype, fn=C.synced(lambda: tr.train_step(x0)), items=b, unit="images",
         flops=C.model_flops(tr.model.base_channels, True) * b, check=check, rounds=C.S["train_rounds"],
         warmup=C.S["warmup"],
-        info=dict(batch=b, preset=C.S["preset"], params=sum(p.numel() for p in tr.model.parameters())))
+        info=dict(batch=b, preset=C.S["preset"], params=sum(p.numel() for p in tr.model.parameters())),
+        group_norm_kernels=PATHS[C.split_impl(impl)[0]].kernels == "triton")
 
 
 @pytest.mark.parametrize("params", CASES, ids=C.case_id)

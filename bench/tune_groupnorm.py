@@ -13,8 +13,9 @@ loaded once into one program's registers: the compulsory traffic; 0 = off). With
 knobs still set the paths of the larger groups, and "threads" the resident program's warps.
 ``_LANE_BWD_CHANNELS_LAST`` (the backward's reduction pass over a channels_last group accumulates per
 lane) matters only with ``--layouts nhwc``, which makes every input channels_last. ``PERSISTENT``
-(``--persistent``: k programs per SM, each looping over (sample, group) rows, 0 = a program per row)
-bounds the groups in flight, so that a program's second pass over its group can find it in L2.
+(``--persistent``: k row programs per SM, each looping over (sample, group) rows, times a row's split
+programs; 0 = a program per row) bounds the groups in flight, so that a program's second pass over its
+group can find it in L2. It changes nothing on the resident path (those rows time as the default).
 Each setting is built, guarded against eager and timed exactly as the kernel bench does
 (``bench.test_kernels.gn_case``: CUDA-graph replays over inputs larger than L2). On the CPU it runs
 at the smoke size through Triton's interpreter, which proves only that it runs.
@@ -127,7 +128,8 @@ def main(argv=None) -> int:
     p.add_argument("--resident", type=ints,
                    help="largest padded tile loaded once, 0 = off (default: the kernel's own)")
     p.add_argument("--persistent", type=ints,
-                   help="programs per SM looping over rows, 0 = a program per row (default: the kernel's own)")
+                   help="row programs per SM looping over rows (times a row's split programs), 0 = a program "
+                        "per row (default: the kernel's own); no effect on the resident path")
     p.add_argument("--lane-bwd-nhwc", default=None, type=ints,
                    help="the backward's per-lane accumulation over channels_last groups off/on (default: the "
                         "kernel's own); swept in the nhwc layout only; with --lane 1 it is on whatever this says")

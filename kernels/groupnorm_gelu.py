@@ -21,7 +21,7 @@ kernel combines. Small groups keep one fused program. Weight/bias gradients are 
 sums reduced by ``torch.sum``: deterministic, no atomics.
 
 Every split kernel loops over the (sample, group) rows its program id strides to: once each with the
-default grid, several with ``PERSISTENT`` programs per SM, which bounds the groups in flight. The
+default grid, several with ``PERSISTENT`` row programs per SM, which bounds the groups in flight. The
 launch knobs are module settings read at each launch; ``launch_settings(**knobs)`` sets them by the
 names of ``LAUNCH_KNOBS`` for a block (the bench's sweep and its ``path@knob=value`` cases use it).
 
@@ -46,37 +46,40 @@ __all__ = ["group_norm_gelu", "group_norm_gelu_fwd", "group_norm_gelu_bwd", "LAU
            "parse_launch_settings", "current_launch_settings", "launch_knob"]
 
 # Groups of at most this many elements are handled by one program (stats + apply fused).
-SPLIT_THRESHOLD = int(os.environ.get("FASTDDPM_GN_SPLIT_THRESHOLD", 4096))
+SPLIT_THRESHOLD = 4096
 # Elements per program on the split path; 0 = derive from _TARGET_PROGRAMS. Tests set it small.
 ELEMS_PER_PROGRAM = int(os.environ.get("FASTDDPM_GN_ELEMS_PER_PROGRAM", 0))
-_TARGET_PROGRAMS = int(os.environ.get("FASTDDPM_GN_TARGET_PROGRAMS", 528))  # ~4 per SM of an H100 (132)
+_TARGET_PROGRAMS = 528  # ~4 programs per SM of an H100 (132): enough to fill it at batch 1
 _MIN_ELEMS_PER_PROGRAM = 1024
-_TILE = int(os.environ.get("FASTDDPM_GN_TILE", 2048))  # elements per loaded tile (fp32: 8 KiB in registers)
-_ELEMS_PER_THREAD = int(os.environ.get("FASTDDPM_GN_ELEMS_PER_THREAD", 8))  # sets num_warps from the tile size
-# Persistent rows: 0 = a program per (sample, group) row (times the split programs); k > 0 = k programs
-# per SM (k in all on the CPU, where the interpreter runs them), each looping over rows. A program that
-# takes both passes over its group (one program per group: SPLIT_THRESHOLD) finds the group in L2 on
-# the second pass only if the groups in flight fit there: 64x32x32 bf16 is 128 KiB, so 2 programs on
-# each of 132 SMs hold 34 MB of a 50 MB L2, where the 2,560 groups of a sampling call are otherwise
-# scheduled as densely as occupancy allows. Unmeasured on a GPU so far.
-PERSISTENT = int(os.environ.get("FASTDDPM_GN_PERSISTENT", 0))
+_TILE = 2048  # elements per loaded tile (fp32: 8 KiB in registers)
+_ELEMS_PER_THREAD = 8  # sets num_warps from the tile size
+# Persistent rows: 0 = a program per (sample, group) row; k > 0 = k row programs per SM (k in all on
+# the CPU, where the interpreter runs them), each looping over rows; either way times the S split
+# programs of a row. A program that takes both passes over its group (one program per group:
+# SPLIT_THRESHOLD) finds the group in L2 on the second pass only if the groups in flight fit there:
+# 64x32x32 bf16 is 128 KiB, so 2 programs on each of 132 SMs hold 34 MB of a 50 MB L2, where the 2,560
+# groups of a sampling call are otherwise scheduled as densely as occupancy allows. The kernels are
+# compiled with the row loop only when it is on (PERSIST), so the default ones are unchanged.
+# Unmeasured on a GPU so far; no effect on the resident path (one program per row, one pass).
+PERSISTENT = 0
 # Reductions: False = each tile reduced across the block as it is loaded (Chan merge per tile; what
 # the H200 run of 2026-11-26 measured); True = per-lane accumulators (Welford per lane) reduced once
 # per rectangle, so the loop carries no block-wide reduction. Unmeasured on a GPU so far.
-_LANE_ACCUMULATE = os.environ.get("FASTDDPM_GN_LANE_ACCUMULATE", "0") == "1"
+_LANE_ACCUMULATE = False
 # The backward's reduction pass over a channels_last group accumulates per lane whatever
 # _LANE_ACCUMULATE says: there the dw/db sums run across the tile's strided (pixel) axis, a block-wide
 # reduction per tile, and the H100 profile of 2026-11-27 (bench/results/...-profile-fast.json) found
 # that pass 2.7x slower in NHWC than in NCHW (3.07 vs 1.16 ms a step). Not yet timed on a GPU.
-_LANE_BWD_CHANNELS_LAST = os.environ.get("FASTDDPM_GN_LANE_BWD_CHANNELS_LAST", "1") == "1"
+_LANE_BWD_CHANNELS_LAST = True
 # Groups whose padded (power-of-two) tile holds at most this many elements take the resident path
 # (one program, one load of each input); 0 = off. The fastest setting at the 4x4 and 8x8 levels in the
 # H100 sweep of 2026-11-27 (bench/results/2026-11-27-h100-80gb-hbm3-tune.json); no step timed yet. Never above
 # _RESIDENT_LIMIT: at 32 warps that is 16 fp32 values a thread per live tile, and the backward keeps
 # about five alive (x, dy, residual, du, x_hat) in a 64-register budget, so it spills beyond.
-RESIDENT_MAX = int(os.environ.get("FASTDDPM_GN_RESIDENT_MAX", 0))
+RESIDENT_MAX = 0
 _RESIDENT_LIMIT = 16384
-# (bench/tune_groupnorm.py sweeps these launch knobs on a GPU through launch_settings(); see LAUNCH_KNOBS.)
+# Each of these launch knobs also takes its FASTDDPM_GN_* variable at import (LAUNCH_KNOBS, below);
+# bench/tune_groupnorm.py sweeps them on a GPU through launch_settings().
 _LOG_10000 = math.log(10000.0)
 
 
@@ -297,23 +300,65 @@ def _rect_bwd_dx(DY, X, R, W, B, DX, base, c_off, c_lo, c_hi, h_lo, h_hi, stride
 
 
 # --------------------------------------------------------------------------------------------------
-# kernels: grid (N * G, S); axis 0 is the (sample, group) row, axis 1 the split program
+# kernels: grid (N * G, S); axis 0 is the (sample, group) row, axis 1 the split program. With PERSIST
+# (the PERSISTENT knob) axis 0 has fewer programs, each looping over the rows its id strides to; the
+# work of one row is a helper, so that without PERSIST a kernel compiles to the one-row code alone.
 # --------------------------------------------------------------------------------------------------
 @triton.jit
+def _stats_row(row, pid, X, PART, G, Cg, stride_n, stride_c, stride_hw, S, c_lo, c_hi, h_lo, h_hi,
+               BLOCK_C: tl.constexpr, BLOCK_HW: tl.constexpr, LANE: tl.constexpr):
+    base = (row // G).to(tl.int64) * stride_n + (row % G) * Cg * stride_c
+    count, mean, m2 = _rect_stats(X, base, c_lo, c_hi, h_lo, h_hi, stride_c, stride_hw, BLOCK_C, BLOCK_HW, LANE)
+    p = PART + (row * S + pid) * 3
+    tl.store(p, count)
+    tl.store(p + 1, mean)
+    tl.store(p + 2, m2)
+
+
+@triton.jit
 def _gn_stats_kernel(X, PART, ROWS, G, C, Cg, HW, stride_n, stride_c, stride_hw, C_CHUNK, HW_CHUNK, HW_SPLIT, S,
-                     BLOCK_C: tl.constexpr, BLOCK_HW: tl.constexpr, LANE: tl.constexpr):
-    """Split path, pass 1: partial (count, mean, M2) of one sub-rectangle per row."""
+                     BLOCK_C: tl.constexpr, BLOCK_HW: tl.constexpr, LANE: tl.constexpr, PERSIST: tl.constexpr):
+    """Split path, pass 1: partial (count, mean, M2) of one sub-rectangle of a row."""
     pid = tl.program_id(1)
     c_lo, c_hi, h_lo, h_hi = _rect(pid, Cg, HW, C_CHUNK, HW_CHUNK, HW_SPLIT)
-    for row in range(tl.program_id(0), ROWS, tl.num_programs(0)):
-        n = row // G
-        base = n.to(tl.int64) * stride_n + (row % G) * Cg * stride_c
-        count, mean, m2 = _rect_stats(X, base, c_lo, c_hi, h_lo, h_hi, stride_c, stride_hw, BLOCK_C, BLOCK_HW,
-                                      LANE)
-        p = PART + (row * S + pid) * 3
-        tl.store(p, count)
-        tl.store(p + 1, mean)
-        tl.store(p + 2, m2)
+    if PERSIST:
+        for row in range(tl.program_id(0), ROWS, tl.num_programs(0)):
+            _stats_row(row, pid, X, PART, G, Cg, stride_n, stride_c, stride_hw, S, c_lo, c_hi, h_lo, h_hi,
+                       BLOCK_C, BLOCK_HW, LANE)
+    else:
+        _stats_row(tl.program_id(0), pid, X, PART, G, Cg, stride_n, stride_c, stride_hw, S, c_lo, c_hi, h_lo, h_hi,
+                   BLOCK_C, BLOCK_HW, LANE)
+
+
+@triton.jit
+def _fwd_row(row, pid, X, R, T, W, B, Y, MEAN, RSTD, PART, G, Cg, HW, stride_n, stride_c, stride_hw, S, eps,
+             neg_log_over_c, c_lo, c_hi, h_lo, h_hi, SINGLE: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
+             HAS_T: tl.constexpr, GELU: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_HW: tl.constexpr,
+             BLOCK_S: tl.constexpr, LANE: tl.constexpr):
+    n = row // G
+    c_off = (row % G) * Cg
+    base = n.to(tl.int64) * stride_n
+    if SINGLE:
+        count, mean, m2 = _rect_stats(X, base + c_off * stride_c, 0, Cg, 0, HW, stride_c, stride_hw,
+                                      BLOCK_C, BLOCK_HW, LANE)
+        var = m2 / count
+    else:
+        s = tl.arange(0, BLOCK_S)
+        smask = s < S
+        p = PART + (row * S + s) * 3
+        cnt = tl.load(p, mask=smask, other=0.0)
+        mu = tl.load(p + 1, mask=smask, other=0.0)
+        total = tl.sum(cnt)
+        mean = tl.sum(cnt * mu) / total
+        d = mu - mean
+        var = (tl.sum(tl.load(p + 2, mask=smask, other=0.0)) + tl.sum(cnt * d * d)) / total
+    rstd = 1.0 / tl.sqrt(var + eps)
+    if pid == 0:
+        tl.store(MEAN + row, mean)
+        tl.store(RSTD + row, rstd)
+    _rect_apply(X, R, T, W, B, Y, base + c_off * stride_c, n, c_off, c_lo, c_hi, h_lo, h_hi,
+                stride_c, stride_hw, mean, rstd, neg_log_over_c,
+                HAS_RESIDUAL, HAS_T, GELU, BLOCK_C, BLOCK_HW)
 
 
 @triton.jit
@@ -321,56 +366,76 @@ def _gn_fwd_kernel(X, R, T, W, B, Y, MEAN, RSTD, PART, ROWS, G, C, Cg, HW, strid
                    C_CHUNK, HW_CHUNK, HW_SPLIT, S, eps, neg_log_over_c,
                    SINGLE: tl.constexpr, HAS_RESIDUAL: tl.constexpr, HAS_T: tl.constexpr,
                    GELU: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_HW: tl.constexpr,
-                   BLOCK_S: tl.constexpr, LANE: tl.constexpr):
-    """Normalise and apply one sub-rectangle per row. SINGLE: one program per group computes the
+                   BLOCK_S: tl.constexpr, LANE: tl.constexpr, PERSIST: tl.constexpr):
+    """Normalise and apply one sub-rectangle of a row. SINGLE: one program per group computes the
     stats itself; otherwise it combines the S partials left by ``_gn_stats_kernel``."""
     pid = tl.program_id(1)
     c_lo, c_hi, h_lo, h_hi = _rect(pid, Cg, HW, C_CHUNK, HW_CHUNK, HW_SPLIT)
-    for row in range(tl.program_id(0), ROWS, tl.num_programs(0)):
-        n = row // G
-        c_off = (row % G) * Cg
-        base = n.to(tl.int64) * stride_n
-        if SINGLE:
-            count, mean, m2 = _rect_stats(X, base + c_off * stride_c, 0, Cg, 0, HW, stride_c, stride_hw,
-                                          BLOCK_C, BLOCK_HW, LANE)
-            var = m2 / count
-        else:
-            s = tl.arange(0, BLOCK_S)
-            smask = s < S
-            p = PART + (row * S + s) * 3
-            cnt = tl.load(p, mask=smask, other=0.0)
-            mu = tl.load(p + 1, mask=smask, other=0.0)
-            total = tl.sum(cnt)
-            mean = tl.sum(cnt * mu) / total
-            d = mu - mean
-            var = (tl.sum(tl.load(p + 2, mask=smask, other=0.0)) + tl.sum(cnt * d * d)) / total
-        rstd = 1.0 / tl.sqrt(var + eps)
-        if pid == 0:
-            tl.store(MEAN + row, mean)
-            tl.store(RSTD + row, rstd)
-        _rect_apply(X, R, T, W, B, Y, base + c_off * stride_c, n, c_off, c_lo, c_hi, h_lo, h_hi,
-                    stride_c, stride_hw, mean, rstd, neg_log_over_c,
-                    HAS_RESIDUAL, HAS_T, GELU, BLOCK_C, BLOCK_HW)
+    if PERSIST:
+        for row in range(tl.program_id(0), ROWS, tl.num_programs(0)):
+            _fwd_row(row, pid, X, R, T, W, B, Y, MEAN, RSTD, PART, G, Cg, HW, stride_n, stride_c, stride_hw, S, eps,
+                     neg_log_over_c, c_lo, c_hi, h_lo, h_hi, SINGLE, HAS_RESIDUAL, HAS_T, GELU, BLOCK_C, BLOCK_HW,
+                     BLOCK_S, LANE)
+    else:
+        _fwd_row(tl.program_id(0), pid, X, R, T, W, B, Y, MEAN, RSTD, PART, G, Cg, HW, stride_n, stride_c, stride_hw,
+                 S, eps, neg_log_over_c, c_lo, c_hi, h_lo, h_hi, SINGLE, HAS_RESIDUAL, HAS_T, GELU, BLOCK_C,
+                 BLOCK_HW, BLOCK_S, LANE)
+
+
+@triton.jit
+def _bwd_reduce_row(row, pid, DY, X, R, DR, W, B, MEAN, RSTD, PDW, PDB, PART, G, C, Cg, stride_n, stride_c,
+                    stride_hw, HW_SPLIT, S, c_lo, c_hi, h_lo, h_hi, HAS_RESIDUAL: tl.constexpr, GELU: tl.constexpr,
+                    BLOCK_C: tl.constexpr, BLOCK_HW: tl.constexpr, LANE: tl.constexpr):
+    n = row // G
+    c_off = (row % G) * Cg
+    base = n.to(tl.int64) * stride_n + c_off * stride_c
+    pd_row = (n * HW_SPLIT + pid % HW_SPLIT) * C
+    s1, s2 = _rect_bwd_reduce(DY, X, R, DR, W, B, PDW, PDB, base, pd_row, c_off, c_lo, c_hi, h_lo, h_hi,
+                              stride_c, stride_hw, tl.load(MEAN + row), tl.load(RSTD + row),
+                              HAS_RESIDUAL, GELU, BLOCK_C, BLOCK_HW, LANE)
+    tl.store(PART + (row * S + pid) * 2, s1)
+    tl.store(PART + (row * S + pid) * 2 + 1, s2)
 
 
 @triton.jit
 def _gn_bwd_reduce_kernel(DY, X, R, DR, W, B, MEAN, RSTD, PDW, PDB, PART, ROWS, G, C, Cg, HW,
                           stride_n, stride_c, stride_hw, C_CHUNK, HW_CHUNK, HW_SPLIT, S,
                           HAS_RESIDUAL: tl.constexpr, GELU: tl.constexpr,
-                          BLOCK_C: tl.constexpr, BLOCK_HW: tl.constexpr, LANE: tl.constexpr):
-    """Split path, pass 1: d_residual, dw/db partials and the partial group sums for dx, per row."""
+                          BLOCK_C: tl.constexpr, BLOCK_HW: tl.constexpr, LANE: tl.constexpr, PERSIST: tl.constexpr):
+    """Split path, pass 1: d_residual, dw/db partials and the partial group sums for dx, of a row."""
     pid = tl.program_id(1)
     c_lo, c_hi, h_lo, h_hi = _rect(pid, Cg, HW, C_CHUNK, HW_CHUNK, HW_SPLIT)
-    for row in range(tl.program_id(0), ROWS, tl.num_programs(0)):
-        n = row // G
-        c_off = (row % G) * Cg
-        base = n.to(tl.int64) * stride_n + c_off * stride_c
-        pd_row = (n * HW_SPLIT + pid % HW_SPLIT) * C
-        s1, s2 = _rect_bwd_reduce(DY, X, R, DR, W, B, PDW, PDB, base, pd_row, c_off, c_lo, c_hi, h_lo, h_hi,
-                                  stride_c, stride_hw, tl.load(MEAN + row), tl.load(RSTD + row),
-                                  HAS_RESIDUAL, GELU, BLOCK_C, BLOCK_HW, LANE)
-        tl.store(PART + (row * S + pid) * 2, s1)
-        tl.store(PART + (row * S + pid) * 2 + 1, s2)
+    if PERSIST:
+        for row in range(tl.program_id(0), ROWS, tl.num_programs(0)):
+            _bwd_reduce_row(row, pid, DY, X, R, DR, W, B, MEAN, RSTD, PDW, PDB, PART, G, C, Cg, stride_n, stride_c,
+                            stride_hw, HW_SPLIT, S, c_lo, c_hi, h_lo, h_hi, HAS_RESIDUAL, GELU, BLOCK_C, BLOCK_HW, LANE)
+    else:
+        _bwd_reduce_row(tl.program_id(0), pid, DY, X, R, DR, W, B, MEAN, RSTD, PDW, PDB, PART, G, C, Cg, stride_n,
+                        stride_c, stride_hw, HW_SPLIT, S, c_lo, c_hi, h_lo, h_hi, HAS_RESIDUAL, GELU, BLOCK_C,
+                        BLOCK_HW, LANE)
+
+
+@triton.jit
+def _bwd_dx_row(row, DY, X, R, DR, W, B, MEAN, RSTD, PDW, PDB, PART, DX, G, C, Cg, HW, stride_n, stride_c,
+                stride_hw, S, c_lo, c_hi, h_lo, h_hi, SINGLE: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
+                GELU: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_HW: tl.constexpr, BLOCK_S: tl.constexpr,
+                LANE: tl.constexpr):
+    n = row // G
+    c_off = (row % G) * Cg
+    base = n.to(tl.int64) * stride_n + c_off * stride_c
+    mean = tl.load(MEAN + row)
+    rstd = tl.load(RSTD + row)
+    if SINGLE:
+        s1, s2 = _rect_bwd_reduce(DY, X, R, DR, W, B, PDW, PDB, base, n * C, c_off, 0, Cg, 0, HW,
+                                  stride_c, stride_hw, mean, rstd, HAS_RESIDUAL, GELU, BLOCK_C, BLOCK_HW, LANE)
+    else:
+        s = tl.arange(0, BLOCK_S)
+        p = PART + (row * S + s) * 2
+        s1 = tl.sum(tl.load(p, mask=s < S, other=0.0))
+        s2 = tl.sum(tl.load(p + 1, mask=s < S, other=0.0))
+    inv_m = 1.0 / (Cg * HW * 1.0)
+    _rect_bwd_dx(DY, X, R, W, B, DX, base, c_off, c_lo, c_hi, h_lo, h_hi, stride_c, stride_hw,
+                 mean, rstd, s1 * inv_m, s2 * inv_m, HAS_RESIDUAL, GELU, BLOCK_C, BLOCK_HW)
 
 
 @triton.jit
@@ -378,29 +443,19 @@ def _gn_bwd_dx_kernel(DY, X, R, DR, W, B, MEAN, RSTD, PDW, PDB, PART, DX, ROWS, 
                       stride_n, stride_c, stride_hw, C_CHUNK, HW_CHUNK, HW_SPLIT, S,
                       SINGLE: tl.constexpr, HAS_RESIDUAL: tl.constexpr, GELU: tl.constexpr,
                       BLOCK_C: tl.constexpr, BLOCK_HW: tl.constexpr, BLOCK_S: tl.constexpr,
-                      LANE: tl.constexpr):
-    """dx of one sub-rectangle per row. SINGLE: one program per group also does the reduction
+                      LANE: tl.constexpr, PERSIST: tl.constexpr):
+    """dx of one sub-rectangle of a row. SINGLE: one program per group also does the reduction
     pass; otherwise it sums the S partials left by ``_gn_bwd_reduce_kernel``."""
-    pid = tl.program_id(1)
-    c_lo, c_hi, h_lo, h_hi = _rect(pid, Cg, HW, C_CHUNK, HW_CHUNK, HW_SPLIT)
-    inv_m = 1.0 / (Cg * HW * 1.0)
-    for row in range(tl.program_id(0), ROWS, tl.num_programs(0)):
-        n = row // G
-        c_off = (row % G) * Cg
-        base = n.to(tl.int64) * stride_n + c_off * stride_c
-        mean = tl.load(MEAN + row)
-        rstd = tl.load(RSTD + row)
-        if SINGLE:
-            s1, s2 = _rect_bwd_reduce(DY, X, R, DR, W, B, PDW, PDB, base, n * C, c_off, 0, Cg, 0, HW,
-                                      stride_c, stride_hw, mean, rstd, HAS_RESIDUAL, GELU, BLOCK_C, BLOCK_HW,
-                                      LANE)
-        else:
-            s = tl.arange(0, BLOCK_S)
-            p = PART + (row * S + s) * 2
-            s1 = tl.sum(tl.load(p, mask=s < S, other=0.0))
-            s2 = tl.sum(tl.load(p + 1, mask=s < S, other=0.0))
-        _rect_bwd_dx(DY, X, R, W, B, DX, base, c_off, c_lo, c_hi, h_lo, h_hi, stride_c, stride_hw,
-                     mean, rstd, s1 * inv_m, s2 * inv_m, HAS_RESIDUAL, GELU, BLOCK_C, BLOCK_HW)
+    c_lo, c_hi, h_lo, h_hi = _rect(tl.program_id(1), Cg, HW, C_CHUNK, HW_CHUNK, HW_SPLIT)
+    if PERSIST:
+        for row in range(tl.program_id(0), ROWS, tl.num_programs(0)):
+            _bwd_dx_row(row, DY, X, R, DR, W, B, MEAN, RSTD, PDW, PDB, PART, DX, G, C, Cg, HW, stride_n, stride_c,
+                        stride_hw, S, c_lo, c_hi, h_lo, h_hi, SINGLE, HAS_RESIDUAL, GELU, BLOCK_C, BLOCK_HW, BLOCK_S,
+                        LANE)
+    else:
+        _bwd_dx_row(tl.program_id(0), DY, X, R, DR, W, B, MEAN, RSTD, PDW, PDB, PART, DX, G, C, Cg, HW, stride_n,
+                    stride_c, stride_hw, S, c_lo, c_hi, h_lo, h_hi, SINGLE, HAS_RESIDUAL, GELU, BLOCK_C, BLOCK_HW,
+                    BLOCK_S, LANE)
 
 
 @triton.jit
@@ -460,39 +515,48 @@ def _gn_bwd_resident_kernel(DY, X, R, DR, W, B, MEAN, RSTD, PDW, PDB, DX, G, C, 
 # --------------------------------------------------------------------------------------------------
 # host side
 # --------------------------------------------------------------------------------------------------
-# The launch knobs by the names the bench and its sweep use: (module attribute, type).
-LAUNCH_KNOBS = {"lane": ("_LANE_ACCUMULATE", bool), "tile": ("_TILE", int), "programs": ("_TARGET_PROGRAMS", int),
-                "threads": ("_ELEMS_PER_THREAD", int), "split": ("SPLIT_THRESHOLD", int),
-                "resident": ("RESIDENT_MAX", int), "lane_bwd_nhwc": ("_LANE_BWD_CHANNELS_LAST", bool),
-                "persistent": ("PERSISTENT", int)}
+# The launch knobs by the names the bench and its sweep use: (module attribute, allowed values, the
+# environment variable that sets the default of a process).
+LAUNCH_KNOBS = {"lane": ("_LANE_ACCUMULATE", "0 or 1", "FASTDDPM_GN_LANE_ACCUMULATE"),
+                "tile": ("_TILE", "a power of two", "FASTDDPM_GN_TILE"),
+                "programs": ("_TARGET_PROGRAMS", "a positive integer", "FASTDDPM_GN_TARGET_PROGRAMS"),
+                "threads": ("_ELEMS_PER_THREAD", "a power of two", "FASTDDPM_GN_ELEMS_PER_THREAD"),
+                "split": ("SPLIT_THRESHOLD", "an integer >= 0", "FASTDDPM_GN_SPLIT_THRESHOLD"),
+                "resident": ("RESIDENT_MAX", f"an integer from 0 to {_RESIDENT_LIMIT} (registers)",
+                             "FASTDDPM_GN_RESIDENT_MAX"),
+                "lane_bwd_nhwc": ("_LANE_BWD_CHANNELS_LAST", "0 or 1", "FASTDDPM_GN_LANE_BWD_CHANNELS_LAST"),
+                "persistent": ("PERSISTENT", "an integer >= 0", "FASTDDPM_GN_PERSISTENT")}
+_KNOB_OK = {"0 or 1": lambda v: v in (0, 1), "a power of two": lambda v: v >= 1 and not v & (v - 1),
+            "a positive integer": lambda v: v >= 1, "an integer >= 0": lambda v: v >= 0,
+            LAUNCH_KNOBS["resident"][1]: lambda v: 0 <= v <= _RESIDENT_LIMIT}
 
 
 def launch_knob(name: str, value):
-    """``value`` as the knob's type, or a ValueError naming the knob, the value and what is allowed."""
+    """``value`` (an int, a bool or their text) as knob ``name`` takes it, or a ValueError naming the
+    knob, the value and what is allowed."""
     if name not in LAUNCH_KNOBS:
         raise ValueError(f"unknown GroupNorm launch knob {name!r}: choose from {', '.join(LAUNCH_KNOBS)}")
-    kind = LAUNCH_KNOBS[name][1]
+    allowed = LAUNCH_KNOBS[name][1]
     try:
-        v = int(value)
-    except (TypeError, ValueError):
+        v = int(value) if isinstance(value, int) else int(str(value).strip())  # no float: 2048.9 is no tile
+    except ValueError:
         v = None
-    if kind is bool:
-        if v not in (0, 1):
-            raise ValueError(f"GroupNorm launch knob {name}={value!r}: must be 0 or 1")
-        return bool(v)
-    power_of_two = name in ("tile", "threads")
-    if v is None or v < (1 if power_of_two or name == "programs" else 0) or (power_of_two and v & (v - 1)):
-        allowed = "a power of two" if power_of_two else "a positive integer" if name == "programs" else \
-            "an integer >= 0"
+    if v is None or not _KNOB_OK[allowed](v):
         raise ValueError(f"GroupNorm launch knob {name}={value!r}: must be {allowed}")
-    if name == "resident" and v > _RESIDENT_LIMIT:
-        raise ValueError(f"GroupNorm launch knob resident={value!r}: at most {_RESIDENT_LIMIT} (registers)")
-    return v
+    return bool(v) if allowed == "0 or 1" else v
+
+
+for _name, (_attr, _, _var) in LAUNCH_KNOBS.items():  # a process's defaults, checked like any setting
+    if _var in os.environ:
+        try:
+            globals()[_attr] = launch_knob(_name, os.environ[_var])
+        except ValueError as e:
+            raise ValueError(f"{_var}={os.environ[_var]!r}: {e}") from None
 
 
 def current_launch_settings() -> dict:
     """Every launch knob's value now, by name."""
-    return {name: globals()[attr] for name, (attr, _) in LAUNCH_KNOBS.items()}
+    return {name: globals()[attr] for name, (attr, _, _) in LAUNCH_KNOBS.items()}
 
 
 @contextlib.contextmanager
@@ -515,11 +579,13 @@ def parse_launch_settings(text: str) -> dict:
     bench lists its paths with commas, "fast@tile=8192+persistent=2,compiled")."""
     out = {}
     for item in (i.strip() for i in text.split("+")):
-        name, eq, value = item.partition("=")
+        name, eq, value = (part.strip() for part in item.partition("="))
         if not eq:
             raise ValueError(f"GroupNorm launch setting {item!r}: expected knob=value, knobs: "
                              f"{', '.join(LAUNCH_KNOBS)}")
-        out[name.strip()] = launch_knob(name.strip(), value.strip())
+        if name in out:
+            raise ValueError(f"GroupNorm launch settings {text!r}: {name} given twice")
+        out[name] = launch_knob(name, value)
     return out
 
 
@@ -611,12 +677,12 @@ def _multiprocessors(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 1
 
 
-def _grid(rows: int, s: int, device: torch.device) -> tuple[int, int]:
-    """(row programs, split programs): a program per row, or with PERSISTENT, as many as that many per
-    SM keep in flight (each kernel loops over the rows its program id strides to)."""
+def _grid(rows: int, s: int, device: torch.device) -> tuple[tuple[int, int], dict]:
+    """((row programs, split programs), the kernels' PERSIST meta): a program per row, or with
+    PERSISTENT that many row programs per SM, each looping over the rows its program id strides to."""
     if PERSISTENT > 0:
-        rows = min(rows, PERSISTENT * _multiprocessors(device))
-    return rows, s
+        return (min(rows, PERSISTENT * _multiprocessors(device)), s), dict(PERSIST=True)
+    return (rows, s), dict(PERSIST=False)
 
 
 def _geometry(x: torch.Tensor, num_groups: int):
@@ -631,6 +697,9 @@ def _geometry(x: torch.Tensor, num_groups: int):
 
 
 def _forward(x, weight, bias, num_groups, eps, residual, t, gelu):
+    # The op is flexible_layout: under torch.compile any strides may arrive. The kernels walk x, y
+    # (and the residual, made like x) through strides and index weight, bias and t densely.
+    weight, bias, t = weight.contiguous(), bias.contiguous(), (t.contiguous() if t is not None else None)
     x, geom, cfg = _geometry(x, num_groups)
     n, c = x.shape[:2]
     y = torch.empty_like(x)
@@ -646,18 +715,19 @@ def _forward(x, weight, bias, num_groups, eps, residual, t, gelu):
         return y, mean, rstd
     rows = n * num_groups
     part = torch.empty((rows * cfg.s * 3,), device=x.device, dtype=torch.float32)
-    grid = _grid(rows, cfg.s, x.device)
+    grid, persist = _grid(rows, cfg.s, x.device)
     if cfg.s > 1:
-        _gn_stats_kernel[grid](x, part, rows, *geom, *cfg.chunks, **cfg.meta)
+        _gn_stats_kernel[grid](x, part, rows, *geom, *cfg.chunks, **cfg.meta, **persist)
     _gn_fwd_kernel[grid](
         x, residual if residual is not None else x, t if t is not None else mean, weight, bias, y, mean, rstd,
         part, rows, *geom, *cfg.chunks, eps, -_LOG_10000 / c,
         SINGLE=cfg.s == 1, HAS_RESIDUAL=residual is not None, HAS_T=t is not None, GELU=gelu,
-        BLOCK_S=triton.next_power_of_2(cfg.s), **cfg.meta)
+        BLOCK_S=triton.next_power_of_2(cfg.s), **cfg.meta, **persist)
     return y, mean, rstd
 
 
 def _backward(dy, x, weight, bias, residual, mean, rstd, num_groups, gelu):
+    weight, bias, mean, rstd = weight.contiguous(), bias.contiguous(), mean.contiguous(), rstd.contiguous()
     x, geom, cfg = _geometry(x, num_groups)
     n, c = x.shape[:2]
     dy = _like(dy, x)
@@ -680,12 +750,12 @@ def _backward(dy, x, weight, bias, residual, mean, rstd, num_groups, gelu):
         rows = n * num_groups
         part = torch.empty((rows * cfg.s * 2,), device=x.device, dtype=torch.float32)
         args = (dy, x, residual, dres, weight, bias, mean, rstd, pdw, pdb, part)
-        grid = _grid(rows, cfg.s, x.device)
+        grid, persist = _grid(rows, cfg.s, x.device)
         if cfg.s > 1:
             _gn_bwd_reduce_kernel[grid](*args, rows, *geom, *cfg.chunks, HAS_RESIDUAL=has_residual, GELU=gelu,
-                                        **cfg.meta_bwd)
+                                        **cfg.meta_bwd, **persist)
         _gn_bwd_dx_kernel[grid](*args, dx, rows, *geom, *cfg.chunks, SINGLE=cfg.s == 1, HAS_RESIDUAL=has_residual,
-                                GELU=gelu, BLOCK_S=triton.next_power_of_2(cfg.s), **cfg.meta_bwd)
+                                GELU=gelu, BLOCK_S=triton.next_power_of_2(cfg.s), **cfg.meta_bwd, **persist)
     return dx, pd.sum(1), (dres if has_residual else x.new_empty(0))
 
 
@@ -759,6 +829,5 @@ def group_norm_gelu(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, n
     if t is not None:
         if t.numel() != x.shape[0]:
             raise ValueError(f"expected one time step per sample ({x.shape[0]}), got t of shape {tuple(t.shape)}")
-        t = t.reshape(-1).contiguous()
-    return group_norm_gelu_fwd(x, weight.contiguous(), bias.contiguous(), num_groups, float(eps), residual, t,
-                               bool(gelu))[0]
+        t = t.reshape(-1)
+    return group_norm_gelu_fwd(x, weight, bias, num_groups, float(eps), residual, t, bool(gelu))[0]

@@ -89,23 +89,24 @@ def test_fallback_runner_writes_the_same_schema(tmp_path):
 def test_paths_run_with_launch_settings(tmp_path):
     """A Triton path with GroupNorm launch settings ("fast@persistent=1": one program looping over
     every row on the CPU) is a case of the train and sampling benches: built, guarded and recorded
-    under its own name with every knob in force, and tabled beside its defaults."""
-    out = tmp_path / "settings.json"
-    env = _env(tmp_path, FASTDDPM_BENCH_DTYPES="bf16", FASTDDPM_BENCH_TRAIN_IMPLS="fast@persistent=1",
-               FASTDDPM_BENCH_SAMPLE_IMPLS="fast@persistent=1")
-    proc = subprocess.run([sys.executable, "-m", "bench.run", "--only", "train,sample", "-k", "@", "--json", str(out)],
-                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
-    infos = [b["extra_info"] for b in json.loads(out.read_text())["benchmarks"]]
-    assert sorted((i["workload"], i["impl"]) for i in infos) == [("sampling", "fast@persistent=1"),
-                                                                   ("train_step", "fast@persistent=1")]
-    for i in infos:
-        assert i["launch_settings"]["persistent"] == 1 and i["launch_settings"]["tile"] == 2048  # the rest default
-        assert i["guard"]["value"] <= i["guard"]["tol"]
-    assert "## GroupNorm launch settings in the whole step" in proc.stdout
+    under its own name with every knob in force, and tabled beside its defaults; the same path after it
+    runs on the defaults again (the settings end with their case), and records them."""
     from fastddpm.kernels import groupnorm_gelu
 
-    assert groupnorm_gelu.PERSISTENT == 0  # this process's kernels are untouched
+    out, defaults = tmp_path / "settings.json", groupnorm_gelu.current_launch_settings()
+    env = _env(tmp_path, FASTDDPM_BENCH_DTYPES="bf16", FASTDDPM_BENCH_TRAIN_IMPLS="fast@persistent=1,fast",
+               FASTDDPM_BENCH_SAMPLE_IMPLS="fast@persistent=1")
+    proc = subprocess.run([sys.executable, "-m", "bench.run", "--only", "train,sample", "-k", "fast", "--json",
+                           str(out)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    infos = {(b["extra_info"]["workload"], b["extra_info"]["impl"]): b["extra_info"]
+             for b in json.loads(out.read_text())["benchmarks"]}
+    assert sorted(infos) == [("sampling", "fast@persistent=1"), ("train_step", "fast"),
+                             ("train_step", "fast@persistent=1")]
+    for (_, impl), i in infos.items():
+        assert i["launch_settings"] == ({**defaults, "persistent": 1} if "@" in impl else defaults)
+        assert i["guard"]["value"] <= i["guard"]["tol"]
+    assert "## GroupNorm launch settings in the whole step" in proc.stdout
 
 
 def test_launch_settings_are_checked_where_paths_are_named(monkeypatch):

@@ -234,13 +234,31 @@ def test_persistent_programs_stride_over_rows(monkeypatch, dtype, w_dtype, chann
     if split:
         monkeypatch.setattr(gng, "SPLIT_THRESHOLD", 0)
         monkeypatch.setattr(gng, "ELEMS_PER_PROGRAM", 32)
-    assert gng._grid(20, 2, torch.device(DEVICE)) == (3, 2)
-    assert gng._grid(2, 1, torch.device(DEVICE)) == (2, 1)  # never more programs than rows
+    assert gng._grid(20, 2, torch.device(DEVICE)) == ((3, 2), {"PERSIST": True})
+    assert gng._grid(2, 1, torch.device(DEVICE))[0] == (2, 1)  # never more programs than rows
     assert (gng._launch_config(3, 49, 20, 49, 1).s > 1) == split
     _check((5, 12, 7, 7), 4, dtype=dtype, w_dtype=w_dtype, channels_last=channels_last)
 
 
-def test_launch_settings_set_and_restore():
+def test_environment_sets_the_defaults_checked():
+    """FASTDDPM_GN_* set a process's defaults; a bad value stops the import with one line naming the
+    variable, the value and what is allowed."""
+    import subprocess
+    import sys
+
+    code = "from fastddpm.kernels import groupnorm_gelu as g; print(g.current_launch_settings())"
+    env = dict(os.environ, FASTDDPM_GN_TILE="8192", FASTDDPM_GN_PERSISTENT="2", FASTDDPM_GN_LANE_ACCUMULATE="1",
+               TRITON_INTERPRET="1")
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "'tile': 8192" in out.stdout and "'persistent': 2" in out.stdout and "'lane': True" in out.stdout
+    env["FASTDDPM_GN_TILE"] = "3000"
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode != 0
+    assert "FASTDDPM_GN_TILE='3000': GroupNorm launch knob tile='3000': must be a power of two" in out.stderr
+
+
+def test_launch_settings_set_and_restore(monkeypatch):
     """launch_settings sets the knobs by name for its block and restores them after, on error too;
     a bad name or value is refused before anything changes, naming it and what is allowed."""
     before = gng.current_launch_settings()
@@ -257,7 +275,8 @@ def test_launch_settings_set_and_restore():
                            (dict(programs=0), "programs=0: must be a positive integer"),
                            (dict(persistent=-1), "persistent=-1: must be an integer >= 0"),
                            (dict(lane=2), "lane=2: must be 0 or 1"),
-                           (dict(resident=32768), "resident=32768: at most 16384")]:
+                           (dict(tile=2048.5), "tile=2048.5: must be a power of two"),
+                           (dict(resident=32768), "resident=32768: must be an integer from 0 to 16384")]:
         with pytest.raises(ValueError, match=message.replace("(", r"\(")):
             with gng.launch_settings(**{"persistent": 1, **knobs}):
                 pass
@@ -268,6 +287,10 @@ def test_launch_settings_set_and_restore():
         gng.parse_launch_settings("tile")
     with pytest.raises(ValueError, match="split='x': must be an integer >= 0"):
         gng.parse_launch_settings("split=x")
+    with pytest.raises(ValueError, match="'tile=8\\+tile=16': tile given twice"):
+        gng.parse_launch_settings("tile=8+tile=16")
+    monkeypatch.setattr(gng, "PERSISTENT", 0)
+    assert gng._grid(20, 2, torch.device(DEVICE)) == ((20, 2), {"PERSIST": False})  # the one-row kernels
 
 
 def test_deterministic_backward(force_split):
@@ -318,6 +341,36 @@ def test_module_switch_and_opcheck():
     args = (x.requires_grad_(), mod.weight, mod.bias, 2, 1e-5, r.requires_grad_(), t, True)
     torch.library.opcheck(torch.ops.fastddpm.group_norm_gelu.default, args,
                           test_utils=("test_schema", "test_faketensor", "test_autograd_registration"))
+
+
+def test_opcheck_on_the_strides_flexible_layout_lets_through():
+    """Tagged flexible_layout, the ops may get any strides under torch.compile: their fake (meta)
+    versions must still give the real outputs' strides, for channels_last x with an NCHW residual, a
+    channel slice of a wider tensor, strided weights, and the backward op with dy in another layout."""
+    assert torch.Tag.flexible_layout in torch.ops.fastddpm.group_norm_gelu.default.tags
+    assert torch.Tag.flexible_layout in torch.ops.fastddpm.group_norm_gelu_backward.default.tags
+    g = torch.Generator().manual_seed(4)
+
+    def rnd(*shape):
+        return torch.randn(*shape, generator=g).to(DEVICE)
+
+    nhwc = rnd(2, 6, 3, 5).contiguous(memory_format=torch.channels_last)
+    sliced = rnd(2, 10, 3, 5)[:, 2:8]  # neither NCHW- nor channels_last-contiguous
+    w, b = rnd(12)[::2], rnd(6)  # a strided weight
+    t = torch.tensor([3, 999], device=DEVICE)
+    utils = ("test_schema", "test_faketensor")
+    for x, r in ((nhwc, rnd(2, 6, 3, 5)), (sliced, None), (nhwc, nhwc.clone())):
+        torch.library.opcheck(torch.ops.fastddpm.group_norm_gelu.default, (x, w, b, 2, 1e-5, r, t, True),
+                              test_utils=utils)
+        y, mean, rstd = torch.ops.fastddpm.group_norm_gelu.default(x, w, b, 2, 1e-5, r, t, True)
+        ref = GroupNormGELU(2, 6).to(DEVICE)
+        with torch.no_grad():
+            ref.weight.copy_(w)
+            ref.bias.copy_(b)
+        _assert_close(y, ref(x, residual=r, t=t).double(), TOL[F32], "y")
+        dy = rnd(2, 6, 3, 5)  # NCHW, whatever x's layout
+        torch.library.opcheck(torch.ops.fastddpm.group_norm_gelu_backward.default,
+                              (dy, x, w, b, r, mean, rstd, 2, True), test_utils=utils)
 
 
 def _large_mean_error() -> float:
