@@ -223,9 +223,9 @@ def test_single_program_several_tiles(shape, num_groups, reduction):
     _check(shape, num_groups, residual=False)
 
 
-@pytest.mark.parametrize("split", [False, True], ids=["program-per-group", "split"])
-@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
-@pytest.mark.parametrize("dtype,w_dtype", [(F32, F32), (F16, F16), (BF16, F32)], ids=["fp32", "fp16", "bf16-w32"])
+@pytest.mark.parametrize("dtype,w_dtype,channels_last,split", [
+    (F32, F32, False, False), (F32, F32, True, True), (F16, F16, True, False), (BF16, F32, False, True)],
+    ids=["fp32-nchw-program-per-group", "fp32-nhwc-split", "fp16-nhwc-program-per-group", "bf16-w32-nchw-split"])
 def test_persistent_programs_stride_over_rows(monkeypatch, dtype, w_dtype, channels_last, split):
     """PERSISTENT: 3 programs for 20 (sample, group) rows (not a divisor: the last program does 6), each
     kernel looping over the rows its program id strides to; every output and gradient matches."""

@@ -111,8 +111,9 @@ def test_compiled_layout_optimisation_hands_the_fused_op_channels_last(monkeypat
     """Inductor's layout optimisation (on by itself for a GPU's inference graph, the sampling engines')
     computes the convolutions channels_last. The fused op is tagged flexible_layout, so Inductor hands it
     those tensors as they are: every call sees channels_last input, where the default (exact eager
-    strides) had Inductor copy each one back to NCHW and the result forward again. Forward and backward
-    still match the eager Triton path."""
+    strides) had Inductor copy each one back to NCHW and the result forward again. The output still
+    matches the eager Triton path. (The backward op's handling of any strides: opcheck in
+    test_kernels_groupnorm_gelu.py; a training graph, which Inductor keeps NCHW: the tests above.)"""
     import torch._inductor.config as inductor_config
 
     from fastddpm.kernels import groupnorm_gelu as gng
@@ -127,10 +128,11 @@ def test_compiled_layout_optimisation_hands_the_fused_op_channels_last(monkeypat
 
     monkeypatch.setattr(gng, "_forward", recording)
     torch.manual_seed(2)
-    model = UNet(base_channels=4, kernels="triton").to(DEVICE)
+    model = UNet(base_channels=4, kernels="triton").to(DEVICE).eval()
     x = torch.randn(2, 3, 32, 32, device=DEVICE)
     t = torch.tensor([3, 640], device=DEVICE)
-    y_ref, g_ref = _run(model, x, t, "triton")
+    with torch.no_grad():
+        y_ref = model(x, t)
     torch._dynamo.reset()
     compiled = torch.compile(model, fullgraph=True)
     layouts.clear()
@@ -138,8 +140,4 @@ def test_compiled_layout_optimisation_hands_the_fused_op_channels_last(monkeypat
         y = compiled(x, t)
     assert len(layouts) == 26 and all(layouts)  # every GroupNorm of the U-Net, none converted back
     torch.testing.assert_close(y, y_ref, atol=1e-5 * y_ref.abs().max().item(), rtol=1e-4)
-    model.zero_grad(set_to_none=True)
-    compiled(x, t).float().square().mean().backward()  # the backward takes whatever layout dy arrives in
-    for name, p in model.named_parameters():
-        assert _rel(p.grad, g_ref[name]) < 1e-4, name
     torch._dynamo.reset()
