@@ -20,9 +20,9 @@ M2 merged with Chan et al.'s formula, as stable as Welford but made of plain ``t
 kernel combines. Small groups keep one fused program. Weight/bias gradients are per-program partial
 sums reduced by ``torch.sum``: deterministic, no atomics.
 
-Every split kernel loops over the (sample, group) rows its program id strides to: once each with the
-default grid, several with ``PERSISTENT`` row programs per SM, which bounds the groups in flight. The
-launch knobs are module settings read at each launch; ``launch_settings(**knobs)`` sets them by the
+With ``PERSISTENT`` row programs per SM, every split kernel loops over the (sample, group) rows its
+program id strides to, which bounds the groups in flight; by default a program takes one row and the
+kernels compile without the loop. The launch knobs are module settings read at each launch; ``launch_settings(**knobs)`` sets them by the
 names of ``LAUNCH_KNOBS`` for a block (the bench's sweep and its ``path@knob=value`` cases use it).
 
 Registered with ``torch.library.custom_op`` (+ fake + autograd) so ``torch.compile(fullgraph=True)``
