@@ -5,10 +5,10 @@ Triton's interpreter, which runs the kernel tests on a machine without a GPU, ac
 compiler refuses (a global that is not a ``tl.constexpr``, a value whose type the compiler cannot
 infer, ...); such a kernel passes every CPU test and fails on its first GPU call. So: run the Triton
 paths under the interpreter (the U-Net forward and backward on both GroupNorm reduction styles and
-both paths, single program and split, in fp32 and bf16; the fused reverse step, with and without
-clipping; its noise), record each distinct launch (kernel, argument types, constexpr values), and
-compile each one in a fresh process, without the interpreter, through Triton's own pipeline down to
-a cubin for sm_90 (Triton ships ptxas; no GPU is needed).
+both paths, single program and split, in fp32 and bf16, and with persistent row programs; the fused
+reverse step, with and without clipping; its noise), record each distinct launch (kernel, argument
+types, constexpr values), and compile each one in a fresh process, without the interpreter, through
+Triton's own pipeline down to a cubin for sm_90 (Triton ships ptxas; no GPU is needed).
 """
 import inspect
 import json
@@ -96,6 +96,9 @@ def _record(monkeypatch) -> list[dict]:
         for dtype in (torch.float32, torch.bfloat16):
             with torch.autocast("cpu", dtype=dtype, enabled=dtype != torch.float32):
                 model(x, t).float().square().mean().backward()
+    monkeypatch.setattr(gng, "PERSISTENT", 2)  # the kernels with their row loop (PERSIST)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        model(x, t).float().square().mean().backward()
     tables = {k: torch.rand(10) for k in ("inv_sqrt_alpha", "eps_coef", "sigma")}
     for dtype in (torch.float32, torch.bfloat16):
         reverse_step(x.to(dtype), x.to(dtype), 5, 1, **tables)
@@ -116,3 +119,4 @@ def test_every_kernel_launch_compiles_for_sm90(monkeypatch):
     result = json.loads(proc.stdout.strip().splitlines()[-1])
     assert not result["failures"], "\n".join(result["failures"])
     assert result["compiled"] == len(launches)
+    assert any(launch["constexprs"].get("PERSIST") for launch in launches)
