@@ -35,9 +35,10 @@ def model():
 
 def test_fast_engine_matches_eager_given_the_same_noise(model):
     """The fast engine (Triton GroupNorm+GELU, fused reverse step with in-kernel Philox) against the
-    eager loop fed the same Philox noise: the same images up to rounding."""
-    fast = sample(model, 5, T=6, seed=3, engine="fast", batch_size=2, progress=False)
-    eager = sample(model, 5, T=6, seed=3, engine="eager", noise="philox", batch_size=5, progress=False)
+    eager loop fed the same Philox noise: the same images up to rounding, over chunks of 2 and 1 (each
+    chunk's noise offset) and the last, noiseless step. Kept small: every step runs in the interpreter."""
+    fast = sample(model, 3, T=4, seed=3, engine="fast", batch_size=2, progress=False)
+    eager = sample(model, 3, T=4, seed=3, engine="eager", noise="philox", batch_size=3, progress=False)
     assert (fast.int() - eager.int()).abs().max() <= 1
     assert model.kernels == "auto"  # the caller's switch is restored
 
