@@ -93,7 +93,9 @@ native_tests() {
    timeout -k 10 120 "$PY" -m pytest -q -x -p no:cacheprovider tests/test_kernels_groupnorm_gelu.py -k resident \
      >"$WORK/resident-tests.log" 2>&1; echo "exit $?" >>"$WORK/resident-tests.log") &
   local graph=$!
-  stage "kernel tests (native${workers:+, ${workers[1]} workers})" 200 "$PY" -m pytest -q -x -p no:cacheprovider \
+  # No -x: under xdist one failure would stop every worker and hide the tests not yet run (a lease of
+  # 2026-11-27 lost 20 that way to one tolerance); the bench still stops on any failure.
+  stage "kernel tests (native${workers:+, ${workers[1]} workers})" 200 "$PY" -m pytest -q -p no:cacheprovider \
     "${workers[@]}" tests/test_kernels_groupnorm_gelu.py tests/test_kernels_reverse_step.py tests/test_unet_triton.py \
     tests/test_upsample_bilinear.py -k "not resident"
   rc=$?

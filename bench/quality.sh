@@ -71,7 +71,9 @@ fi
 # waited on the host half the time). The trainer checks its compiled step against eager before it
 # trains (exit 4 where they disagree). A graphed run that fails that check or crashes (not a budget
 # cut, a divergence or a usage error) goes on in the default mode: from its checkpoint, or afresh
-# with what is left of the budget. TRAIN_COMPILE_MODE forces a mode.
+# with what is left of the budget. TRAIN_COMPILE_MODE forces a mode. The GroupNorm path and the layout
+# stay auto: on an H100 under reduce-overhead, our Triton kernels in NHWC (fastddpm/measured.py; the
+# trainer logs what auto became); a resume in the default mode takes that mode's choice.
 MODE=${TRAIN_COMPILE_MODE:-reduce-overhead}
 (( SMOKE )) && MODE=${TRAIN_COMPILE_MODE:-default}  # the CPU smoke run does not compile (its test forces one)
 train() {  # train MINUTES [--resume]: the paper's U-Net for that budget, in compile mode $MODE

@@ -42,7 +42,8 @@ class TrainConfig:
     # (no per-kernel launch cost on the host); "default" until a GPU run measures the others faster
     compile_mode: str = "default"
     kernels: str = "auto"  # GroupNormGELU path: auto (see train.training_kernels, measured.py), triton, torch
-    channels_last: bool = False  # NHWC activations and weights; off until a GPU measures it faster
+    # NHWC activations and weights; None: auto (train.training_layout: where the card measured it faster)
+    channels_last: bool | None = None
     train_size: int = 0  # a fixed random subset of N training images (0: all); quick experiments and tests
     time_budget: float = 0.0  # minutes of training wall clock (compilation, validation, checkpoints included); 0: off
 

@@ -3,15 +3,16 @@
 An entry of ``MEASURED`` is what ``bench.report.auto_choices`` derives from one bench results file
 (``bench/results/<date>-<card>.json``): per dtype, the path with the higher rate there (images/s of
 a training step, image-steps/s of sampling), every figure having passed its guard against eager
-first; within 2 % (a tie) the preferred path of ``bench.report.TIE_PREFERENCE``. The training
-choice rests on NCHW measurements, and a ``--channels-last`` run takes it too (on the H100 the
-Triton kernels measured 16 % faster than Inductor's in NHWC, yet NHWC is the slower layout on both
-paths, so the NCHW choice stands).
+first; within 2 % (a tie) the preferred path of ``bench.report.TIE_PREFERENCE``. A compiled
+training step's GroupNorm path is chosen with each side in its faster measured layout, and the
+chosen side's layout is the training's ``--channels-last`` default (``layout_choice``): on the H100,
+under CUDA graphs, the Triton kernels' step ran fastest in NHWC (21,555 images/s, against 19,087 in
+NCHW and 17,127 for Inductor's in NCHW, one call).
 ``python -m bench.report FILE`` prints the entry for a new file (section "What auto chooses"), and
 ``tests/test_measured.py`` checks every entry against its file, so the table cannot drift from the
 measurements. Whatever an entry lacks (its card, a dtype, a compile mode) comes from the next
 measurement that has it, and ``choice``'s reason says which: the card's default compile mode, then
-``FALLBACK``, the card measured in every dtype.
+``FALLBACK``, the card measured in every dtype. A layout is never borrowed: unmeasured is NCHW.
 """
 from __future__ import annotations
 
@@ -24,10 +25,12 @@ class Measured:
     source: str  # the results file, relative to the repository root
     # sampling (batch 2,560): dtype -> "fast" or "compiled", the faster of the two there
     sample_engine: dict[str, str]
-    # a compiled training step (batch 256, NCHW): --compile-mode -> dtype -> "triton" or "torch", the
-    # GroupNorm path whose step was faster in that mode ("default": bench paths compiled vs fast;
-    # "reduce-overhead": compiled-graphs vs fast-graphs)
+    # a compiled training step (batch 256): --compile-mode -> dtype -> "triton" or "torch", the
+    # GroupNorm path whose step was faster in that mode, each in its faster measured layout
+    # ("default": bench paths compiled vs fast; "reduce-overhead": compiled-graphs(-nhwc) vs fast-graphs(-nhwc))
     train_kernels: dict[str, dict[str, str]] = field(default_factory=dict)
+    # --compile-mode -> dtype -> "nhwc" or "nchw": the faster layout of that chosen path, where it ran in both
+    train_layout: dict[str, dict[str, str]] = field(default_factory=dict)
 
 
 MEASURED = {
@@ -37,9 +40,10 @@ MEASURED = {
         train_kernels={"default": {"fp32": "torch", "fp16": "torch", "bf16": "torch"}},
     ),
     "h100-80gb-hbm3": Measured(
-        source="bench/results/2026-11-27-h100-80gb-hbm3.json",
-        sample_engine={"fp32": "compiled", "fp16": "compiled", "bf16": "compiled"},
-        train_kernels={"reduce-overhead": {"bf16": "torch"}},
+        source="bench/results/2026-11-27-h100-80gb-hbm3-f2564d9.json",
+        sample_engine={"fp32": "fast", "fp16": "fast", "bf16": "fast"},
+        train_kernels={"reduce-overhead": {"bf16": "triton"}},
+        train_layout={"reduce-overhead": {"bf16": "nhwc"}},
     ),
 }
 FALLBACK = "h200"
@@ -72,8 +76,29 @@ def choice(card: str, dtype: str, mode: str | None = None) -> tuple[str, str]:
     raise LookupError(f"fastddpm.measured: {FALLBACK!r} has no {dtype} entry")  # a test keeps it complete
 
 
-def choice_for(device, dtype: str, mode: str | None = None) -> tuple[str, str]:
-    """``choice`` for a CUDA device."""
+def layout_choice(card: str, dtype: str, mode: str, kernels: str) -> tuple[bool, str]:
+    """(channels_last, why) for a compiled training step on ``card`` with GroupNorm path ``kernels``:
+    NHWC where this card measured that path, chosen for this dtype and compile mode, faster in it."""
+    entry = MEASURED.get(card)
+    if entry and entry.train_kernels.get(mode, {}).get(dtype) == kernels:
+        layout = entry.train_layout.get(mode, {}).get(dtype)
+        if layout:
+            return layout == "nhwc", f"{layout.upper()}, measured faster for this path on this card ({entry.source})"
+    return False, (f"NCHW: the {kernels} path's layouts were not measured side by side on {card or 'this card'} "
+                   f"in {dtype} under --compile-mode {mode}")
+
+
+def _card(device) -> str:
     import torch
 
-    return choice(card_slug(torch.cuda.get_device_name(device)), dtype, mode)
+    return card_slug(torch.cuda.get_device_name(device))
+
+
+def choice_for(device, dtype: str, mode: str | None = None) -> tuple[str, str]:
+    """``choice`` for a CUDA device."""
+    return choice(_card(device), dtype, mode)
+
+
+def layout_choice_for(device, dtype: str, mode: str, kernels: str) -> tuple[bool, str]:
+    """``layout_choice`` for a CUDA device."""
+    return layout_choice(_card(device), dtype, mode, kernels)

@@ -152,6 +152,22 @@ def training_kernels(kernels: str, device: torch.device, compiled: bool, compile
     return path, f"auto: {why}"
 
 
+def training_layout(channels_last: bool | None, device: torch.device, compiled: bool, compile_mode: str,
+                    dtype: str, kernels: str) -> tuple[bool, str]:
+    """(channels_last, why) for a training run on GroupNorm path ``kernels``. None (auto) under
+    torch.compile on CUDA is the layout in which that path's compiled step measured faster on this
+    kind of card, in this dtype and compile mode (``fastddpm.measured``; on the H100 under
+    reduce-overhead, the Triton path in NHWC); NCHW wherever that was not measured."""
+    if channels_last is not None:
+        return channels_last, "asked for"
+    if not compiled or device.type != "cuda":
+        return False, "auto: NCHW, the layout measured only for compiled steps on CUDA"
+    from fastddpm.measured import layout_choice_for
+
+    nhwc, why = layout_choice_for(device, dtype, compile_mode, kernels)
+    return nhwc, f"auto: {why}"
+
+
 class Trainer:
     """One training run. With ``world > 1`` (under torchrun) the model is wrapped in PyTorch's
     DistributedDataParallel, each rank draws a disjoint shard of every epoch, and rank 0 alone
@@ -173,7 +189,11 @@ class Trainer:
         self.model = UNet(cfg.base_channels, kernels=kernels).to(device)
         if kernels != cfg.kernels:  # what "auto" became, and on what measurement
             self.log(f"GroupNorm+GELU kernels: {kernels} ({why})")
-        self.memory_format = torch.channels_last if cfg.channels_last else torch.contiguous_format
+        channels_last, why = training_layout(cfg.channels_last, device, compile_, cfg.compile_mode, cfg.dtype,
+                                             kernels)
+        if cfg.channels_last is None and device.type == "cuda":  # what "auto" became, and on what measurement
+            self.log(f"memory layout: {'NHWC' if channels_last else 'NCHW'} ({why})")
+        self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
         self.model.to(memory_format=self.memory_format)
         self.net = self.model  # what the training step calls: DDP and/or compiled wrappers of the model
         if world > 1:
@@ -596,7 +616,11 @@ def build_parser() -> ArgumentParser:
                                      "faster on this kind of card, see fastddpm/measured.py; Triton on CUDA "
                                      "without it), triton, torch")
     p.add_argument("--channels-last", dest="channels_last", action="store_const", const=True,
-                   help="NHWC memory layout for the convolutions (default off: not yet measured faster)")
+                   help="NHWC memory layout for weights and activations (default: auto: under --compile on CUDA, "
+                        "the layout in which the chosen GroupNorm path's step measured faster on this kind of "
+                        "card, see fastddpm/measured.py; NCHW elsewhere)")
+    p.add_argument("--no-channels-last", dest="channels_last", action="store_const", const=False,
+                   help="NCHW whatever was measured")
     p.add_argument("--progress", dest="progress", action="store_true", default=None,
                    help="progress bars (default: when stderr is a terminal)")
     p.add_argument("--no-progress", dest="progress", action="store_false")

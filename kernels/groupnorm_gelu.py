@@ -22,8 +22,9 @@ sums reduced by ``torch.sum``: deterministic, no atomics.
 
 With ``PERSISTENT`` row programs per SM, every split kernel loops over the (sample, group) rows its
 program id strides to, which bounds the groups in flight; by default a program takes one row and the
-kernels compile without the loop. The launch knobs are module settings read at each launch; ``launch_settings(**knobs)`` sets them by the
-names of ``LAUNCH_KNOBS`` for a block (the bench's sweep and its ``path@knob=value`` cases use it).
+kernels compile without the loop. The launch knobs are module settings read at each launch;
+``launch_settings(**knobs)`` sets them by the names of ``LAUNCH_KNOBS`` for a block (the bench's sweep
+and its ``path@knob=value`` cases use it).
 
 Registered with ``torch.library.custom_op`` (+ fake + autograd) so ``torch.compile(fullgraph=True)``
 traces through it, tagged ``flexible_layout``: Inductor may hand it channels_last activations as they
@@ -69,11 +70,14 @@ _LANE_ACCUMULATE = False
 # The backward's reduction pass over a channels_last group accumulates per lane whatever
 # _LANE_ACCUMULATE says: there the dw/db sums run across the tile's strided (pixel) axis, a block-wide
 # reduction per tile, and the H100 profile of 2026-11-27 (bench/results/...-profile-fast.json) found
-# that pass 2.7x slower in NHWC than in NCHW (3.07 vs 1.16 ms a step). Not yet timed on a GPU.
+# that pass 2.7x slower in NHWC than in NCHW (3.07 vs 1.16 ms a step). Not timed alone since; with it
+# (and the changes of the same commits) the NHWC step became the faster layout on an H100
+# (bench/results/2026-11-27-h100-80gb-hbm3-f2564d9.json).
 _LANE_BWD_CHANNELS_LAST = True
 # Groups whose padded (power-of-two) tile holds at most this many elements take the resident path
 # (one program, one load of each input); 0 = off. The fastest setting at the 4x4 and 8x8 levels in the
-# H100 sweep of 2026-11-27 (bench/results/2026-11-27-h100-80gb-hbm3-tune.json); no step timed yet. Never above
+# H100 sweep of 2026-11-27 (bench/results/2026-11-27-h100-80gb-hbm3-tune.json), yet a whole NHWC training
+# step timed it within noise of off (0.99x, bench/results/2026-11-27-h100-80gb-hbm3-f2564d9.json). Never above
 # _RESIDENT_LIMIT: at 32 warps that is 16 fp32 values a thread per live tile, and the backward keeps
 # about five alive (x, dy, residual, du, x_hat) in a 64-register budget, so it spills beyond.
 RESIDENT_MAX = 0

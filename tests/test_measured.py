@@ -9,7 +9,8 @@ from bench import report
 from fastddpm.config import COMPILE_MODES, DTYPES
 from fastddpm.measured import FALLBACK, MEASURED, Measured, card_slug
 from fastddpm.sampling import auto_engine
-from fastddpm.train import training_kernels
+from fastddpm import train as train_mod
+from fastddpm.train import training_kernels, training_layout
 from tests.test_bench import ROOT, _entry
 
 CUDA = torch.device("cuda")
@@ -41,30 +42,41 @@ def test_auto_choices_take_the_faster_path_at_the_headline_batch_only(tmp_path, 
          _entry("train_step", "fast", "bf16", batch=256, items_per_s=4000.0, **seed),
          _entry("train_step", "compiled", "bf16", batch=64, items_per_s=1000.0, **seed),  # a batch sweep's point
          _entry("train_step", "fast", "bf16", batch=64, items_per_s=9000.0, **seed),
+         # under CUDA graphs each side in its faster layout: Inductor's NHWC step beats our NCHW one
          _entry("train_step", "compiled-graphs", "bf16", batch=256, items_per_s=8000.0, **seed),
+         _entry("train_step", "compiled-graphs-nhwc", "bf16", batch=256, items_per_s=11000.0, **seed),
          _entry("train_step", "fast-graphs", "bf16", batch=256, items_per_s=10000.0, **seed),
+         # ours wins, NHWC within a tie of its NCHW: NCHW; one layout measured on the chosen side: no layout
+         _entry("train_step", "compiled-graphs", "fp16", batch=256, items_per_s=8000.0, **seed),
+         _entry("train_step", "fast-graphs", "fp16", batch=256, items_per_s=10000.0, **seed),
+         _entry("train_step", "fast-graphs-nhwc", "fp16", batch=256, items_per_s=10100.0, **seed),
+         _entry("train_step", "compiled-graphs", "fp32", batch=256, items_per_s=8000.0, **seed),
+         _entry("train_step", "fast-graphs-nhwc", "fp32", batch=256, items_per_s=9000.0, **seed),
          _entry("train_step", "fast", "fp16", batch=256, items_per_s=10000.0, **seed),  # no compiled fp16: no entry
          _entry("sampling", "compiled", "fp32", batch=2560, items_per_s=2.0),
          _entry("sampling", "fast", "fp32", batch=2560, items_per_s=3.0),
          _entry("sampling", "compiled", "bf16", batch=2560, items_per_s=3.0),
          _entry("sampling", "fast", "bf16", batch=2560, items_per_s=2.0)]
-    assert report.auto_choices(e) == {"sample_engine": {"fp32": "fast", "bf16": "compiled"},
-                                      "train_kernels": {"default": {"bf16": "torch"},
-                                                        "reduce-overhead": {"bf16": "triton"}}}
+    assert report.auto_choices(e) == {
+        "sample_engine": {"fp32": "fast", "bf16": "compiled"},
+        "train_kernels": {"default": {"bf16": "torch"},
+                          "reduce-overhead": {"fp32": "triton", "fp16": "triton", "bf16": "torch"}},
+        "train_layout": {"reduce-overhead": {"fp16": "nchw", "bf16": "nhwc"}}}
     # within 2 % the two tie, and a tie goes to the preferred path: fast for sampling, torch for training
     tie = [_entry("sampling", "compiled", "fp16", batch=2560, items_per_s=100.0),
            _entry("sampling", "fast", "fp16", batch=2560, items_per_s=98.5),
            _entry("train_step", "compiled", "fp16", batch=256, items_per_s=100.0, **seed),
            _entry("train_step", "fast", "fp16", batch=256, items_per_s=101.5, **seed)]
     assert report.auto_choices(tie) == {"sample_engine": {"fp16": "fast"},
-                                        "train_kernels": {"default": {"fp16": "torch"}}}
+                                        "train_kernels": {"default": {"fp16": "torch"}}, "train_layout": {}}
     path = tmp_path / "r.json"
     path.write_text(json.dumps({"benchmarks": e}))
     monkeypatch.delitem(MEASURED, "h100-80gb-hbm3", raising=False)
     text = report.render(*report.load([path]))  # an H100 that fastddpm.measured does not have
     assert "has no entry for h100-80gb-hbm3: it falls back to another card's" in text
     assert ('"h100-80gb-hbm3": Measured(source="bench/results/<this file>.json", sample_engine={"fp32": "fast", '
-            '"bf16": "compiled"}, train_kernels={"default": {"bf16": "torch"}, "reduce-overhead": {"bf16": "triton"}}),'
+            '"bf16": "compiled"}, train_kernels={"default": {"bf16": "torch"}, "reduce-overhead": {"fp32": "triton", '
+            '"fp16": "triton", "bf16": "torch"}}, train_layout={"reduce-overhead": {"fp16": "nchw", "bf16": "nhwc"}}),'
             ) in text
 
 
@@ -115,13 +127,41 @@ def test_the_h100_entry_says_which_mode_it_was_measured_in(on_card):
     and says that the H100 lacks that mode, not that it was never measured in the dtype."""
     on_card("NVIDIA H100 80GB HBM3")
     h100, fb = MEASURED["h100-80gb-hbm3"], MEASURED[FALLBACK]
-    assert auto_engine(CUDA, torch.float16, True) == ("compiled", f"measured fastest on this card ({h100.source})")
+    assert auto_engine(CUDA, torch.float16, True) == (h100.sample_engine["fp16"],
+                                                      f"measured fastest on this card ({h100.source})")
     path, why = training_kernels("auto", CUDA, True, "reduce-overhead", "bf16", True)
-    assert (path, why) == ("torch", f"auto: measured fastest on this card ({h100.source})")
+    assert (path, why) == (h100.train_kernels["reduce-overhead"]["bf16"],
+                           f"auto: measured fastest on this card ({h100.source})")
     path, why = training_kernels("auto", CUDA, True, "default", "bf16", True)
     assert path == fb.train_kernels["default"]["bf16"]
     assert why == f"auto: h100-80gb-hbm3 not measured in bf16 under --compile-mode default: the {FALLBACK}'s " \
         f"choice ({fb.source})"
+
+
+def test_training_layout_is_the_measured_one_for_the_path_it_runs(on_card):
+    """--channels-last's auto: NHWC only where this card measured the chosen path faster in it, in
+    this dtype and compile mode; never another card's, another path's or another mode's layout."""
+    on_card("NVIDIA H100 80GB HBM3")
+    h100 = MEASURED["h100-80gb-hbm3"]
+    mode, dtype = "reduce-overhead", "bf16"
+    path = h100.train_kernels[mode][dtype]
+    nhwc, why = training_layout(None, CUDA, True, mode, dtype, path)
+    assert nhwc == (h100.train_layout[mode][dtype] == "nhwc") and why.startswith("auto: ") and h100.source in why
+    other = {"triton": "torch", "torch": "triton"}[path]
+    assert training_layout(None, CUDA, True, mode, dtype, other) == (
+        False, f"auto: NCHW: the {other} path's layouts were not measured side by side on h100-80gb-hbm3 in bf16 "
+               f"under --compile-mode {mode}")
+    assert training_layout(None, CUDA, True, "default", dtype, path)[0] is False  # not measured in this mode
+    assert training_layout(None, CUDA, True, mode, "fp16", path)[0] is False  # nor in this dtype
+    on_card("NVIDIA A100-SXM4-80GB")  # no entry: NCHW, not the fallback card's
+    assert training_layout(None, CUDA, True, mode, dtype, path)[0] is False
+    # an explicit choice is kept; uncompiled or off CUDA, auto is NCHW
+    assert training_layout(True, CUDA, True, "default", dtype, "torch") == (True, "asked for")
+    assert training_layout(False, CUDA, True, mode, dtype, path) == (False, "asked for")
+    assert training_layout(None, CUDA, False, mode, dtype, path)[0] is False
+    assert training_layout(None, torch.device("cpu"), True, mode, dtype, path)[0] is False
+    parse = train_mod.build_parser().parse_args
+    assert [parse(a).channels_last for a in ([], ["--channels-last"], ["--no-channels-last"])] == [None, True, False]
 
 
 def test_what_an_entry_lacks_comes_from_the_fallback_card_and_says_so(on_card, monkeypatch):
