@@ -94,8 +94,9 @@ native_tests() {
      >"$WORK/resident-tests.log" 2>&1; echo "exit $?" >>"$WORK/resident-tests.log") &
   local graph=$!
   # No -x: under xdist one failure would stop every worker and hide the tests not yet run (a lease of
-  # 2026-11-27 lost 20 that way to one tolerance); the bench still stops on any failure.
-  stage "kernel tests (native${workers:+, ${workers[1]} workers})" 200 "$PY" -m pytest -q -p no:cacheprovider \
+  # 2026-11-27 left 19 of 168 unrun that way, after 149 in 170 s); the bench still stops on any failure,
+  # and on a run cut off by its cap (some kernels untested).
+  stage "kernel tests (native${workers:+, ${workers[1]} workers})" 300 "$PY" -m pytest -q -p no:cacheprovider \
     "${workers[@]}" tests/test_kernels_groupnorm_gelu.py tests/test_kernels_reverse_step.py tests/test_unet_triton.py \
     tests/test_upsample_bilinear.py -k "not resident"
   rc=$?
@@ -109,15 +110,15 @@ native_tests() {
   return "$rc"
 }
 
-# A stage cut off by its cap (124) still counts as run; a test run killed after ignoring the
-# interrupt (137) counts as failed.
+# A bench stage cut off by its cap (124) still counts as run; the kernel tests must finish and pass.
 STATUS=0
 for s in $STAGES; do
   case $s in
     tests)
       native_tests; rc=$?
-      if (( rc != 0 && rc != 124 )); then
-        say "the native kernel tests failed (exit $rc): no bench runs on wrong kernels; stopping here"
+      if (( rc != 0 )); then
+        say "the native kernel tests failed or did not finish (exit $rc): no bench runs on untested kernels;" \
+          "stopping here"
         STATUS=1
         break
       fi ;;

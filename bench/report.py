@@ -172,16 +172,21 @@ def train_section(entries) -> str:
         " (the step's cost does not depend on T)." + graphed_train_table(g)
 
 
+def measured(d: dict, impl: str) -> bool:
+    """Whether ``d`` ({impl: info}) has a rate for ``impl``."""
+    return bool(d.get(impl) and d[impl].get("items_per_s"))
+
+
 def best(d: dict, impls) -> str | None:
     """The fastest of ``impls`` measured in ``d`` ({impl: info}): a side of a comparison in its best
     measured layout."""
-    measured = [m for m in impls if d.get(m) and d[m].get("items_per_s")]
-    return max(measured, key=lambda m: d[m]["items_per_s"]) if measured else None
+    have = [m for m in impls if measured(d, m)]
+    return max(have, key=lambda m: d[m]["items_per_s"]) if have else None
 
 
 def unmeasured(d: dict) -> str:
     """Which graphed paths ``d`` lacks, for a best-layout comparison made without them."""
-    missing = [m for m in GRAPHED if not (d.get(m) and d[m].get("items_per_s"))]
+    missing = [m for m in GRAPHED if not measured(d, m)]
     return f"; {', '.join(missing)} not measured" if missing else ""
 
 
@@ -314,7 +319,7 @@ def targets_section(entries) -> str:
         r = fg_best / cg_best
         # a side measured in one layout only bounds its best: "met" needs compiled's every layout,
         # "not met" ours
-        lacking = [m for m in (GRAPHED_COMPILED if r >= 1.5 else GRAPHED_FAST) if not graphed.get(m)]
+        lacking = [m for m in (GRAPHED_COMPILED if r >= 1.5 else GRAPHED_FAST) if not measured(graphed, m)]
         lines.append(f"- training, bf16, batch {b}, CUDA graphs on both: {fg_name} ≥ 1.5× {cg_name}: "
                      f"**{r:.2f}×** — {'not assessed' if lacking else verdict(r >= 1.5)} (each side's best "
                      f"layout{unmeasured(graphed)})")
@@ -358,20 +363,20 @@ TIE = 0.02
 TIE_PREFERENCE = {"sampling": "fast", "train_step": "torch"}
 
 
-# Training's compiled paths per compile mode: GroupNorm path -> its bench paths, NCHW first.
-TRAIN_PATHS = {"default": {"triton": ("fast",), "torch": ("compiled",)},
-               "reduce-overhead": {"triton": GRAPHED_FAST, "torch": GRAPHED_COMPILED}}
+# Training's compiled paths per compile mode: GroupNorm path -> layout -> its bench path.
+TRAIN_PATHS = {"default": {"triton": {"nchw": "fast"}, "torch": {"nchw": "compiled"}},
+               "reduce-overhead": {"triton": dict(zip(("nchw", "nhwc"), GRAPHED_FAST)),
+                                   "torch": dict(zip(("nchw", "nhwc"), GRAPHED_COMPILED))}}
 
 
 def auto_choices(entries) -> dict:
     """What ``auto`` should choose on the card of ``entries`` (fastddpm.measured.Measured's fields but
     ``source``): per dtype, the faster of the paths measured side by side at the headline batch,
     within ``TIE`` the preferred one. Sampling: engine fast or compiled. Training, compiled, per
-    compile mode: the GroupNorm path ("triton" where our kernels' step was faster), each side in its
-    faster measured layout (default: fast vs compiled; reduce-overhead: fast-graphs(-nhwc) vs
-    compiled-graphs(-nhwc)); then the chosen side's layout, "nhwc" only where it measured faster
-    than that side's NCHW beyond a tie. A dtype or mode missing a side has no entry; a chosen side
-    measured in one layout only, no layout entry."""
+    compile mode: first each GroupNorm path's layout (NHWC only where it beat that path's NCHW
+    beyond a tie, or ran alone), then the path ("triton" where our kernels' step was faster), each
+    at the figure of the layout it would run in (default: fast vs compiled, NCHW; reduce-overhead:
+    fast-graphs(-nhwc) vs compiled-graphs(-nhwc)). A dtype or mode missing a path has no entry."""
     info = [e["extra_info"] for e in entries]
 
     def rate(workload, dtype, impl):
@@ -387,15 +392,18 @@ def auto_choices(entries) -> dict:
             sample_engine[d] = faster(fast, compiled, ("fast", "compiled"), TIE_PREFERENCE["sampling"])
     for mode, sides in TRAIN_PATHS.items():
         for d in DTYPES:
-            rates = {k: [rate("train_step", d, impl) for impl in impls] for k, impls in sides.items()}
-            top = {k: max((r for r in rs if r), default=None) for k, rs in rates.items()}
-            if not all(top.values()):
-                continue
-            path = faster(top["triton"], top["torch"], ("triton", "torch"), TIE_PREFERENCE["train_step"])
-            train_kernels.setdefault(mode, {})[d] = path
-            layouts = rates[path]
-            if len(layouts) == 2 and all(layouts):
-                train_layout.setdefault(mode, {})[d] = faster(layouts[1], layouts[0], ("nhwc", "nchw"), "nchw")
+            runs = {}  # GroupNorm path -> (the layout it would run in, its rate there)
+            for path, impls in sides.items():
+                r = {layout: rate("train_step", d, impl) for layout, impl in impls.items()}
+                r = {layout: v for layout, v in r.items() if v}
+                if r:
+                    layout = (faster(r["nhwc"], r["nchw"], ("nhwc", "nchw"), "nchw") if len(r) == 2
+                              else next(iter(r)))
+                    runs[path] = layout, r[layout]
+            if len(runs) == 2:
+                path = faster(runs["triton"][1], runs["torch"][1], ("triton", "torch"), TIE_PREFERENCE["train_step"])
+                train_kernels.setdefault(mode, {})[d] = path
+                train_layout.setdefault(mode, {})[d] = runs[path][0]
     return {"sample_engine": sample_engine, "train_kernels": train_kernels, "train_layout": train_layout}
 
 

@@ -39,7 +39,8 @@ class TrainConfig:
     val_size: int = 10000  # validation images (the test split) used for the per-epoch val loss
     compile: bool | None = None  # torch.compile the model; None: on CUDA only
     # torch.compile's mode: "reduce-overhead" replays the compiled forward and backward as CUDA graphs
-    # (no per-kernel launch cost on the host); "default" until a GPU run measures the others faster
+    # (no per-kernel launch cost on the host; the faster in the bench); "default" until a whole training run
+    # confirms it on a GPU
     compile_mode: str = "default"
     kernels: str = "auto"  # GroupNormGELU path: auto (see train.training_kernels, measured.py), triton, torch
     # NHWC activations and weights; None: auto (train.training_layout: where the card measured it faster)

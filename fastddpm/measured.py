@@ -4,8 +4,8 @@ An entry of ``MEASURED`` is what ``bench.report.auto_choices`` derives from one 
 (``bench/results/<date>-<card>.json``): per dtype, the path with the higher rate there (images/s of
 a training step, image-steps/s of sampling), every figure having passed its guard against eager
 first; within 2 % (a tie) the preferred path of ``bench.report.TIE_PREFERENCE``. A compiled
-training step's GroupNorm path is chosen with each side in its faster measured layout, and the
-chosen side's layout is the training's ``--channels-last`` default (``layout_choice``): on the H100,
+training step's GroupNorm path is chosen with each side in its faster measured layout, and that
+layout is the training's ``--channels-last`` default (``layout_choice``): on the H100, in bf16,
 under CUDA graphs, the Triton kernels' step ran fastest in NHWC (21,555 images/s, against 19,087 in
 NCHW and 17,127 for Inductor's in NCHW, one call).
 ``python -m bench.report FILE`` prints the entry for a new file (section "What auto chooses"), and
@@ -29,7 +29,8 @@ class Measured:
     # GroupNorm path whose step was faster in that mode, each in its faster measured layout
     # ("default": bench paths compiled vs fast; "reduce-overhead": compiled-graphs(-nhwc) vs fast-graphs(-nhwc))
     train_kernels: dict[str, dict[str, str]] = field(default_factory=dict)
-    # --compile-mode -> dtype -> "nhwc" or "nchw": the faster layout of that chosen path, where it ran in both
+    # --compile-mode -> dtype -> "nhwc" or "nchw": the layout whose figure chose that path (its faster one
+    # where it ran in both, NCHW on a tie)
     train_layout: dict[str, dict[str, str]] = field(default_factory=dict)
 
 
@@ -38,6 +39,7 @@ MEASURED = {
         source="bench/results/2026-11-26-h200.json",
         sample_engine={"fp32": "compiled", "fp16": "compiled", "bf16": "fast"},
         train_kernels={"default": {"fp32": "torch", "fp16": "torch", "bf16": "torch"}},
+        train_layout={"default": {"fp32": "nchw", "fp16": "nchw", "bf16": "nchw"}},
     ),
     "h100-80gb-hbm3": Measured(
         source="bench/results/2026-11-27-h100-80gb-hbm3-f2564d9.json",
@@ -78,14 +80,15 @@ def choice(card: str, dtype: str, mode: str | None = None) -> tuple[str, str]:
 
 def layout_choice(card: str, dtype: str, mode: str, kernels: str) -> tuple[bool, str]:
     """(channels_last, why) for a compiled training step on ``card`` with GroupNorm path ``kernels``:
-    NHWC where this card measured that path, chosen for this dtype and compile mode, faster in it."""
+    the layout whose figure chose that path on this card, in this dtype and compile mode; NCHW where
+    this card's measurement did not choose it."""
     entry = MEASURED.get(card)
     if entry and entry.train_kernels.get(mode, {}).get(dtype) == kernels:
         layout = entry.train_layout.get(mode, {}).get(dtype)
         if layout:
-            return layout == "nhwc", f"{layout.upper()}, measured faster for this path on this card ({entry.source})"
-    return False, (f"NCHW: the {kernels} path's layouts were not measured side by side on {card or 'this card'} "
-                   f"in {dtype} under --compile-mode {mode}")
+            return layout == "nhwc", f"{layout.upper()}, the layout this path measured fastest in ({entry.source})"
+    return False, (f"NCHW: no measured layout for the {kernels} path on {card or 'this card'} in {dtype} under "
+                   f"--compile-mode {mode}")
 
 
 def _card(device) -> str:
