@@ -156,12 +156,12 @@ def training_layout(channels_last: bool | None, device: torch.device, compiled: 
                     dtype: str, kernels: str) -> tuple[bool, str]:
     """(channels_last, why) for a training run on GroupNorm path ``kernels``. None (auto) under
     torch.compile on CUDA is the layout in which that path's compiled step measured faster on this
-    kind of card, in this dtype and compile mode (``fastddpm.measured``; on the H100 under
+    kind of card, in this dtype and compile mode (``fastddpm.measured``; on the H100 in bf16 under
     reduce-overhead, the Triton path in NHWC); NCHW wherever that was not measured."""
     if channels_last is not None:
         return channels_last, "asked for"
     if not compiled or device.type != "cuda":
-        return False, "auto: NCHW, the layout measured only for compiled steps on CUDA"
+        return False, "auto: NCHW (layouts are measured for compiled steps on CUDA only)"
     from fastddpm.measured import layout_choice_for
 
     nhwc, why = layout_choice_for(device, dtype, compile_mode, kernels)
