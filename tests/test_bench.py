@@ -132,6 +132,21 @@ def test_launch_settings_are_checked_where_paths_are_named(monkeypatch):
     assert common.impls_from_env("FASTDDPM_TEST_IMPLS", ("fast", "compiled"), paths, triton) == ("fast", "compiled")
 
 
+def test_profile_categories_name_the_fused_kernels_by_their_main_op():
+    """Kernel names from the H100 profile of 2026-11-27: an Inductor kernel is filed under the op
+    it is for, not under the casts it fused."""
+    from bench.profile_step import category
+
+    assert [category(n) for n in (
+        "triton_poi_fused__to_copy__unsafe_index_put_add_mul_neg_new_zeros_slice_1",  # upsampling's backward
+        "triton_poi_fused__to_copy__unsafe_index_add_cat_clone_mul_sub_57",  # its forward, with the concat
+        "triton_poi_fused_add_group_norm_gelu_backward_max_pool2d_with_indices_backward_slice_34",
+        "triton_poi_fused__to_copy_3",  # a weight cast alone
+        "void cudnn::engines_precompiled::nchwToNhwcKernel<__nv_bfloat16>",
+        "sm90_xmma_fprop_implicit_gemm_bf16bf16_bf16f32_f32_nhwckrsc_nhwc_tilesize128x128x64")] == [
+        "upsampling", "upsampling", "groupnorm", "casts", "layout", "convolution"]
+
+
 def test_profile_and_launch_sweep_tools_run(tmp_path):
     """The next GPU session's diagnosis tools, at the smoke size: the step profile splits the
     profiled time into categories that add up, for both layouts; the sampling profile times the
