@@ -25,7 +25,7 @@ from fastddpm.config import DTYPES, PRESETS, TrainConfig
 from fastddpm.diffusion import Diffusion
 from fastddpm.errors import ArgumentParser, CompiledStepError, DivergenceError, UsageError, run_cli
 from fastddpm.files import atomic_write
-from fastddpm.model import UNet
+from fastddpm.model import UNet, auto_kernels
 from fastddpm.progress import progress_bar, progress_enabled
 from fastddpm.sampling import autocast, check_device
 
@@ -187,6 +187,8 @@ class Trainer:
         kernels, why = training_kernels(cfg.kernels, device, compile_, cfg.compile_mode, cfg.dtype,
                                         unavailable_reason(device) is None)
         self.model = UNet(cfg.base_channels, kernels=kernels).to(device)
+        # what runs, recorded with the compile check (the model resolves its own "auto" the same way)
+        self.kernels = auto_kernels(device.type == "cuda") if kernels == "auto" else kernels
         if kernels != cfg.kernels:  # what "auto" became, and on what measurement
             self.log(f"GroupNorm+GELU kernels: {kernels} ({why})")
         channels_last, why = training_layout(cfg.channels_last, device, compile_, cfg.compile_mode, cfg.dtype,
@@ -349,7 +351,9 @@ class Trainer:
         self.gen.set_state(saved)
         tol_loss, tol_grads = COMPILE_CHECK_TOL[self.cfg.dtype]
         report = {"loss_rel": relative_error(got[0], want[0]), "grads_rel": relative_error(got[1], want[1]),
-                  "tol": [tol_loss, tol_grads], "mode": self.cfg.compile_mode, "seconds": self.clock() - start}
+                  "tol": [tol_loss, tol_grads], "mode": self.cfg.compile_mode, "kernels": self.kernels,
+                  "layout": "nhwc" if self.memory_format == torch.channels_last else "nchw",
+                  "seconds": self.clock() - start}
         if not (report["loss_rel"] <= tol_loss and report["grads_rel"] <= tol_grads):  # NaN fails too
             raise CompiledStepError(
                 f"the compiled training step ({self.cfg.compile_mode} mode) disagrees with eager: loss "

@@ -257,6 +257,7 @@ def test_compiled_step_is_checked_against_eager_before_training(tmp_path, monkey
     records = compiled.fit()
     check = next(r for r in records if r.get("event") == "compile_check")
     assert check["loss_rel"] == 0.0 and check["grads_rel"] == 0.0 and check["tol"] == [2e-3, 2e-2]
+    assert (check["kernels"], check["layout"]) == ("torch", "nchw")  # what "auto" became on the CPU
     assert "agrees with eager" in capsys.readouterr().out
     assert any(json.loads(line).get("event") == "compile_check" for line in
                (tmp_path / "c" / "metrics.jsonl").read_text().splitlines())
