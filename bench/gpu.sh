@@ -95,8 +95,9 @@ native_tests() {
   local graph=$!
   # No -x: under xdist one failure would stop every worker and hide the tests not yet run (a lease of
   # 2026-11-27 left 19 of 168 unrun that way, after 149 in 170 s); the bench still stops on any failure,
-  # and on a run cut off by its cap (some kernels untested).
-  stage "kernel tests (native${workers:+, ${workers[1]} workers})" 300 "$PY" -m pytest -q -p no:cacheprovider \
+  # and on a run cut off by its cap (some kernels untested): 300 s with 8 workers, 540 s serially.
+  stage "kernel tests (native${workers:+, ${workers[1]} workers})" $(( ${#workers[@]} ? 300 : 540 )) \
+    "$PY" -m pytest -q -p no:cacheprovider \
     "${workers[@]}" tests/test_kernels_groupnorm_gelu.py tests/test_kernels_reverse_step.py tests/test_unet_triton.py \
     tests/test_upsample_bilinear.py -k "not resident"
   rc=$?

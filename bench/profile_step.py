@@ -44,10 +44,10 @@ CATEGORIES = [
     ("groupnorm", r"group_norm|groupnorm|_gn_"),
     ("optimizer+ema", r"adam|foreach|multi_tensor|lerp"),
     ("attention", r"flash|fmha|attention|sdpa|efficient"),
-    # the Up blocks' bilinear x2 and its backward, which Inductor fuses with the casts around them
-    # (triton_poi_fused__to_copy__unsafe_index_put_...: the H100 profile of 2026-11-27 filed 1.7 ms
-    # of them under casts)
-    ("upsampling", r"upsample|_unsafe_index"),
+    # the Up blocks' bilinear x2 and its backward (the gather's index_select on the Triton path, the
+    # scatter's _unsafe_index_put on the torch one), which Inductor fuses with the casts around them:
+    # the H100 profile of 2026-11-27 filed 1.81 ms of them under casts
+    ("upsampling", r"upsample|_unsafe_index|index_select"),
     ("casts", r"_to_copy|convert|to_dtype"),
     ("layout", r"nchwtonhwc|nhwctonchw|transpose|permute|contiguous|clone|copy_|direct_copy"),
     ("convolution", r"^(?!triton_).*(conv|fprop|dgrad|wgrad|implicit_gemm|winograd)"),
