@@ -160,7 +160,7 @@ def test_profile_and_launch_sweep_tools_run(tmp_path):
                         "none,cudnn_benchmark+force_layout+cudagraphs"], prof),
                       (["bench.profile_step", "--workload", "sample", "--impls", "eager,fast", "--layouts", "nhwc",
                         "--steps", "1"], fwd),
-                      (["bench.tune_groupnorm", "--tile", "16", "--programs", "4", "--threads", "8", "--rounds", "1",
+                      (["bench.tune_groupnorm", "--tile", "64", "--programs", "4", "--threads", "8", "--rounds", "1",
                         "--lane", "0", "--split", "0,4096", "--resident", "0,512", "--variants", "fwd+bwd",
                         "--layouts", "nchw,nhwc", "--lane-bwd-nhwc", "0,1", "--batch", "2", "--persistent",
                         "1"], tune)):

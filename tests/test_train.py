@@ -365,12 +365,12 @@ def test_a_channels_last_step_keeps_every_activation_channels_last(tmp_path, ker
     """--channels-last is NHWC end to end on the CPU, forward and backward, on both kernel paths: no op
     turns an activation back to NCHW (on a GPU each such flip costs a transpose, as cuDNN's NHWC
     convolutions do for NCHW inputs: 3.0 of 13.3 ms of the H100's compiled NCHW step of 2026-11-27)."""
-    trainer = Trainer(tiny_config(channels_last=True, kernels=kernels, batch_size=4, train_size=8, val_size=0),
+    trainer = Trainer(tiny_config(channels_last=True, kernels=kernels, batch_size=2, train_size=8, val_size=0),
                       tmp_path, torch.device("cpu"), progress=False)
     model = trainer.model
     channels = {m.out_channels for m in model.modules() if isinstance(m, torch.nn.Conv2d)} - {1}
     audit = _LayoutAudit(channels, {32, 16, 8, 4})
-    x0 = torch.rand(4, 3, 32, 32) * 2 - 1
+    x0 = torch.rand(2, 3, 32, 32) * 2 - 1  # two samples: a batch, at half the interpreter's time
     with audit:
         trainer.train_step(x0)
     assert len(audit.nchw) == 0 and len(audit.mixed) == 0, (audit.nchw, audit.mixed)
