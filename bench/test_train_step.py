@@ -78,7 +78,7 @@ def first_step(tr, x0, warm_up: bool = False):
 
 def build(dtype, impl, batch=None):
     """The case at the headline batch (sizes' train_batch) or, for the batch sweep, at ``batch``."""
-    b = batch or C.S["train_batch"]
+    b, path = batch or C.S["train_batch"], C.split_impl(impl)[0]
     x0 = fixed_batch(b)
     tr = trainer(dtype, impl, batch=b)
     key = ("train", dtype, b)
@@ -88,7 +88,7 @@ def build(dtype, impl, batch=None):
     else:
         def check():
             ref_loss, ref_grads = C.reference(key, lambda: first_step(trainer(dtype, "eager", batch=b), x0))
-            loss, grads = first_step(tr, x0, warm_up=C.split_impl(impl)[0] in GRAPHED)
+            loss, grads = first_step(tr, x0, warm_up=path in GRAPHED)
             tol_loss, tol_grad = C.TOL[dtype]
             out = C.guard(f"loss vs eager ({dtype})", C.rel(loss, ref_loss), tol_loss)
             # fp16: the scaler's first scale overflows some gradients (a skipped step, in both paths)
@@ -102,7 +102,7 @@ def build(dtype, impl, batch=None):
         flops=C.model_flops(tr.model.base_channels, True) * b, check=check, rounds=C.S["train_rounds"],
         warmup=C.S["warmup"],
         info=dict(batch=b, preset=C.S["preset"], params=sum(p.numel() for p in tr.model.parameters())),
-        group_norm_kernels=PATHS[C.split_impl(impl)[0]].kernels == "triton")
+        group_norm_kernels=path in TRITON_PATHS)
 
 
 @pytest.mark.parametrize("params", CASES, ids=C.case_id)
