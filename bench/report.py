@@ -7,7 +7,8 @@ each implementation's figure, fast/eager and fast/compiled, MFU or the share of 
 roofline, and the projections: seconds to sample 5,120 images at T = 1000 and 2000, hours for the
 paper's 500 epochs of 50,000 images, next to what the paper's RTX 4070 took. Then issue 11's
 targets, and the entry of ``fastddpm/measured.py`` (what ``auto`` runs on this card) these results
-support.
+support. A ``bench.profile_step`` or ``bench.tune_groupnorm`` file is printed as its tool's own table;
+any other file is refused in one line (exit code 2).
 """
 from __future__ import annotations
 
@@ -30,25 +31,73 @@ PAPER_TRAIN_H = {("T=1000", "fp32"): 7.71, ("T=2000", "fp32"): 8.51, ("T=2000", 
 
 
 # --- loading ------------------------------------------------------------------------------------
+# The other tools' results files (one JSON document with "tool" and "rows"), each rendered by its own
+# table function (they import torch; the benchmark tables do not need it).
+TOOL_TABLES = {"bench.profile_step": "render", "bench.tune_groupnorm": "table"}
+KINDS = ("pytest-benchmark JSON, bench.run JSON lines, or a " + " / ".join(TOOL_TABLES) + " JSON")
+
+
+class NotResults(ValueError):
+    """A file that is none of the results this report reads (its message names the file and why)."""
+
+
+def parse(path) -> tuple[str, object]:
+    """("benchmarks", (rows, header)) or ("tool", document) for one results file; NotResults otherwise."""
+    try:
+        text = Path(path).read_text()
+    except UnicodeDecodeError:
+        raise NotResults(f"{path}: not text: expected {KINDS}") from None
+    try:
+        doc = json.loads(text)
+    except json.JSONDecodeError:
+        doc = None
+    if isinstance(doc, dict) and "benchmarks" in doc:
+        return "benchmarks", (doc["benchmarks"], {k: v for k, v in doc.items() if k != "benchmarks"})
+    if isinstance(doc, dict) and doc.get("tool") in TOOL_TABLES and isinstance(doc.get("rows"), list):
+        return "tool", doc
+    if isinstance(doc, dict) and "extra_info" not in doc:  # (one line of JSON lines is a document too)
+        raise NotResults(f"{path}: a JSON document with neither benchmarks nor a known tool's rows "
+                         f"(tool={doc.get('tool')!r}): expected {KINDS}")
+    rows = []
+    for n, line in enumerate(text.splitlines(), 1):  # JSON lines (one result a line)
+        try:
+            row = json.loads(line) if line.strip() else None
+        except json.JSONDecodeError:
+            row = None
+        if line.strip() and not isinstance(row, dict):
+            raise NotResults(f"{path}: line {n} is not a benchmark result: expected {KINDS}")
+        rows += [row] if row else []
+    return "benchmarks", (rows, {})
+
+
 def load(paths) -> tuple[list[dict], dict]:
     """(benchmark entries, the first document's header fields) from JSON or JSON-lines files."""
     entries, header = [], {}
     for path in paths:
-        text = Path(path).read_text()
-        try:
-            doc = json.loads(text)
-        except json.JSONDecodeError:
-            doc = None
-        if isinstance(doc, dict) and "benchmarks" in doc:
-            rows = doc["benchmarks"]
-            header = header or {k: v for k, v in doc.items() if k != "benchmarks"}
-        else:  # JSON lines (one result a line)
-            rows = [json.loads(line) for line in text.splitlines() if line.strip()]
+        kind, parsed = parse(path)
+        if kind != "benchmarks":
+            raise NotResults(f"{path}: a {parsed['tool']} file, not benchmark results")
+        rows, head = parsed
+        header = header or head
         entries += [r for r in rows if r.get("extra_info", {}).get("workload")]
     merged = {}
     for e in entries:  # the last result of a case wins
         merged[key(e["extra_info"])] = e
     return list(merged.values()), header
+
+
+def render_tool(doc: dict, source: str) -> str:
+    """A profile or launch-sweep file as its tool prints it, under the card, commit and command."""
+    import importlib
+
+    table_of = getattr(importlib.import_module(doc["tool"]), TOOL_TABLES[doc["tool"]])
+    rows = doc["rows"]
+    body = table_of(rows, (doc.get("args") or {}).get("top", 12)) if doc["tool"] == "bench.profile_step" \
+        else table_of(rows)
+    device = doc.get("card") or (doc.get("device") or {}).get("name", "?")
+    commit = doc.get("commit") or (doc.get("git") or {}).get("id") or "?"
+    return (f"# {doc['tool']}: {source}\n\n**device** {device} · commit {str(commit)[:12]} · "
+            f"{doc.get('date', '?')}\n\n`{doc.get('command', '?')}`\n\n{body}\n")
 
 
 def key(i: dict) -> tuple:
@@ -456,7 +505,8 @@ def record(entries: list[dict], commands: list[str], when: str | None) -> dict:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench.report", description=__doc__.split("\n\n")[0])
-    p.add_argument("results", nargs="+", help="pytest-benchmark / bench.run JSON, or JSON lines")
+    p.add_argument("results", nargs="+", help="pytest-benchmark / bench.run JSON, or JSON lines; or "
+                   "bench.profile_step / bench.tune_groupnorm JSON files (their tables)")
     p.add_argument("--merge", help="also write the merged results as one JSON here")
     p.add_argument("--command", action="append", default=[],
                    help="the command that produced the results (repeat for several runs): kept in the merged JSON")
@@ -465,6 +515,20 @@ def main(argv=None) -> int:
     if not existing:
         sys.stderr.write(f"error: none of {', '.join(a.results)} exists\n")
         return 2
+    try:
+        parsed = [(path, *parse(path)) for path in existing]
+    except NotResults as e:
+        sys.stderr.write(f"error: {e}\n")
+        return 2
+    tools = [(path, doc) for path, kind, doc in parsed if kind == "tool"]
+    existing = [path for path, kind, _ in parsed if kind == "benchmarks"]
+    if tools and (a.merge or existing):
+        sys.stderr.write(f"error: {tools[0][0]} is a {tools[0][1]['tool']} file: give it alone or with other "
+                         f"such files (no --merge, no benchmark results beside it)\n")
+        return 2
+    if tools:
+        sys.stdout.write("\n".join(render_tool(doc, path) for path, doc in tools))
+        return 0
     entries, header = load(existing)
     if a.merge:
         from bench.common import results_json, write_json  # imports torch (as does the "auto" section)
@@ -479,7 +543,6 @@ def main(argv=None) -> int:
         source = str(path.relative_to(root)) if path.is_relative_to(root) else source
     sys.stdout.write(render(entries, header, source))
     return 0
-
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -92,7 +92,8 @@ def export_weights(path, out, dtype: torch.dtype = torch.float16) -> Path:
     ``--resume`` refuses it."""
     ckpt = read_checkpoint(path)
     weights = {**ckpt["model"], **(ckpt.get("ema") or {})}
-    payload = {"config": ckpt["config"], "ema": None, "epoch": ckpt.get("epoch"), "step": ckpt.get("step"),
+    payload = {"config": ckpt["config"], "ran": ckpt.get("ran"), "ema": None, "epoch": ckpt.get("epoch"),
+               "step": ckpt.get("step"),
                "model": {k: v.to(dtype) if v.is_floating_point() else v for k, v in weights.items()},
                "exported": {"from_ema": bool(ckpt.get("ema")), "dtype": str(dtype).removeprefix("torch.")}}
     return save_checkpoint(payload, out)

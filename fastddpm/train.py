@@ -232,9 +232,18 @@ class Trainer:
         self.clock, self.clock_start = time.perf_counter, None  # the wall clock (tests give a fake one)
 
     # --- checkpoints ------------------------------------------------------------------------
+    @property
+    def ran(self) -> dict:
+        """How this process trains: what the config's "auto" (kernels, layout, compile) became here. The
+        checkpoint keeps the latest session's, beside the config that asked for it."""
+        return {"compile": self.compiled, "compile_mode": self.cfg.compile_mode if self.compiled else None,
+                "kernels": self.kernels, "layout": "nhwc" if self.memory_format == torch.channels_last else "nchw",
+                "device": torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else self.device.type}
+
     def payload(self) -> dict:
         return {
             "config": self.cfg.to_dict(),
+            "ran": self.ran,
             "model": self.model.state_dict(),
             "ema": self.ema.state_dict() if self.ema else None,
             "optimizer": self.opt.state_dict(),
@@ -351,9 +360,8 @@ class Trainer:
         self.gen.set_state(saved)
         tol_loss, tol_grads = COMPILE_CHECK_TOL[self.cfg.dtype]
         report = {"loss_rel": relative_error(got[0], want[0]), "grads_rel": relative_error(got[1], want[1]),
-                  "tol": [tol_loss, tol_grads], "mode": self.cfg.compile_mode, "kernels": self.kernels,
-                  "layout": "nhwc" if self.memory_format == torch.channels_last else "nchw",
-                  "seconds": self.clock() - start}
+                  "tol": [tol_loss, tol_grads], "mode": self.cfg.compile_mode, "kernels": self.ran["kernels"],
+                  "layout": self.ran["layout"], "seconds": self.clock() - start}
         if not (report["loss_rel"] <= tol_loss and report["grads_rel"] <= tol_grads):  # NaN fails too
             raise CompiledStepError(
                 f"the compiled training step ({self.cfg.compile_mode} mode) disagrees with eager: loss "

@@ -230,11 +230,11 @@ def _rect_apply(X, R, T, W, B, Y, base, n, c_off, c_lo, c_hi, h_lo, h_hi, stride
 
 
 @triton.jit
-def _rect_bwd_reduce(DY, X, R, DR, W, B, PDW, PDB, base, pd_row, c_off, c_lo, c_hi, h_lo, h_hi,
+def _rect_bwd_reduce(DY, X, R, DR, W, B, PDW, PDB, base, pd_row, pd_stride_c, c_off, c_lo, c_hi, h_lo, h_hi,
                      stride_c, stride_hw, mean, rstd,
                      HAS_RESIDUAL: tl.constexpr, GELU: tl.constexpr,
                      BLOCK_C: tl.constexpr, BLOCK_HW: tl.constexpr, LANE: tl.constexpr):
-    """Over a rectangle: write d_residual = du, store this program's dw/db partials (one row of
+    """Over a rectangle: write d_residual = du, store this program's dw/db partials (row ``pd_row`` of
     the partials table, its own channels only) and return sum(dx_hat), sum(dx_hat * x_hat).
     LANE: the four sums accumulate per lane, reduced once; else each tile is reduced as it comes."""
     if LANE:
@@ -272,8 +272,8 @@ def _rect_bwd_reduce(DY, X, R, DR, W, B, PDW, PDB, base, pd_row, c_off, c_lo, c_
         if LANE:
             dw = tl.sum(dw_acc, axis=1)
             db = tl.sum(db_acc, axis=1)
-        tl.store(PDW + pd_row + c, dw, mask=cmask)
-        tl.store(PDB + pd_row + c, db, mask=cmask)
+        tl.store(PDW + pd_row + c * pd_stride_c, dw, mask=cmask)
+        tl.store(PDB + pd_row + c * pd_stride_c, db, mask=cmask)
     if LANE:
         s1 = tl.sum(acc1)
         s2 = tl.sum(acc2)
@@ -387,14 +387,14 @@ def _gn_fwd_kernel(X, R, T, W, B, Y, MEAN, RSTD, PART, ROWS, G, C, Cg, HW, strid
 
 
 @triton.jit
-def _bwd_reduce_row(row, pid, DY, X, R, DR, W, B, MEAN, RSTD, PDW, PDB, PART, G, C, Cg, stride_n, stride_c,
+def _bwd_reduce_row(row, pid, DY, X, R, DR, W, B, MEAN, RSTD, PDW, PDB, pd_stride_c, PART, G, C, Cg, stride_n, stride_c,
                     stride_hw, HW_SPLIT, S, c_lo, c_hi, h_lo, h_hi, HAS_RESIDUAL: tl.constexpr, GELU: tl.constexpr,
                     BLOCK_C: tl.constexpr, BLOCK_HW: tl.constexpr, LANE: tl.constexpr):
     n = row // G
     c_off = (row % G) * Cg
     base = n.to(tl.int64) * stride_n + c_off * stride_c
-    pd_row = (n * HW_SPLIT + pid % HW_SPLIT) * C
-    s1, s2 = _rect_bwd_reduce(DY, X, R, DR, W, B, PDW, PDB, base, pd_row, c_off, c_lo, c_hi, h_lo, h_hi,
+    pd_row = n * HW_SPLIT + pid % HW_SPLIT
+    s1, s2 = _rect_bwd_reduce(DY, X, R, DR, W, B, PDW, PDB, base, pd_row, pd_stride_c, c_off, c_lo, c_hi, h_lo, h_hi,
                               stride_c, stride_hw, tl.load(MEAN + row), tl.load(RSTD + row),
                               HAS_RESIDUAL, GELU, BLOCK_C, BLOCK_HW, LANE)
     tl.store(PART + (row * S + pid) * 2, s1)
@@ -402,7 +402,7 @@ def _bwd_reduce_row(row, pid, DY, X, R, DR, W, B, MEAN, RSTD, PDW, PDB, PART, G,
 
 
 @triton.jit
-def _gn_bwd_reduce_kernel(DY, X, R, DR, W, B, MEAN, RSTD, PDW, PDB, PART, ROWS, G, C, Cg, HW,
+def _gn_bwd_reduce_kernel(DY, X, R, DR, W, B, MEAN, RSTD, PDW, PDB, pd_stride_c, PART, ROWS, G, C, Cg, HW,
                           stride_n, stride_c, stride_hw, C_CHUNK, HW_CHUNK, HW_SPLIT, S,
                           HAS_RESIDUAL: tl.constexpr, GELU: tl.constexpr,
                           BLOCK_C: tl.constexpr, BLOCK_HW: tl.constexpr, LANE: tl.constexpr, PERSIST: tl.constexpr):
@@ -411,16 +411,18 @@ def _gn_bwd_reduce_kernel(DY, X, R, DR, W, B, MEAN, RSTD, PDW, PDB, PART, ROWS, 
     c_lo, c_hi, h_lo, h_hi = _rect(pid, Cg, HW, C_CHUNK, HW_CHUNK, HW_SPLIT)
     if PERSIST:
         for row in range(tl.program_id(0), ROWS, tl.num_programs(0)):
-            _bwd_reduce_row(row, pid, DY, X, R, DR, W, B, MEAN, RSTD, PDW, PDB, PART, G, C, Cg, stride_n, stride_c,
+            _bwd_reduce_row(row, pid, DY, X, R, DR, W, B, MEAN, RSTD, PDW, PDB, pd_stride_c, PART, G, C, Cg, stride_n,
+                            stride_c,
                             stride_hw, HW_SPLIT, S, c_lo, c_hi, h_lo, h_hi, HAS_RESIDUAL, GELU, BLOCK_C, BLOCK_HW, LANE)
     else:
-        _bwd_reduce_row(tl.program_id(0), pid, DY, X, R, DR, W, B, MEAN, RSTD, PDW, PDB, PART, G, C, Cg, stride_n,
+        _bwd_reduce_row(tl.program_id(0), pid, DY, X, R, DR, W, B, MEAN, RSTD, PDW, PDB, pd_stride_c, PART, G, C, Cg,
+                        stride_n,
                         stride_c, stride_hw, HW_SPLIT, S, c_lo, c_hi, h_lo, h_hi, HAS_RESIDUAL, GELU, BLOCK_C,
                         BLOCK_HW, LANE)
 
 
 @triton.jit
-def _bwd_dx_row(row, DY, X, R, DR, W, B, MEAN, RSTD, PDW, PDB, PART, DX, G, C, Cg, HW, stride_n, stride_c,
+def _bwd_dx_row(row, DY, X, R, DR, W, B, MEAN, RSTD, PDW, PDB, pd_stride_c, PART, DX, G, C, Cg, HW, stride_n, stride_c,
                 stride_hw, S, c_lo, c_hi, h_lo, h_hi, SINGLE: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
                 GELU: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_HW: tl.constexpr, BLOCK_S: tl.constexpr,
                 LANE: tl.constexpr):
@@ -430,7 +432,7 @@ def _bwd_dx_row(row, DY, X, R, DR, W, B, MEAN, RSTD, PDW, PDB, PART, DX, G, C, C
     mean = tl.load(MEAN + row)
     rstd = tl.load(RSTD + row)
     if SINGLE:
-        s1, s2 = _rect_bwd_reduce(DY, X, R, DR, W, B, PDW, PDB, base, n * C, c_off, 0, Cg, 0, HW,
+        s1, s2 = _rect_bwd_reduce(DY, X, R, DR, W, B, PDW, PDB, base, n, pd_stride_c, c_off, 0, Cg, 0, HW,
                                   stride_c, stride_hw, mean, rstd, HAS_RESIDUAL, GELU, BLOCK_C, BLOCK_HW, LANE)
     else:
         s = tl.arange(0, BLOCK_S)
@@ -443,7 +445,7 @@ def _bwd_dx_row(row, DY, X, R, DR, W, B, MEAN, RSTD, PDW, PDB, PART, DX, G, C, C
 
 
 @triton.jit
-def _gn_bwd_dx_kernel(DY, X, R, DR, W, B, MEAN, RSTD, PDW, PDB, PART, DX, ROWS, G, C, Cg, HW,
+def _gn_bwd_dx_kernel(DY, X, R, DR, W, B, MEAN, RSTD, PDW, PDB, pd_stride_c, PART, DX, ROWS, G, C, Cg, HW,
                       stride_n, stride_c, stride_hw, C_CHUNK, HW_CHUNK, HW_SPLIT, S,
                       SINGLE: tl.constexpr, HAS_RESIDUAL: tl.constexpr, GELU: tl.constexpr,
                       BLOCK_C: tl.constexpr, BLOCK_HW: tl.constexpr, BLOCK_S: tl.constexpr,
@@ -453,11 +455,13 @@ def _gn_bwd_dx_kernel(DY, X, R, DR, W, B, MEAN, RSTD, PDW, PDB, PART, DX, ROWS, 
     c_lo, c_hi, h_lo, h_hi = _rect(tl.program_id(1), Cg, HW, C_CHUNK, HW_CHUNK, HW_SPLIT)
     if PERSIST:
         for row in range(tl.program_id(0), ROWS, tl.num_programs(0)):
-            _bwd_dx_row(row, DY, X, R, DR, W, B, MEAN, RSTD, PDW, PDB, PART, DX, G, C, Cg, HW, stride_n, stride_c,
+            _bwd_dx_row(row, DY, X, R, DR, W, B, MEAN, RSTD, PDW, PDB, pd_stride_c, PART, DX, G, C, Cg, HW, stride_n,
+                        stride_c,
                         stride_hw, S, c_lo, c_hi, h_lo, h_hi, SINGLE, HAS_RESIDUAL, GELU, BLOCK_C, BLOCK_HW, BLOCK_S,
                         LANE)
     else:
-        _bwd_dx_row(tl.program_id(0), DY, X, R, DR, W, B, MEAN, RSTD, PDW, PDB, PART, DX, G, C, Cg, HW, stride_n,
+        _bwd_dx_row(tl.program_id(0), DY, X, R, DR, W, B, MEAN, RSTD, PDW, PDB, pd_stride_c, PART, DX, G, C, Cg, HW,
+                    stride_n,
                     stride_c, stride_hw, S, c_lo, c_hi, h_lo, h_hi, SINGLE, HAS_RESIDUAL, GELU, BLOCK_C, BLOCK_HW,
                     BLOCK_S, LANE)
 
@@ -486,7 +490,7 @@ def _gn_fwd_resident_kernel(X, R, T, W, B, Y, MEAN, RSTD, G, C, Cg, HW, stride_n
 
 
 @triton.jit
-def _gn_bwd_resident_kernel(DY, X, R, DR, W, B, MEAN, RSTD, PDW, PDB, DX, G, C, Cg, HW, stride_n, stride_c,
+def _gn_bwd_resident_kernel(DY, X, R, DR, W, B, MEAN, RSTD, PDW, PDB, pd_stride_c, DX, G, C, Cg, HW, stride_n, stride_c,
                             stride_hw, HAS_RESIDUAL: tl.constexpr, GELU: tl.constexpr,
                             BLOCK_C: tl.constexpr, BLOCK_HW: tl.constexpr):
     """Resident path, grid (N * G,): x, dy (and the residual) loaded once; d_residual, this
@@ -508,8 +512,8 @@ def _gn_bwd_resident_kernel(DY, X, R, DR, W, B, MEAN, RSTD, PDW, PDB, DX, G, C, 
     x_hat, du = _grad_u(x, dy, r, w, b, tl.load(MEAN + row), rstd, mask, HAS_RESIDUAL, GELU)
     if HAS_RESIDUAL:
         tl.store(DR + offs, du.to(DR.dtype.element_ty), mask=mask)
-    tl.store(PDW + n * C + c, tl.sum(du * x_hat, axis=1), mask=cmask)
-    tl.store(PDB + n * C + c, tl.sum(du, axis=1), mask=cmask)
+    tl.store(PDW + n + c * pd_stride_c, tl.sum(du * x_hat, axis=1), mask=cmask)
+    tl.store(PDB + n + c * pd_stride_c, tl.sum(du, axis=1), mask=cmask)
     dx_hat = du * w[:, None]
     inv_m = 1.0 / (Cg * HW * 1.0)
     dx = _dx(du, w, x_hat, tl.sum(dx_hat) * inv_m, tl.sum(dx_hat * x_hat) * inv_m, rstd)
@@ -737,8 +741,12 @@ def _backward(dy, x, weight, bias, residual, mean, rstd, num_groups, gelu):
     dy = _like(dy, x)
     dx = torch.empty_like(x)
     # Every (row, channel) of the dw/db partials is written by exactly one program: no zero-fill.
-    # One table for both, so that one reduction (one kernel) sums them.
-    pd = torch.empty((2, n * cfg.hw_split, c), device=x.device, dtype=torch.float32)
+    # One table for both, so that one reduction (one kernel) sums them; stored channel-major (the rows
+    # of a channel contiguous, entry (row, c) at row + c * rows), so that the sum over rows is a
+    # contiguous reduction per output. Over the strided axis (the table row-major) PyTorch's reduction
+    # has only 2C outputs to spread, each walking hundreds of rows: 52 of them took 0.88 ms of an NHWC
+    # step in the H100 profile of 2026-11-27 (bench/results/...-profile-fast.json). Unmeasured since.
+    pd = torch.empty((2, c, n * cfg.hw_split), device=x.device, dtype=torch.float32).transpose(1, 2)
     pdw, pdb = pd[0], pd[1]
     has_residual = residual is not None
     if has_residual:
@@ -747,13 +755,14 @@ def _backward(dy, x, weight, bias, residual, mean, rstd, num_groups, gelu):
     else:
         residual = dres = x  # placeholders, never touched (HAS_RESIDUAL=False)
     if cfg.resident:
-        _gn_bwd_resident_kernel[(n * num_groups,)](dy, x, residual, dres, weight, bias, mean, rstd, pdw, pdb, dx,
+        _gn_bwd_resident_kernel[(n * num_groups,)](dy, x, residual, dres, weight, bias, mean, rstd, pdw, pdb,
+                                                   pd.stride(2), dx,
                                                    *geom, HAS_RESIDUAL=has_residual, GELU=gelu,
                                                    **cfg.meta)
     else:
         rows = n * num_groups
         part = torch.empty((rows * cfg.s * 2,), device=x.device, dtype=torch.float32)
-        args = (dy, x, residual, dres, weight, bias, mean, rstd, pdw, pdb, part)
+        args = (dy, x, residual, dres, weight, bias, mean, rstd, pdw, pdb, pd.stride(2), part)
         grid, persist = _grid(rows, cfg.s, x.device)
         if cfg.s > 1:
             _gn_bwd_reduce_kernel[grid](*args, rows, *geom, *cfg.chunks, HAS_RESIDUAL=has_residual, GELU=gelu,

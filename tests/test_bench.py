@@ -150,7 +150,7 @@ def test_profile_categories_name_the_fused_kernels_by_their_main_op():
         "upsampling", "upsampling", "upsampling", "groupnorm", "casts", "layout", "convolution"]
 
 
-def test_profile_and_launch_sweep_tools_run(tmp_path):
+def test_profile_and_launch_sweep_tools_run(tmp_path, capsys):
     """The next GPU session's diagnosis tools, at the smoke size: the step profile splits the
     profiled time into categories that add up, for both layouts; the sampling profile times the
     network's forward in each engine's kernels; the GroupNorm sweep guards every setting against
@@ -191,6 +191,40 @@ def test_profile_and_launch_sweep_tools_run(tmp_path):
     assert [r["layout"] for r in rows if r["impl"] == "compiled"] == ["nchw", "nhwc"]
     assert {tuple(r["shape"]) for r in rows} == {(2, 8, 8, 8)}  # --batch 2, the smoke shape
     assert all(r["guard"]["value"] <= r["guard"]["tol"] for r in fast)
+    for path, head in ((prof, "| step | impl |"), (tune, "| variant | shape |")):  # bench.report prints their tables
+        assert report.main([str(path)]) == 0 and head in capsys.readouterr().out
+
+
+def test_report_reads_an_old_profile_by_today_s_categories_and_refuses_other_files(tmp_path, capsys):
+    """A profile written before the "upsampling" category (and the workload axis) existed is tabled
+    from its kernel list as a new one would be; anything else is refused in one line, exit code 2."""
+    from bench.profile_step import CATEGORIES
+
+    kernels = [{"name": "triton_poi_fused__to_copy__unsafe_index_put_add_mul_neg_new_zeros_slice_1", "s": 2e-3,
+                "calls": 1, "category": "casts"}, {"name": "_gn_fwd_kernel", "s": 1e-3, "calls": 26,
+                                                   "category": "groupnorm"}]
+    row = {"impl": "fast", "dtype": "bf16", "layout": "nhwc", "knobs": "cudagraphs", "batch": 256, "step_s": 4e-3,
+           "images_per_s": 64000.0, "profiled_s": 3e-3, "categories": {"casts": 2e-3, "groupnorm": 1e-3},
+           "kernels": kernels}
+    old = tmp_path / "old-profile.json"
+    old.write_text(json.dumps({"tool": "bench.profile_step", "card": "GPU X", "commit": "abc", "rows": [row]}))
+    assert report.main([str(old)]) == 0
+    out = capsys.readouterr().out
+    line = next(x for x in out.splitlines() if x.startswith("| train (batch 256) | fast |"))
+    cats = [c for c, _ in CATEGORIES] + ["other"]
+    cells = dict(zip(cats, line.strip("| ").split(" | ")[7:]))
+    assert (cells["upsampling"], cells["casts"], cells["groupnorm"]) == ("2.00", "0.00", "1.00")
+    assert "GPU X" in out
+    bench_file = tmp_path / "bench.jsonl"
+    bench_file.write_text(json.dumps(_entry("train_step", "eager", "fp32", batch=2, items_per_s=1.0)) + "\n")
+    for files, says in (([tmp_path / "q.json"], "neither benchmarks nor a known tool"),
+                        ([tmp_path / "notes.md"], "line 2 is not a benchmark result"),
+                        ([old, bench_file], "is a bench.profile_step file")):
+        (tmp_path / "q.json").write_text(json.dumps({"fid": 65.4}))
+        (tmp_path / "notes.md").write_text("\n# notes\n")
+        assert report.main([str(f) for f in files]) == 2
+        err = capsys.readouterr().err
+        assert says in err and err.count("\n") == 1, err
 
 
 def test_guard_refuses_a_wrong_implementation():

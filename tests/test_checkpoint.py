@@ -17,6 +17,9 @@ def trainer(tmp_path):
 def test_round_trip_with_weights_only_and_ema(trainer, tmp_path):
     raw = torch.load(tmp_path / "checkpoint.pt", weights_only=True)  # plain tensors and data only
     assert raw["format"] == "fastddpm-checkpoint" and raw["config"]["T"] == 20
+    # what the config's "auto" became, beside it: on the CPU, eager PyTorch in NCHW
+    assert (raw["config"]["kernels"], raw["config"]["channels_last"]) == ("auto", None)
+    assert raw["ran"] == {"compile": False, "compile_mode": None, "kernels": "torch", "layout": "nchw", "device": "cpu"}
     model, diffusion, config = load_checkpoint(tmp_path / "checkpoint.pt")
     assert not model.training and config.preset == "tiny"
     x, t = torch.randn(2, 3, 32, 32), torch.tensor([1, 7])
