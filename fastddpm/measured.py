@@ -86,7 +86,8 @@ def layout_choice(card: str, dtype: str, mode: str, kernels: str) -> tuple[bool,
     if entry and entry.train_kernels.get(mode, {}).get(dtype) == kernels:
         layout = entry.train_layout.get(mode, {}).get(dtype)
         if layout:
-            return layout == "nhwc", f"{layout.upper()}, the layout this path was measured and chosen in ({entry.source})"
+            return layout == "nhwc", (f"{layout.upper()}, the layout this path was measured and chosen in "
+                                      f"({entry.source})")
     return False, (f"NCHW: no measured layout for the {kernels} path on {card or 'this card'} in {dtype} under "
                    f"--compile-mode {mode}")
 

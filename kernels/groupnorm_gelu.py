@@ -17,8 +17,9 @@ channels_last without a permute copy. The model uses one group per sample (up to
 so one program per (sample, group) would leave most of a GPU idle at sampling batch sizes: large
 groups are split over S programs, each reducing a sub-rectangle to partial statistics (count, mean,
 M2 merged with Chan et al.'s formula, as stable as Welford but made of plain ``tl.sum``) that a second
-kernel combines. Small groups keep one fused program. Weight/bias gradients are per-program partial
-sums reduced by ``torch.sum``: deterministic, no atomics.
+kernel combines; every sum is of x minus a shift, the mean of a program's first tile, so that a
+large mean does not cancel the variance. Small groups keep one fused program. Weight/bias gradients
+are per-program partial sums reduced by ``torch.sum``: deterministic, no atomics.
 
 With ``PERSISTENT`` row programs per SM, every split kernel loops over the (sample, group) rows its
 program id strides to, which bounds the groups in flight; by default a program takes one row and the
@@ -64,8 +65,8 @@ _ELEMS_PER_THREAD = 8  # sets num_warps from the tile size
 # Unmeasured on a GPU so far; no effect on the resident path (one program per row, one pass).
 PERSISTENT = 0
 # Reductions: False = each tile reduced across the block as it is loaded (Chan merge per tile; what
-# the H200 run of 2026-11-26 measured); True = per-lane accumulators (Welford per lane) reduced once
-# per rectangle, so the loop carries no block-wide reduction. Unmeasured on a GPU so far.
+# the H200 run of 2026-11-26 measured); True = per-lane accumulators (shifted sums for the statistics)
+# reduced once per rectangle, so the loop carries no block-wide reduction. Unmeasured on a GPU so far.
 _LANE_ACCUMULATE = False
 # The backward's reduction pass over a channels_last group accumulates per lane whatever
 # _LANE_ACCUMULATE says: there the dw/db sums run across the tile's strided (pixel) axis, a block-wide
@@ -111,24 +112,32 @@ def _tile(base, c0, c_hi, h0, h_hi, stride_c, stride_hw, BLOCK_C: tl.constexpr, 
 @triton.jit
 def _rect_stats(X, base, c_lo, c_hi, h_lo, h_hi, stride_c, stride_hw,
                 BLOCK_C: tl.constexpr, BLOCK_HW: tl.constexpr, LANE: tl.constexpr):
-    """(count, mean, M2) of x over a rectangle. LANE: Welford per lane, lanes merged once at the
-    end; else tile by tile, each tile's (count, mean, M2) merged in with Chan et al.'s formula."""
+    """(count, mean, M2) of x over a rectangle, from x - k, k the mean of its first tile. LANE: sums
+    of x - k and (x - k)^2 per lane, reduced once at the end; else tile by tile, each tile's (count,
+    mean, M2) merged in with Chan et al.'s formula.
+
+    The shift keeps every sum and running mean at the scale of the spread, however large the mean
+    is against it: naive sums of x^2 cancel there, and so does a running mean of x itself, which
+    rounds at x's scale at every merge (tests/test_kernels_groupnorm_gelu.py, mean/std = 1,000).
+    LANE is about three instructions an element with no block-wide reduction in the loop (Welford
+    per lane, what it ran before, divided at every element): by arithmetic, an H100 SM streaming
+    bf16 at 3 TB/s has about 22 lane-instructions an element for everything."""
+    offs, mask = _tile(base, c_lo, c_hi, h_lo, h_hi, stride_c, stride_hw, BLOCK_C, BLOCK_HW)
+    n_first = tl.minimum(c_hi - c_lo, BLOCK_C) * tl.minimum(h_hi - h_lo, BLOCK_HW)
+    k = tl.sum(tl.load(X + offs, mask=mask, other=0.0).to(tl.float32)) / tl.maximum(n_first, 1).to(tl.float32)
     if LANE:
-        cnt = tl.zeros((BLOCK_C, BLOCK_HW), dtype=tl.float32)
-        mu = tl.zeros((BLOCK_C, BLOCK_HW), dtype=tl.float32)
-        sq = tl.zeros((BLOCK_C, BLOCK_HW), dtype=tl.float32)
+        s1 = tl.zeros((BLOCK_C, BLOCK_HW), dtype=tl.float32)
+        s2 = tl.zeros((BLOCK_C, BLOCK_HW), dtype=tl.float32)
         for c0 in range(c_lo, c_hi, BLOCK_C):
             for h0 in range(h_lo, h_hi, BLOCK_HW):
                 offs, mask = _tile(base, c0, c_hi, h0, h_hi, stride_c, stride_hw, BLOCK_C, BLOCK_HW)
-                x = tl.load(X + offs, mask=mask, other=0.0).to(tl.float32)
-                cnt += mask.to(tl.float32)
-                delta = tl.where(mask, x - mu, 0.0)
-                mu += delta / tl.maximum(cnt, 1.0)
-                sq += delta * tl.where(mask, x - mu, 0.0)
-        count = tl.sum(cnt)
-        mean = tl.sum(mu * cnt) / count
-        d = mu - mean
-        m2 = tl.sum(sq) + tl.sum(cnt * d * d)  # Chan's merge of all lanes at once
+                d = tl.where(mask, tl.load(X + offs, mask=mask, other=0.0).to(tl.float32) - k, 0.0)
+                s1 += d
+                s2 += d * d
+        count = ((c_hi - c_lo) * (h_hi - h_lo)).to(tl.float32)
+        sum1 = tl.sum(s1)
+        mean = sum1 / tl.maximum(count, 1.0)
+        m2 = tl.maximum(tl.sum(s2) - sum1 * mean, 0.0)
     else:
         count = 0.0
         mean = 0.0
@@ -136,7 +145,7 @@ def _rect_stats(X, base, c_lo, c_hi, h_lo, h_hi, stride_c, stride_hw,
         for c0 in range(c_lo, c_hi, BLOCK_C):
             for h0 in range(h_lo, h_hi, BLOCK_HW):
                 offs, mask = _tile(base, c0, c_hi, h0, h_hi, stride_c, stride_hw, BLOCK_C, BLOCK_HW)
-                x = tl.load(X + offs, mask=mask, other=0.0).to(tl.float32)
+                x = tl.where(mask, tl.load(X + offs, mask=mask, other=0.0).to(tl.float32) - k, 0.0)
                 n_b = (tl.minimum(c_hi - c0, BLOCK_C) * tl.minimum(h_hi - h0, BLOCK_HW)).to(tl.float32)
                 mean_b = tl.sum(x) / n_b
                 d = tl.where(mask, x - mean_b, 0.0)
@@ -145,7 +154,7 @@ def _rect_stats(X, base, c_lo, c_hi, h_lo, h_hi, stride_c, stride_hw,
                 mean = mean + delta * (n_b / n_ab)
                 m2 = m2 + tl.sum(d * d) + delta * delta * (count * n_b / n_ab)
                 count = n_ab
-    return count, mean, m2
+    return count, k + mean, m2
 
 
 @triton.jit

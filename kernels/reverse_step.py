@@ -123,10 +123,11 @@ def reverse_step(x_t: torch.Tensor, eps: torch.Tensor, t: Union[int, torch.Tenso
     """x_{t-1} by eq. 5, with z drawn in-kernel (see ``reverse_step_noise``).
 
     x_t, eps: same shape, fp32/fp16/bf16 (computed in fp32); t, seed, offset: 1-element int64
-    device tensors (read in-kernel, so a CUDA graph replays with new values) or Python ints; inv_sqrt_alpha = 1/sqrt(alpha), eps_coef = beta/sqrt(1 - alpha_bar),
-    sigma = sqrt(beta): fp32 tables of length T; offset: global element index of x_t[0] (chunked
-    sampling); clip: clamp x_{t-1} to [-clip, clip]. Writes into ``out`` (contiguous, may be x_t
-    itself) if given, else returns a new contiguous tensor of x_t's dtype.
+    device tensors (read in-kernel, so a CUDA graph replays with new values) or Python ints;
+    inv_sqrt_alpha = 1/sqrt(alpha), eps_coef = beta/sqrt(1 - alpha_bar), sigma = sqrt(beta): fp32
+    tables of length T; offset: global element index of x_t[0] (chunked sampling); clip: clamp
+    x_{t-1} to [-clip, clip]. Writes into ``out`` (contiguous, may be x_t itself) if given, else
+    returns a new contiguous tensor of x_t's dtype.
     """
     if x_t.shape != eps.shape:
         raise ValueError(f"x_t {tuple(x_t.shape)} and eps {tuple(eps.shape)} differ in shape")

@@ -36,7 +36,8 @@ def test_reverse_step_is_eq_5():
     betas = np.linspace(1e-4, 0.02, 50)
     for step in (49, 20, 1):
         a, ab = 1 - betas[step], np.prod(1 - betas[:step + 1])
-        expected = 1 / np.sqrt(a) * (x.numpy() - (1 - a) / np.sqrt(1 - ab) * eps.numpy()) + np.sqrt(betas[step]) * z.numpy()
+        expected = (1 / np.sqrt(a) * (x.numpy() - (1 - a) / np.sqrt(1 - ab) * eps.numpy())
+                    + np.sqrt(betas[step]) * z.numpy())
         got = d.reverse_step(x.float(), step, eps.float(), z.float())
         np.testing.assert_allclose(got.numpy(), expected, rtol=1e-5, atol=1e-5)
     # the last step (the paper's t = 1) adds no noise
