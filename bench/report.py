@@ -34,7 +34,7 @@ PAPER_TRAIN_H = {("T=1000", "fp32"): 7.71, ("T=2000", "fp32"): 8.51, ("T=2000", 
 # The other tools' results files (one JSON document with "tool" and "rows"), each rendered by its own
 # table function (they import torch; the benchmark tables do not need it).
 TOOL_TABLES = {"bench.profile_step": "render", "bench.tune_groupnorm": "table"}
-KINDS = ("pytest-benchmark JSON, bench.run JSON lines, or a " + " / ".join(TOOL_TABLES) + " JSON")
+ACCEPTED = ("pytest-benchmark JSON, bench.run JSON lines, or a " + " / ".join(TOOL_TABLES) + " JSON")
 
 
 class NotResults(ValueError):
@@ -46,7 +46,7 @@ def parse(path) -> tuple[str, object]:
     try:
         text = Path(path).read_text()
     except UnicodeDecodeError:
-        raise NotResults(f"{path}: not text: expected {KINDS}") from None
+        raise NotResults(f"{path}: not text: expected {ACCEPTED}") from None
     try:
         doc = json.loads(text)
     except json.JSONDecodeError:
@@ -57,7 +57,7 @@ def parse(path) -> tuple[str, object]:
         return "tool", doc
     if isinstance(doc, dict) and "extra_info" not in doc:  # (one line of JSON lines is a document too)
         raise NotResults(f"{path}: a JSON document with neither benchmarks nor a known tool's rows "
-                         f"(tool={doc.get('tool')!r}): expected {KINDS}")
+                         f"(tool={doc.get('tool')!r}): expected {ACCEPTED}")
     rows = []
     for n, line in enumerate(text.splitlines(), 1):  # JSON lines (one result a line)
         try:
@@ -65,19 +65,22 @@ def parse(path) -> tuple[str, object]:
         except json.JSONDecodeError:
             row = None
         if line.strip() and not isinstance(row, dict):
-            raise NotResults(f"{path}: line {n} is not a benchmark result: expected {KINDS}")
+            raise NotResults(f"{path}: line {n} is not a benchmark result: expected {ACCEPTED}")
         rows += [row] if row else []
+    if rows and not any("extra_info" in r for r in rows):  # an empty log is a stage that finished nothing
+        raise NotResults(f"{path}: JSON lines, but none is a benchmark result (no extra_info): "
+                         f"expected {ACCEPTED}")
     return "benchmarks", (rows, {})
 
 
-def load(paths) -> tuple[list[dict], dict]:
-    """(benchmark entries, the first document's header fields) from JSON or JSON-lines files."""
+def load(paths, parsed=None) -> tuple[list[dict], dict]:
+    """(benchmark entries, the first document's header fields) from JSON or JSON-lines files (or
+    from ``parsed``, their ``parse`` results)."""
     entries, header = [], {}
-    for path in paths:
-        kind, parsed = parse(path)
+    for path, (kind, doc) in zip(paths, parsed or [parse(p) for p in paths]):
         if kind != "benchmarks":
-            raise NotResults(f"{path}: a {parsed['tool']} file, not benchmark results")
-        rows, head = parsed
+            raise NotResults(f"{path}: a {doc['tool']} file, not benchmark results")
+        rows, head = doc
         header = header or head
         entries += [r for r in rows if r.get("extra_info", {}).get("workload")]
     merged = {}
@@ -521,15 +524,14 @@ def main(argv=None) -> int:
         sys.stderr.write(f"error: {e}\n")
         return 2
     tools = [(path, doc) for path, kind, doc in parsed if kind == "tool"]
-    existing = [path for path, kind, _ in parsed if kind == "benchmarks"]
-    if tools and (a.merge or existing):
+    if tools and (a.merge or len(tools) < len(parsed)):
         sys.stderr.write(f"error: {tools[0][0]} is a {tools[0][1]['tool']} file: give it alone or with other "
                          f"such files (no --merge, no benchmark results beside it)\n")
         return 2
     if tools:
         sys.stdout.write("\n".join(render_tool(doc, path) for path, doc in tools))
         return 0
-    entries, header = load(existing)
+    entries, header = load(existing, [(kind, doc) for _, kind, doc in parsed])
     if a.merge:
         from bench.common import results_json, write_json  # imports torch (as does the "auto" section)
 
@@ -543,6 +545,7 @@ def main(argv=None) -> int:
         source = str(path.relative_to(root)) if path.is_relative_to(root) else source
     sys.stdout.write(render(entries, header, source))
     return 0
+
 
 if __name__ == "__main__":
     sys.exit(main())

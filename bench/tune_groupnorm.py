@@ -5,7 +5,8 @@ U-Net's shapes and print, per shape and variant, the best setting next to the de
 The swept knobs are ``fastddpm.kernels.groupnorm_gelu.LAUNCH_KNOBS``, set through its
 ``launch_settings()`` (the same names as a bench path's ``@knob=value`` settings): ``_LANE_ACCUMULATE``
 (per-lane accumulators vs a block reduction per tile), ``_TILE`` (elements per loaded tile),
-``_TARGET_PROGRAMS`` (how finely a large group is split), ``_ELEMS_PER_THREAD`` (sets num_warps) and
+``_TARGET_PROGRAMS`` (how finely a large group is split), ``ELEMS_PER_PROGRAM`` (``--elems``: a split
+program's elements, fixed, instead of derived from the target programs), ``_ELEMS_PER_THREAD`` (sets num_warps) and
 ``SPLIT_THRESHOLD`` (groups up to this many elements get one program, whose second pass over its
 group should find it in L1/L2 rather than DRAM; larger ones are split over programs, two kernels)
 and ``RESIDENT_MAX`` (groups whose padded tile holds up to this many elements, 16,384 at most, are
@@ -63,8 +64,9 @@ def time_case(variant, shape, dtype, impl, rounds, layout="nchw") -> dict:
 def save(args, rows: list[dict]) -> None:
     """The JSON so far (rewritten after every row: a sweep stopped at its time cap keeps its rows)."""
     if args.json:
-        C.write_json(args.json, {"tool": "bench.tune_groupnorm", "args": vars(args), "device": C.device_info(),
-                                 "versions": C.versions(), "git": C.git_commit(), **C.peaks(), "rows": rows})
+        C.write_json(args.json, {"tool": "bench.tune_groupnorm", "args": vars(args), "date": time.strftime("%Y-%m-%d"),
+                                 "command": args.command, "device": C.device_info(), "versions": C.versions(),
+                                 "git": C.git_commit(), **C.peaks(), "rows": rows})
 
 
 def sweep(args) -> list[dict]:
@@ -72,7 +74,7 @@ def sweep(args) -> list[dict]:
 
     default = gng.current_launch_settings()
     axes = {"lane": args.lane, "tile": args.tile, "programs": args.programs, "threads": args.threads,
-            "split": args.split, "resident": args.resident, "lane_bwd_nhwc": args.lane_bwd_nhwc,
+            "split": args.split, "elems": args.elems, "resident": args.resident, "lane_bwd_nhwc": args.lane_bwd_nhwc,
             "persistent": args.persistent}
     assert set(axes) == set(gng.LAUNCH_KNOBS), "a launch knob without a sweep axis"
     # each knob's values as launch_settings takes them (bools for the switches), its default if not swept
@@ -125,6 +127,8 @@ def main(argv=None) -> int:
     p.add_argument("--programs", default="528,2112", type=ints, help="target programs for a split group")
     p.add_argument("--threads", default="8,16", type=ints, help="elements per thread (sets num_warps)")
     p.add_argument("--split", type=ints, help="largest group given one program (default: the kernel's own)")
+    p.add_argument("--elems", type=ints,
+                   help="elements per split program, 0 = derived from --programs (default: the kernel's own)")
     p.add_argument("--resident", type=ints,
                    help="largest padded tile loaded once, 0 = off (default: the kernel's own)")
     p.add_argument("--persistent", type=ints,
@@ -140,6 +144,7 @@ def main(argv=None) -> int:
     p.add_argument("--rounds", default=5, type=int)
     p.add_argument("--json", help="write every timing here, with the device, versions and commit")
     a = p.parse_args(argv)
+    a.command = " ".join(["python -m bench.tune_groupnorm", *(argv if argv is not None else sys.argv[1:])])
     from bench.test_kernels import GN_VARIANTS
 
     unknown = [v for v in a.variants if v not in GN_VARIANTS]

@@ -17,8 +17,9 @@ channels_last without a permute copy. The model uses one group per sample (up to
 so one program per (sample, group) would leave most of a GPU idle at sampling batch sizes: large
 groups are split over S programs, each reducing a sub-rectangle to partial statistics (count, mean,
 M2 merged with Chan et al.'s formula, as stable as Welford but made of plain ``tl.sum``) that a second
-kernel combines; every sum is of x minus a shift, the mean of a program's first tile, so that a
-large mean does not cancel the variance. Small groups keep one fused program. Weight/bias gradients
+kernel combines. A program sums x minus a shift, the mean of its first tile, and the partials are
+combined about the first one's mean, so that no sum or running mean rounds at the scale of a large
+mean (which would swamp the spread). Small groups keep one fused program. Weight/bias gradients
 are per-program partial sums reduced by ``torch.sum``: deterministic, no atomics.
 
 With ``PERSISTENT`` row programs per SM, every split kernel loops over the (sample, group) rows its
@@ -49,8 +50,9 @@ __all__ = ["group_norm_gelu", "group_norm_gelu_fwd", "group_norm_gelu_bwd", "LAU
 
 # Groups of at most this many elements are handled by one program (stats + apply fused).
 SPLIT_THRESHOLD = 4096
-# Elements per program on the split path; 0 = derive from _TARGET_PROGRAMS. Tests set it small.
-ELEMS_PER_PROGRAM = int(os.environ.get("FASTDDPM_GN_ELEMS_PER_PROGRAM", 0))
+# Elements per program on the split path (the "elems" launch knob); 0 = derive from _TARGET_PROGRAMS.
+# Tests set it small.
+ELEMS_PER_PROGRAM = 0
 _TARGET_PROGRAMS = 528  # ~4 programs per SM of an H100 (132): enough to fill it at batch 1
 _MIN_ELEMS_PER_PROGRAM = 1024
 _TILE = 2048  # elements per loaded tile (fp32: 8 KiB in registers)
@@ -65,8 +67,9 @@ _ELEMS_PER_THREAD = 8  # sets num_warps from the tile size
 # Unmeasured on a GPU so far; no effect on the resident path (one program per row, one pass).
 PERSISTENT = 0
 # Reductions: False = each tile reduced across the block as it is loaded (Chan merge per tile; what
-# the H200 run of 2026-11-26 measured); True = per-lane accumulators (shifted sums for the statistics)
-# reduced once per rectangle, so the loop carries no block-wide reduction. Unmeasured on a GPU so far.
+# the H200 run of 2026-11-26 measured, before the statistics were shifted); True = per-lane
+# accumulators (shifted sums for the statistics) reduced once per rectangle, so the loop carries no
+# block-wide reduction. Unmeasured on a GPU so far.
 _LANE_ACCUMULATE = False
 # The backward's reduction pass over a channels_last group accumulates per lane whatever
 # _LANE_ACCUMULATE says: there the dw/db sums run across the tile's strided (pixel) axis, a block-wide
@@ -117,43 +120,51 @@ def _rect_stats(X, base, c_lo, c_hi, h_lo, h_hi, stride_c, stride_hw,
     mean, M2) merged in with Chan et al.'s formula.
 
     The shift keeps every sum and running mean at the scale of the spread, however large the mean
-    is against it: naive sums of x^2 cancel there, and so does a running mean of x itself, which
-    rounds at x's scale at every merge (tests/test_kernels_groupnorm_gelu.py, mean/std = 1,000).
-    LANE is about three instructions an element with no block-wide reduction in the loop (Welford
-    per lane, what it ran before, divided at every element): by arithmetic, an H100 SM streaming
-    bf16 at 3 TB/s has about 22 lane-instructions an element for everything."""
+    is against it: naive sums of x^2 cancel there, and a running mean of x itself rounds at x's
+    scale at every merge, an error the normalisation multiplies by 1/std
+    (tests/test_kernels_groupnorm_gelu.py, mean/std = 1,000). LANE is about five instructions an
+    element with no block-wide reduction in the loop (Welford per lane, what it ran before, divided
+    at every element): by arithmetic, an H100 SM streaming bf16 at 3 TB/s has about 22
+    lane-instructions an element for everything. Neither the shift nor LANE's sums have run on a GPU."""
+    # The first tile gives k and is the loop's first step, so no tile is loaded twice; the loop walks
+    # the rest by a flat index (channel tile i // n_h, pixel tile i % n_h).
     offs, mask = _tile(base, c_lo, c_hi, h_lo, h_hi, stride_c, stride_hw, BLOCK_C, BLOCK_HW)
-    n_first = tl.minimum(c_hi - c_lo, BLOCK_C) * tl.minimum(h_hi - h_lo, BLOCK_HW)
-    k = tl.sum(tl.load(X + offs, mask=mask, other=0.0).to(tl.float32)) / tl.maximum(n_first, 1).to(tl.float32)
+    n_first = (tl.minimum(c_hi - c_lo, BLOCK_C) * tl.minimum(h_hi - h_lo, BLOCK_HW)).to(tl.float32)
+    x = tl.load(X + offs, mask=mask, other=0.0).to(tl.float32)
+    k = tl.sum(x) / tl.maximum(n_first, 1.0)
+    d = tl.where(mask, x - k, 0.0)
+    n_h = tl.cdiv(h_hi - h_lo, BLOCK_HW)
+    n_tiles = tl.cdiv(c_hi - c_lo, BLOCK_C) * n_h
     if LANE:
-        s1 = tl.zeros((BLOCK_C, BLOCK_HW), dtype=tl.float32)
-        s2 = tl.zeros((BLOCK_C, BLOCK_HW), dtype=tl.float32)
-        for c0 in range(c_lo, c_hi, BLOCK_C):
-            for h0 in range(h_lo, h_hi, BLOCK_HW):
-                offs, mask = _tile(base, c0, c_hi, h0, h_hi, stride_c, stride_hw, BLOCK_C, BLOCK_HW)
-                d = tl.where(mask, tl.load(X + offs, mask=mask, other=0.0).to(tl.float32) - k, 0.0)
-                s1 += d
-                s2 += d * d
-        count = ((c_hi - c_lo) * (h_hi - h_lo)).to(tl.float32)
+        s1 = d
+        s2 = d * d
+        for i in range(1, n_tiles):
+            offs, mask = _tile(base, c_lo + (i // n_h) * BLOCK_C, c_hi, h_lo + (i % n_h) * BLOCK_HW, h_hi,
+                               stride_c, stride_hw, BLOCK_C, BLOCK_HW)
+            d = tl.where(mask, tl.load(X + offs, mask=mask, other=0.0).to(tl.float32) - k, 0.0)
+            s1 += d
+            s2 += d * d
+        count = (c_hi - c_lo) * (h_hi - h_lo) * 1.0  # no .to: on a GPU, 1 x 1 of constant 1s is a constexpr
         sum1 = tl.sum(s1)
         mean = sum1 / tl.maximum(count, 1.0)
         m2 = tl.maximum(tl.sum(s2) - sum1 * mean, 0.0)
     else:
-        count = 0.0
-        mean = 0.0
-        m2 = 0.0
-        for c0 in range(c_lo, c_hi, BLOCK_C):
-            for h0 in range(h_lo, h_hi, BLOCK_HW):
-                offs, mask = _tile(base, c0, c_hi, h0, h_hi, stride_c, stride_hw, BLOCK_C, BLOCK_HW)
-                x = tl.where(mask, tl.load(X + offs, mask=mask, other=0.0).to(tl.float32) - k, 0.0)
-                n_b = (tl.minimum(c_hi - c0, BLOCK_C) * tl.minimum(h_hi - h0, BLOCK_HW)).to(tl.float32)
-                mean_b = tl.sum(x) / n_b
-                d = tl.where(mask, x - mean_b, 0.0)
-                n_ab = count + n_b
-                delta = mean_b - mean
-                mean = mean + delta * (n_b / n_ab)
-                m2 = m2 + tl.sum(d * d) + delta * delta * (count * n_b / n_ab)
-                count = n_ab
+        count = n_first
+        mean = tl.sum(d) / tl.maximum(count, 1.0)
+        m2 = tl.sum(tl.where(mask, (d - mean) * (d - mean), 0.0))
+        for i in range(1, n_tiles):
+            c0 = c_lo + (i // n_h) * BLOCK_C
+            h0 = h_lo + (i % n_h) * BLOCK_HW
+            offs, mask = _tile(base, c0, c_hi, h0, h_hi, stride_c, stride_hw, BLOCK_C, BLOCK_HW)
+            x = tl.where(mask, tl.load(X + offs, mask=mask, other=0.0).to(tl.float32) - k, 0.0)
+            n_b = (tl.minimum(c_hi - c0, BLOCK_C) * tl.minimum(h_hi - h0, BLOCK_HW)).to(tl.float32)
+            mean_b = tl.sum(x) / n_b
+            d = tl.where(mask, x - mean_b, 0.0)
+            n_ab = count + n_b
+            delta = mean_b - mean
+            mean = mean + delta * (n_b / n_ab)
+            m2 = m2 + tl.sum(d * d) + delta * delta * (count * n_b / n_ab)
+            count = n_ab
     return count, k + mean, m2
 
 
@@ -362,7 +373,8 @@ def _fwd_row(row, pid, X, R, T, W, B, Y, MEAN, RSTD, PART, G, Cg, HW, stride_n, 
         cnt = tl.load(p, mask=smask, other=0.0)
         mu = tl.load(p + 1, mask=smask, other=0.0)
         total = tl.sum(cnt)
-        mean = tl.sum(cnt * mu) / total
+        mu0 = tl.sum(tl.where(s == 0, mu, 0.0))  # about the first partial's mean, as within a program
+        mean = mu0 + tl.sum(cnt * (mu - mu0)) / total
         d = mu - mean
         var = (tl.sum(tl.load(p + 2, mask=smask, other=0.0)) + tl.sum(cnt * d * d)) / total
     rstd = 1.0 / tl.sqrt(var + eps)
@@ -420,14 +432,13 @@ def _gn_bwd_reduce_kernel(DY, X, R, DR, W, B, MEAN, RSTD, PDW, PDB, pd_stride_c,
     c_lo, c_hi, h_lo, h_hi = _rect(pid, Cg, HW, C_CHUNK, HW_CHUNK, HW_SPLIT)
     if PERSIST:
         for row in range(tl.program_id(0), ROWS, tl.num_programs(0)):
-            _bwd_reduce_row(row, pid, DY, X, R, DR, W, B, MEAN, RSTD, PDW, PDB, pd_stride_c, PART, G, C, Cg, stride_n,
-                            stride_c,
-                            stride_hw, HW_SPLIT, S, c_lo, c_hi, h_lo, h_hi, HAS_RESIDUAL, GELU, BLOCK_C, BLOCK_HW, LANE)
+            _bwd_reduce_row(row, pid, DY, X, R, DR, W, B, MEAN, RSTD, PDW, PDB, pd_stride_c, PART, G, C, Cg,
+                            stride_n, stride_c, stride_hw, HW_SPLIT, S, c_lo, c_hi, h_lo, h_hi, HAS_RESIDUAL, GELU,
+                            BLOCK_C, BLOCK_HW, LANE)
     else:
         _bwd_reduce_row(tl.program_id(0), pid, DY, X, R, DR, W, B, MEAN, RSTD, PDW, PDB, pd_stride_c, PART, G, C, Cg,
-                        stride_n,
-                        stride_c, stride_hw, HW_SPLIT, S, c_lo, c_hi, h_lo, h_hi, HAS_RESIDUAL, GELU, BLOCK_C,
-                        BLOCK_HW, LANE)
+                        stride_n, stride_c, stride_hw, HW_SPLIT, S, c_lo, c_hi, h_lo, h_hi, HAS_RESIDUAL, GELU,
+                        BLOCK_C, BLOCK_HW, LANE)
 
 
 @triton.jit
@@ -464,15 +475,13 @@ def _gn_bwd_dx_kernel(DY, X, R, DR, W, B, MEAN, RSTD, PDW, PDB, pd_stride_c, PAR
     c_lo, c_hi, h_lo, h_hi = _rect(tl.program_id(1), Cg, HW, C_CHUNK, HW_CHUNK, HW_SPLIT)
     if PERSIST:
         for row in range(tl.program_id(0), ROWS, tl.num_programs(0)):
-            _bwd_dx_row(row, DY, X, R, DR, W, B, MEAN, RSTD, PDW, PDB, pd_stride_c, PART, DX, G, C, Cg, HW, stride_n,
-                        stride_c,
-                        stride_hw, S, c_lo, c_hi, h_lo, h_hi, SINGLE, HAS_RESIDUAL, GELU, BLOCK_C, BLOCK_HW, BLOCK_S,
-                        LANE)
+            _bwd_dx_row(row, DY, X, R, DR, W, B, MEAN, RSTD, PDW, PDB, pd_stride_c, PART, DX, G, C, Cg, HW,
+                        stride_n, stride_c, stride_hw, S, c_lo, c_hi, h_lo, h_hi, SINGLE, HAS_RESIDUAL, GELU, BLOCK_C,
+                        BLOCK_HW, BLOCK_S, LANE)
     else:
         _bwd_dx_row(tl.program_id(0), DY, X, R, DR, W, B, MEAN, RSTD, PDW, PDB, pd_stride_c, PART, DX, G, C, Cg, HW,
-                    stride_n,
-                    stride_c, stride_hw, S, c_lo, c_hi, h_lo, h_hi, SINGLE, HAS_RESIDUAL, GELU, BLOCK_C, BLOCK_HW,
-                    BLOCK_S, LANE)
+                    stride_n, stride_c, stride_hw, S, c_lo, c_hi, h_lo, h_hi, SINGLE, HAS_RESIDUAL, GELU, BLOCK_C,
+                    BLOCK_HW, BLOCK_S, LANE)
 
 
 @triton.jit
@@ -539,6 +548,7 @@ LAUNCH_KNOBS = {"lane": ("_LANE_ACCUMULATE", "0 or 1", "FASTDDPM_GN_LANE_ACCUMUL
                 "programs": ("_TARGET_PROGRAMS", "a positive integer", "FASTDDPM_GN_TARGET_PROGRAMS"),
                 "threads": ("_ELEMS_PER_THREAD", "a power of two", "FASTDDPM_GN_ELEMS_PER_THREAD"),
                 "split": ("SPLIT_THRESHOLD", "an integer >= 0", "FASTDDPM_GN_SPLIT_THRESHOLD"),
+                "elems": ("ELEMS_PER_PROGRAM", "an integer >= 0", "FASTDDPM_GN_ELEMS_PER_PROGRAM"),
                 "resident": ("RESIDENT_MAX", f"an integer from 0 to {_RESIDENT_LIMIT} (registers)",
                              "FASTDDPM_GN_RESIDENT_MAX"),
                 "lane_bwd_nhwc": ("_LANE_BWD_CHANNELS_LAST", "0 or 1", "FASTDDPM_GN_LANE_BWD_CHANNELS_LAST"),
@@ -753,8 +763,10 @@ def _backward(dy, x, weight, bias, residual, mean, rstd, num_groups, gelu):
     # One table for both, so that one reduction (one kernel) sums them; stored channel-major (the rows
     # of a channel contiguous, entry (row, c) at row + c * rows), so that the sum over rows is a
     # contiguous reduction per output. Over the strided axis (the table row-major) PyTorch's reduction
-    # has only 2C outputs to spread, each walking hundreds of rows: 52 of them took 0.88 ms of an NHWC
-    # step in the H100 profile of 2026-11-27 (bench/results/...-profile-fast.json). Unmeasured since.
+    # has few outputs to spread, each walking hundreds of rows: at commit 8323860, two such sums per
+    # backward (dw and db apart, C outputs each), 52 a step, took 0.88 ms of an NHWC step and 0.51 ms
+    # of an NCHW one in the H100 profile of 2026-11-27 (bench/results/...-profile-fast.json). One sum
+    # of both since f2564d9, channel-major since: neither profiled.
     pd = torch.empty((2, c, n * cfg.hw_split), device=x.device, dtype=torch.float32).transpose(1, 2)
     pdw, pdb = pd[0], pd[1]
     has_residual = residual is not None

@@ -157,7 +157,7 @@ def test_profile_and_launch_sweep_tools_run(tmp_path, capsys):
     eager and tables one row per (variant, shape)."""
     prof, tune, fwd = tmp_path / "prof.json", tmp_path / "tune.json", tmp_path / "fwd.json"
     for argv, out in ((["bench.profile_step", "--impls", "eager", "--steps", "1", "--knobs",
-                        "none,cudnn_benchmark+force_layout+cudagraphs"], prof),
+                        "none,cudnn_benchmark+force_layout+cudagraphs+combo_kernels"], prof),
                       (["bench.profile_step", "--workload", "sample", "--impls", "eager,fast", "--layouts", "nhwc",
                         "--steps", "1"], fwd),
                       (["bench.tune_groupnorm", "--tile", "64", "--programs", "4", "--threads", "8", "--rounds", "1",
@@ -169,7 +169,7 @@ def test_profile_and_launch_sweep_tools_run(tmp_path, capsys):
         assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
     rows = json.loads(prof.read_text())["rows"]
     assert [(r["layout"], r["knobs"]) for r in rows] == [(lay, k) for lay in ("nchw", "nhwc")
-                                                         for k in ("none", "cudnn_benchmark+force_layout+cudagraphs")]
+                                                         for k in ("none", "cudnn_benchmark+force_layout+cudagraphs+combo_kernels")]
     for r in rows:
         assert r["step_s"] > 0 and r["categories"]["convolution"] > 0
         assert sum(r["categories"].values()) == pytest.approx(r["profiled_s"], rel=1e-6)
@@ -217,11 +217,13 @@ def test_report_reads_an_old_profile_by_today_s_categories_and_refuses_other_fil
     assert "GPU X" in out
     bench_file = tmp_path / "bench.jsonl"
     bench_file.write_text(json.dumps(_entry("train_step", "eager", "fp32", batch=2, items_per_s=1.0)) + "\n")
+    (tmp_path / "q.json").write_text(json.dumps({"fid": 65.4}))
+    (tmp_path / "notes.md").write_text("\n# notes\n")
+    (tmp_path / "metrics.jsonl").write_text('{"epoch": 1, "train_loss": 0.1}\n{"epoch": 2, "train_loss": 0.09}\n')
     for files, says in (([tmp_path / "q.json"], "neither benchmarks nor a known tool"),
                         ([tmp_path / "notes.md"], "line 2 is not a benchmark result"),
+                        ([tmp_path / "metrics.jsonl"], "none is a benchmark result"),
                         ([old, bench_file], "is a bench.profile_step file")):
-        (tmp_path / "q.json").write_text(json.dumps({"fid": 65.4}))
-        (tmp_path / "notes.md").write_text("\n# notes\n")
         assert report.main([str(f) for f in files]) == 2
         err = capsys.readouterr().err
         assert says in err and err.count("\n") == 1, err

@@ -38,6 +38,7 @@ def test_exported_weights_sample_like_the_checkpoint_and_cannot_be_resumed(train
     export_weights(tmp_path / "checkpoint.pt", tmp_path / "ema-fp16.pt")
     full, exported = tmp_path / "checkpoint.pt", tmp_path / "ema-fp16.pt"
     assert exported.stat().st_size < 0.3 * full.stat().st_size  # no optimizer state, one copy, fp16
+    assert read_checkpoint(exported)["ran"] == read_checkpoint(full)["ran"]  # what auto became, kept
     model, _, config = load_checkpoint(exported)
     for p in model.parameters():
         assert p.dtype == torch.float32  # loaded back into the fp32 model
