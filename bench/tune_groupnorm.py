@@ -64,7 +64,8 @@ def time_case(variant, shape, dtype, impl, rounds, layout="nchw") -> dict:
 def save(args, rows: list[dict]) -> None:
     """The JSON so far (rewritten after every row: a sweep stopped at its time cap keeps its rows)."""
     if args.json:
-        C.write_json(args.json, {"tool": "bench.tune_groupnorm", "args": vars(args), "date": time.strftime("%Y-%m-%d"),
+        flags = {k: v for k, v in vars(args).items() if k != "command"}
+        C.write_json(args.json, {"tool": "bench.tune_groupnorm", "args": flags, "date": time.strftime("%Y-%m-%d"),
                                  "command": args.command, "device": C.device_info(), "versions": C.versions(),
                                  "git": C.git_commit(), **C.peaks(), "rows": rows})
 

@@ -766,7 +766,7 @@ def _backward(dy, x, weight, bias, residual, mean, rstd, num_groups, gelu):
     # has few outputs to spread, each walking hundreds of rows: at commit 8323860, two such sums per
     # backward (dw and db apart, C outputs each), 52 a step, took 0.88 ms of an NHWC step and 0.51 ms
     # of an NCHW one in the H100 profile of 2026-11-27 (bench/results/...-profile-fast.json). One sum
-    # of both since f2564d9, channel-major since: neither profiled.
+    # of both since 0b94e89, channel-major since: neither profiled.
     pd = torch.empty((2, c, n * cfg.hw_split), device=x.device, dtype=torch.float32).transpose(1, 2)
     pdw, pdb = pd[0], pd[1]
     has_residual = residual is not None

@@ -156,8 +156,9 @@ def test_profile_and_launch_sweep_tools_run(tmp_path, capsys):
     network's forward in each engine's kernels; the GroupNorm sweep guards every setting against
     eager and tables one row per (variant, shape)."""
     prof, tune, fwd = tmp_path / "prof.json", tmp_path / "tune.json", tmp_path / "fwd.json"
+    every_knob = "cudnn_benchmark+force_layout+cudagraphs+combo_kernels"
     for argv, out in ((["bench.profile_step", "--impls", "eager", "--steps", "1", "--knobs",
-                        "none,cudnn_benchmark+force_layout+cudagraphs+combo_kernels"], prof),
+                        f"none,{every_knob}"], prof),
                       (["bench.profile_step", "--workload", "sample", "--impls", "eager,fast", "--layouts", "nhwc",
                         "--steps", "1"], fwd),
                       (["bench.tune_groupnorm", "--tile", "64", "--programs", "4", "--threads", "8", "--rounds", "1",
@@ -169,7 +170,7 @@ def test_profile_and_launch_sweep_tools_run(tmp_path, capsys):
         assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
     rows = json.loads(prof.read_text())["rows"]
     assert [(r["layout"], r["knobs"]) for r in rows] == [(lay, k) for lay in ("nchw", "nhwc")
-                                                         for k in ("none", "cudnn_benchmark+force_layout+cudagraphs+combo_kernels")]
+                                                         for k in ("none", every_knob)]
     for r in rows:
         assert r["step_s"] > 0 and r["categories"]["convolution"] > 0
         assert sum(r["categories"].values()) == pytest.approx(r["profiled_s"], rel=1e-6)

@@ -30,13 +30,18 @@ def force_split(monkeypatch):
     monkeypatch.setattr(gng, "ELEMS_PER_PROGRAM", 64)
 
 
+def _use_reduction(monkeypatch, lane: bool) -> bool:
+    """One of the two ways the kernels reduce a group (see groupnorm_gelu._LANE_ACCUMULATE), in every
+    pass: tile-reduce also turns off the backward's per-lane default for channels_last groups."""
+    monkeypatch.setattr(gng, "_LANE_ACCUMULATE", lane)
+    monkeypatch.setattr(gng, "_LANE_BWD_CHANNELS_LAST", lane)
+    return lane
+
+
 @pytest.fixture(params=[False, True], ids=["tile-reduce", "lane-accumulate"])
 def reduction(request, monkeypatch):
-    """Both ways the kernels reduce a group (see groupnorm_gelu._LANE_ACCUMULATE), in every pass:
-    tile-reduce also turns off the backward's per-lane default for channels_last groups."""
-    monkeypatch.setattr(gng, "_LANE_ACCUMULATE", request.param)
-    monkeypatch.setattr(gng, "_LANE_BWD_CHANNELS_LAST", request.param)
-    return request.param
+    """Both ways the kernels reduce a group (``_use_reduction``)."""
+    return _use_reduction(monkeypatch, request.param)
 
 
 @pytest.fixture
@@ -375,12 +380,17 @@ def test_opcheck_on_the_strides_flexible_layout_lets_through():
 
 
 @pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
-@pytest.mark.parametrize("path", ["one-program", "split", "resident"])
-def test_statistics_of_a_mean_far_above_the_spread(monkeypatch, reduction, path, channels_last):
+@pytest.mark.parametrize("path,lane", [("one-program", False), ("one-program", True), ("split", False),
+                                       ("split", True), ("resident", False)],
+                         ids=["one-program-tile-reduce", "one-program-lane", "split-tile-reduce", "split-lane",
+                              "resident"])
+def test_statistics_of_a_mean_far_above_the_spread(monkeypatch, path, lane, channels_last):
     """x = 100 + 0.1 * noise: naive fp32 sums of x and x^2 lose the variance (100^2 * 2^-24 is 6e-4 of
-    a 1e-2 variance at every add), and a running mean of x rounds at x's scale at every merge; each
-    reduction, on each path, keeps every output and gradient within fp32's tolerance of the float64
-    reference. Tiles of 32 elements: each program sums several."""
+    a 1e-2 variance at every add), and a running mean of x rounds at x's scale at every merge; both
+    reductions on the one-program and split paths (tiles of 32 elements: each program sums several),
+    and the resident path (which has one), keep every output and gradient within fp32's tolerance
+    of the float64 reference."""
+    _use_reduction(monkeypatch, lane)
     monkeypatch.setattr(gng, "_TILE", 32)
     if path == "split":
         monkeypatch.setattr(gng, "SPLIT_THRESHOLD", 0)

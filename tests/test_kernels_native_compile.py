@@ -6,7 +6,8 @@ compiler refuses (a global that is not a ``tl.constexpr``, a value whose type th
 infer, ...); such a kernel passes every CPU test and fails on its first GPU call. So: run the Triton
 paths under the interpreter (the U-Net forward and backward on both GroupNorm reduction styles and
 both paths, single program and split, in fp32 and bf16, and with persistent row programs; groups of
-one channel and one pixel, whose extents of 1 a GPU launch makes constants, as here; the fused
+one channel, whose extents of 1 a GPU launch makes constants, as here, on the single-program, resident
+and split paths; the fused
 reverse step, with and without clipping; its noise), record each distinct launch (kernel, argument
 types, constexpr values), and compile each one in a fresh process, without the interpreter, through
 Triton's own pipeline down to a cubin for sm_90 (Triton ships ptxas; no GPU is needed).
@@ -99,12 +100,14 @@ def _record(monkeypatch) -> list[dict]:
         for dtype in (torch.float32, torch.bfloat16):
             with torch.autocast("cpu", dtype=dtype, enabled=dtype != torch.float32):
                 model(x, t).float().square().mean().backward()
-        # groups of one channel and one pixel: every extent a 1 (a constant on a GPU), both paths
-        for split in (4096, 0):
-            monkeypatch.setattr(gng, "SPLIT_THRESHOLD", split)
-            one = torch.randn(2, 4, 1, 1, requires_grad=True)
+        # groups of one channel, a constant 1 on a GPU: of one pixel too (one program, and resident),
+        # and of 8,192 pixels (split over 8 programs)
+        resident = gng.RESIDENT_MAX
+        for shape, resident_max in (((2, 4, 1, 1), resident), ((2, 4, 1, 1), 16384), ((2, 4, 1, 8192), resident)):
+            monkeypatch.setattr(gng, "RESIDENT_MAX", resident_max)
+            one = torch.randn(*shape, requires_grad=True)
             gng.group_norm_gelu(one, torch.ones(4), torch.zeros(4), 4).sum().backward()
-    monkeypatch.setattr(gng, "SPLIT_THRESHOLD", 4096)
+        monkeypatch.setattr(gng, "RESIDENT_MAX", resident)
     monkeypatch.setattr(gng, "PERSISTENT", 2)  # the kernels with their row loop (PERSIST)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         model(x, t).float().square().mean().backward()
