@@ -7,8 +7,8 @@ each implementation's figure, fast/eager and fast/compiled, MFU or the share of 
 roofline, and the projections: seconds to sample 5,120 images at T = 1000 and 2000, hours for the
 paper's 500 epochs of 50,000 images, next to what the paper's RTX 4070 took. Then issue 11's
 targets, and the entry of ``fastddpm/measured.py`` (what ``auto`` runs on this card) these results
-support. A ``bench.profile_step`` or ``bench.tune_groupnorm`` file is printed as its tool's own table;
-any other file is refused in one line (exit code 2).
+support. A ``bench.profile_step``, ``bench.tune_groupnorm`` or ``bench.static_cost`` file is printed as its
+tool's own table; any other file is refused in one line (exit code 2).
 """
 from __future__ import annotations
 
@@ -33,7 +33,7 @@ PAPER_TRAIN_H = {("T=1000", "fp32"): 7.71, ("T=2000", "fp32"): 8.51, ("T=2000", 
 # --- loading ------------------------------------------------------------------------------------
 # The other tools' results files (one JSON document with "tool" and "rows"), each rendered by its own
 # table function (they import torch; the benchmark tables do not need it).
-TOOL_TABLES = {"bench.profile_step": "render", "bench.tune_groupnorm": "table"}
+TOOL_TABLES = {"bench.profile_step": "render", "bench.tune_groupnorm": "table", "bench.static_cost": "render"}
 ACCEPTED = ("pytest-benchmark JSON, bench.run JSON lines, or a " + " / ".join(TOOL_TABLES) + " JSON")
 
 
@@ -90,7 +90,8 @@ def load(paths, parsed=None) -> tuple[list[dict], dict]:
 
 
 def render_tool(doc: dict, source: str) -> str:
-    """A profile or launch-sweep file as its tool prints it, under the card, commit and command."""
+    """A profile, launch-sweep or static-cost file as its tool prints it, under the card, commit and
+    command."""
     import importlib
 
     table_of = getattr(importlib.import_module(doc["tool"]), TOOL_TABLES[doc["tool"]])
@@ -509,7 +510,7 @@ def record(entries: list[dict], commands: list[str], when: str | None) -> dict:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench.report", description=__doc__.split("\n\n")[0])
     p.add_argument("results", nargs="+", help="pytest-benchmark / bench.run JSON, or JSON lines; or "
-                   "bench.profile_step / bench.tune_groupnorm JSON files (their tables)")
+                   "bench.profile_step / bench.tune_groupnorm / bench.static_cost JSON files (their tables)")
     p.add_argument("--merge", help="also write the merged results as one JSON here")
     p.add_argument("--command", action="append", default=[],
                    help="the command that produced the results (repeat for several runs): kept in the merged JSON")

@@ -13,7 +13,9 @@ and ``RESIDENT_MAX`` (groups whose padded tile holds up to this many elements, 1
 loaded once into one program's registers: the compulsory traffic; 0 = off). With it on, the other
 knobs still set the paths of the larger groups, and "threads" the resident program's warps.
 ``_LANE_BWD_CHANNELS_LAST`` (the backward's reduction pass over a channels_last group accumulates per
-lane) matters only with ``--layouts nhwc``, which makes every input channels_last. ``PERSISTENT``
+lane) matters only with ``--layouts nhwc``, which makes every input channels_last. ``_LIBDEVICE_ERF``
+(``--libdevice-erf``: the GELU's Phi from libdevice's erf, as every run up to 2026-11-27 had it, instead
+of the kernels' own, about half the instructions). ``PERSISTENT``
 (``--persistent``: k row programs per SM, each looping over (sample, group) rows, times a row's split
 programs; 0 = a program per row) bounds the groups in flight, so that a program's second pass over its
 group can find it in L2. It changes nothing on the resident path (those rows time as the default).
@@ -32,6 +34,8 @@ at the smoke size through Triton's interpreter, which proves only that it runs.
         --programs 528 --threads 8 --lane-bwd-nhwc 0,1   # channels_last inputs: the backward's reduction
     python -m bench.tune_groupnorm --lane 0 --tile 2048,8192 --programs 528 --threads 8 --split 65536 \
         --persistent 0,1,2   # one program per group, its second pass from L2 (the groups in flight bounded)
+    python -m bench.tune_groupnorm --lane 0,1 --tile 2048 --programs 528,2112 --threads 8 \
+        --libdevice-erf 0,1   # the GELU's Phi: what fewer instructions buy, beside the reduction style
 """
 from __future__ import annotations
 
@@ -76,7 +80,7 @@ def sweep(args) -> list[dict]:
     default = gng.current_launch_settings()
     axes = {"lane": args.lane, "tile": args.tile, "programs": args.programs, "threads": args.threads,
             "split": args.split, "elems": args.elems, "resident": args.resident, "lane_bwd_nhwc": args.lane_bwd_nhwc,
-            "persistent": args.persistent}
+            "libdevice_erf": args.libdevice_erf, "persistent": args.persistent}
     assert set(axes) == set(gng.LAUNCH_KNOBS), "a launch knob without a sweep axis"
     # each knob's values as launch_settings takes them (bools for the switches), its default if not swept
     values = [[gng.launch_knob(k, v) for v in axes[k]] if axes[k] else [default[k]] for k in axes]
@@ -138,6 +142,8 @@ def main(argv=None) -> int:
     p.add_argument("--lane-bwd-nhwc", default=None, type=ints,
                    help="the backward's per-lane accumulation over channels_last groups off/on (default: the "
                         "kernel's own); swept in the nhwc layout only; with --lane 1 it is on whatever this says")
+    p.add_argument("--libdevice-erf", default=None, type=ints,
+                   help="the GELU's Phi from libdevice's erf (1) or the kernels' own (0) (default: the kernel's own)")
     p.add_argument("--layouts", default="nchw", type=lambda s: [v for v in s.split(",") if v],
                    help="nchw and/or nhwc (channels_last inputs; Inductor compiles each layout on its own)")
     p.add_argument("--batch", type=int,

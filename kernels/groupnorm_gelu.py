@@ -86,9 +86,16 @@ _LANE_BWD_CHANNELS_LAST = True
 # about five alive (x, dy, residual, du, x_hat) in a 64-register budget, so it spills beyond.
 RESIDENT_MAX = 0
 _RESIDENT_LIMIT = 16384
+# The GELU's Phi: False = the kernels' own (_normal_cdf_pdf: Phi and phi in 18 instructions a value);
+# True = libdevice's erff, what every GPU run up to 2026-11-27 measured (40 for the two). Counted in
+# the sm_90 code of Triton 3.8 (bench/static_cost.py's reading); unmeasured on a GPU so far.
+_LIBDEVICE_ERF = False
 # Each of these launch knobs also takes its FASTDDPM_GN_* variable at import (LAUNCH_KNOBS, below);
 # bench/tune_groupnorm.py sweeps them on a GPU through launch_settings().
 _LOG_10000 = math.log(10000.0)
+# The kernels' GELU constexpr: none, the exact (erf) GELU with the kernels' own Phi, or with libdevice's
+# erff (the "libdevice_erf" launch knob).
+GELU_OFF, GELU_ON, GELU_LIBDEVICE = tl.constexpr(0), tl.constexpr(1), tl.constexpr(2)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -169,6 +176,41 @@ def _rect_stats(X, base, c_lo, c_hi, h_lo, h_hi, stride_c, stride_hw,
 
 
 @triton.jit
+def _normal_cdf_pdf(u, GELU: tl.constexpr):
+    """(Phi(u), phi(u)): the standard normal distribution and density, for the exact (erf) GELU
+    u * Phi(u) and its derivative Phi(u) + u * phi(u).
+
+    GELU_LIBDEVICE: Phi from libdevice's erff, 28 instructions a value in sm_90 code (Triton 3.8),
+    40 with phi: the GELU was most of the forward's and backward's instructions, enough to
+    issue-limit the backward below the copy bandwidth (bench/static_cost.py). GELU_ON, the default:
+    Phi(-|u|) = m(|u|) * phi(u), m the Mills ratio, as t * Q(t), t = 1 / (1 + p|u|) and Q of degree 7,
+    fitted to the relative error by linear programming on 12,000 points of t (p by a scalar search):
+    1.6e-7 over |u| <= 14 (from |u| = 13.2 Phi(-|u|) and phi leave fp32's normal range; a GPU flushes
+    them to 0). t from a squared rsqrt (two instructions, where a division is eight) and phi from one
+    exp2: 18 instructions for the two. In fp32 its error is a few 1e-7 of Phi(-|u|) (and of 1, the
+    largest Phi), growing with the rounding of exp2's argument u^2/2 to 1e-5 at |u| = 13, where 1 + erf
+    cancels entirely (tests/test_kernels_groupnorm_gelu.py); a GPU's approximate rsqrt and exp2 (a
+    relative 2^-22 or so each, by PTX's manual) add a few 1e-7 more."""
+    if GELU == GELU_LIBDEVICE:
+        cdf = 0.5 * (1.0 + tl.erf(u * 0.7071067811865476))
+        pdf = tl.exp(-0.5 * u * u) * 0.3989422804014327
+    else:
+        r = tl.math.rsqrt(1.0 + 0.3048902890945508 * tl.abs(u))
+        t = r * r
+        m = 0.09125855710145686 * t - 0.3810725680668506
+        m = m * t + 0.4623784646703468
+        m = m * t - 0.09238804400598577
+        m = m * t + 0.3019881574073136
+        m = m * t + 0.2595362654434989
+        m = m * t + 0.3068141839634633
+        m = m * t + 0.30479906032020176
+        pdf = tl.exp2(u * u * -0.7213475204444817 - 1.3257480647361595)  # exp(-u^2 / 2) / sqrt(2 pi)
+        tail = m * t * pdf  # Phi(-|u|)
+        cdf = tl.where(u < 0.0, tail, 1.0 - tail)
+    return cdf, pdf
+
+
+@triton.jit
 def _grad_u(x, dy, r, w, b, mean, rstd, mask, HAS_RESIDUAL: tl.constexpr, GELU: tl.constexpr):
     """x_hat and dL/du, u = residual + x_hat * w + b the GELU input (the time encoding adds a
     constant after the GELU, so it has no gradient to pass)."""
@@ -178,10 +220,8 @@ def _grad_u(x, dy, r, w, b, mean, rstd, mask, HAS_RESIDUAL: tl.constexpr, GELU: 
         u = x_hat * w[:, None] + b[:, None]
         if HAS_RESIDUAL:
             u += r
-        # d/du [u * Phi(u)] = Phi(u) + u * phi(u)
-        cdf = 0.5 * (1.0 + tl.erf(u * 0.7071067811865476))
-        pdf = tl.exp(-0.5 * u * u) * 0.3989422804014327
-        du = dy * (cdf + u * pdf)
+        cdf, pdf = _normal_cdf_pdf(u, GELU)
+        du = dy * (cdf + u * pdf)  # d/du [u * Phi(u)]
     return x_hat, du
 
 
@@ -228,7 +268,7 @@ def _apply_tile(R, Y, offs, mask, x, mean, rstd, w, b, te,
     if HAS_RESIDUAL:
         y += tl.load(R + offs, mask=mask, other=0.0).to(tl.float32)
     if GELU:
-        y = 0.5 * y * (1.0 + tl.erf(y * 0.7071067811865476))  # exact (erf) GELU
+        y = y * _normal_cdf_pdf(y, GELU)[0]  # exact (erf) GELU
     if HAS_T:
         y += te[:, None]
     tl.store(Y + offs, y.to(Y.dtype.element_ty), mask=mask)
@@ -256,13 +296,11 @@ def _rect_bwd_reduce(DY, X, R, DR, W, B, PDW, PDB, base, pd_row, pd_stride_c, c_
                      BLOCK_C: tl.constexpr, BLOCK_HW: tl.constexpr, LANE: tl.constexpr):
     """Over a rectangle: write d_residual = du, store this program's dw/db partials (row ``pd_row`` of
     the partials table, its own channels only) and return sum(dx_hat), sum(dx_hat * x_hat).
-    LANE: the four sums accumulate per lane, reduced once; else each tile is reduced as it comes."""
-    if LANE:
-        acc1 = tl.zeros((BLOCK_C, BLOCK_HW), dtype=tl.float32)
-        acc2 = tl.zeros((BLOCK_C, BLOCK_HW), dtype=tl.float32)
-    else:
-        s1 = 0.0
-        s2 = 0.0
+    LANE: the per-channel sums accumulate per lane, reduced once a channel chunk; else each tile is
+    reduced as it comes. The two group sums need no pass of their own: dx_hat = du * w with w per
+    channel, so they are sum_c w_c * db_c and sum_c w_c * dw_c over the chunk's partials."""
+    s1 = 0.0
+    s2 = 0.0
     for c0 in range(c_lo, c_hi, BLOCK_C):
         c = c_off + c0 + tl.arange(0, BLOCK_C)
         cmask = c < c_off + c_hi
@@ -278,25 +316,19 @@ def _rect_bwd_reduce(DY, X, R, DR, W, B, PDW, PDB, base, pd_row, pd_stride_c, c_
                                                mean, rstd, HAS_RESIDUAL, GELU, BLOCK_C, BLOCK_HW)
             if HAS_RESIDUAL:
                 tl.store(DR + offs, du.to(DR.dtype.element_ty), mask=mask)
-            dx_hat = du * w[:, None]
             if LANE:  # masked lanes hold du = 0 and x_hat = 0: they add nothing
                 dw_acc += du * x_hat
                 db_acc += du
-                acc1 += dx_hat
-                acc2 += dx_hat * x_hat
             else:
                 dw += tl.sum(du * x_hat, axis=1)
                 db += tl.sum(du, axis=1)
-                s1 += tl.sum(dx_hat)
-                s2 += tl.sum(dx_hat * x_hat)
         if LANE:
             dw = tl.sum(dw_acc, axis=1)
             db = tl.sum(db_acc, axis=1)
         tl.store(PDW + pd_row + c * pd_stride_c, dw, mask=cmask)
         tl.store(PDB + pd_row + c * pd_stride_c, db, mask=cmask)
-    if LANE:
-        s1 = tl.sum(acc1)
-        s2 = tl.sum(acc2)
+        s1 += tl.sum(w * db)  # masked channels have w = 0
+        s2 += tl.sum(w * dw)
     return s1, s2
 
 
@@ -530,11 +562,12 @@ def _gn_bwd_resident_kernel(DY, X, R, DR, W, B, MEAN, RSTD, PDW, PDB, pd_stride_
     x_hat, du = _grad_u(x, dy, r, w, b, tl.load(MEAN + row), rstd, mask, HAS_RESIDUAL, GELU)
     if HAS_RESIDUAL:
         tl.store(DR + offs, du.to(DR.dtype.element_ty), mask=mask)
-    tl.store(PDW + n + c * pd_stride_c, tl.sum(du * x_hat, axis=1), mask=cmask)
-    tl.store(PDB + n + c * pd_stride_c, tl.sum(du, axis=1), mask=cmask)
-    dx_hat = du * w[:, None]
-    inv_m = 1.0 / (Cg * HW * 1.0)
-    dx = _dx(du, w, x_hat, tl.sum(dx_hat) * inv_m, tl.sum(dx_hat * x_hat) * inv_m, rstd)
+    dw = tl.sum(du * x_hat, axis=1)
+    db = tl.sum(du, axis=1)
+    tl.store(PDW + n + c * pd_stride_c, dw, mask=cmask)
+    tl.store(PDB + n + c * pd_stride_c, db, mask=cmask)
+    inv_m = 1.0 / (Cg * HW * 1.0)  # the group sums of dx_hat = du * w from the channels' (_rect_bwd_reduce)
+    dx = _dx(du, w, x_hat, tl.sum(w * db) * inv_m, tl.sum(w * dw) * inv_m, rstd)
     tl.store(DX + offs, dx.to(DX.dtype.element_ty), mask=mask)
 
 
@@ -552,6 +585,7 @@ LAUNCH_KNOBS = {"lane": ("_LANE_ACCUMULATE", "0 or 1", "FASTDDPM_GN_LANE_ACCUMUL
                 "resident": ("RESIDENT_MAX", f"an integer from 0 to {_RESIDENT_LIMIT} (registers)",
                              "FASTDDPM_GN_RESIDENT_MAX"),
                 "lane_bwd_nhwc": ("_LANE_BWD_CHANNELS_LAST", "0 or 1", "FASTDDPM_GN_LANE_BWD_CHANNELS_LAST"),
+                "libdevice_erf": ("_LIBDEVICE_ERF", "0 or 1", "FASTDDPM_GN_LIBDEVICE_ERF"),
                 "persistent": ("PERSISTENT", "an integer >= 0", "FASTDDPM_GN_PERSISTENT")}
 _KNOB_OK = {"0 or 1": lambda v: v in (0, 1), "a power of two": lambda v: v >= 1 and not v & (v - 1),
             "a positive integer": lambda v: v >= 1, "an integer >= 0": lambda v: v >= 0,
@@ -723,11 +757,17 @@ def _geometry(x: torch.Tensor, num_groups: int):
     return x, (num_groups, c, cg, hw, stride_n, stride_c, stride_hw), cfg
 
 
+def _gelu_mode(gelu: bool) -> int:
+    """The kernels' GELU constexpr for a call: off, or on with the Phi the libdevice_erf knob says."""
+    return (GELU_LIBDEVICE if _LIBDEVICE_ERF else GELU_ON).value if gelu else GELU_OFF.value
+
+
 def _forward(x, weight, bias, num_groups, eps, residual, t, gelu):
     # The op is flexible_layout: under torch.compile any strides may arrive. The kernels walk x, y
     # (and the residual, made like x) through strides and index weight, bias and t densely.
     weight, bias, t = weight.contiguous(), bias.contiguous(), (t.contiguous() if t is not None else None)
     x, geom, cfg = _geometry(x, num_groups)
+    gelu_mode = _gelu_mode(gelu)
     n, c = x.shape[:2]
     y = torch.empty_like(x)
     mean = torch.empty((n, num_groups), device=x.device, dtype=torch.float32)
@@ -738,7 +778,7 @@ def _forward(x, weight, bias, num_groups, eps, residual, t, gelu):
         _gn_fwd_resident_kernel[(n * num_groups,)](
             x, residual if residual is not None else x, t if t is not None else mean, weight, bias, y, mean, rstd,
             *geom, eps, -_LOG_10000 / c,
-            HAS_RESIDUAL=residual is not None, HAS_T=t is not None, GELU=gelu, **cfg.meta)
+            HAS_RESIDUAL=residual is not None, HAS_T=t is not None, GELU=gelu_mode, **cfg.meta)
         return y, mean, rstd
     rows = n * num_groups
     part = torch.empty((rows * cfg.s * 3,), device=x.device, dtype=torch.float32)
@@ -748,7 +788,7 @@ def _forward(x, weight, bias, num_groups, eps, residual, t, gelu):
     _gn_fwd_kernel[grid](
         x, residual if residual is not None else x, t if t is not None else mean, weight, bias, y, mean, rstd,
         part, rows, *geom, *cfg.chunks, eps, -_LOG_10000 / c,
-        SINGLE=cfg.s == 1, HAS_RESIDUAL=residual is not None, HAS_T=t is not None, GELU=gelu,
+        SINGLE=cfg.s == 1, HAS_RESIDUAL=residual is not None, HAS_T=t is not None, GELU=gelu_mode,
         BLOCK_S=triton.next_power_of_2(cfg.s), **cfg.meta, **persist)
     return y, mean, rstd
 
@@ -756,6 +796,7 @@ def _forward(x, weight, bias, num_groups, eps, residual, t, gelu):
 def _backward(dy, x, weight, bias, residual, mean, rstd, num_groups, gelu):
     weight, bias, mean, rstd = weight.contiguous(), bias.contiguous(), mean.contiguous(), rstd.contiguous()
     x, geom, cfg = _geometry(x, num_groups)
+    gelu_mode = _gelu_mode(gelu)
     n, c = x.shape[:2]
     dy = _like(dy, x)
     dx = torch.empty_like(x)
@@ -778,7 +819,7 @@ def _backward(dy, x, weight, bias, residual, mean, rstd, num_groups, gelu):
     if cfg.resident:
         _gn_bwd_resident_kernel[(n * num_groups,)](dy, x, residual, dres, weight, bias, mean, rstd, pdw, pdb,
                                                    pd.stride(2), dx,
-                                                   *geom, HAS_RESIDUAL=has_residual, GELU=gelu,
+                                                   *geom, HAS_RESIDUAL=has_residual, GELU=gelu_mode,
                                                    **cfg.meta)
     else:
         rows = n * num_groups
@@ -786,10 +827,10 @@ def _backward(dy, x, weight, bias, residual, mean, rstd, num_groups, gelu):
         args = (dy, x, residual, dres, weight, bias, mean, rstd, pdw, pdb, pd.stride(2), part)
         grid, persist = _grid(rows, cfg.s, x.device)
         if cfg.s > 1:
-            _gn_bwd_reduce_kernel[grid](*args, rows, *geom, *cfg.chunks, HAS_RESIDUAL=has_residual, GELU=gelu,
+            _gn_bwd_reduce_kernel[grid](*args, rows, *geom, *cfg.chunks, HAS_RESIDUAL=has_residual, GELU=gelu_mode,
                                         **cfg.meta_bwd, **persist)
         _gn_bwd_dx_kernel[grid](*args, dx, rows, *geom, *cfg.chunks, SINGLE=cfg.s == 1, HAS_RESIDUAL=has_residual,
-                                GELU=gelu, BLOCK_S=triton.next_power_of_2(cfg.s), **cfg.meta_bwd, **persist)
+                                GELU=gelu_mode, BLOCK_S=triton.next_power_of_2(cfg.s), **cfg.meta_bwd, **persist)
     return dx, pd.sum(1), (dres if has_residual else x.new_empty(0))
 
 

@@ -196,6 +196,51 @@ def test_profile_and_launch_sweep_tools_run(tmp_path, capsys):
         assert report.main([str(path)]) == 0 and head in capsys.readouterr().out
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="records the launches in Triton's interpreter")
+def test_static_cost_reads_the_hot_loops_of_the_sm90_code(tmp_path, capsys, monkeypatch):
+    """bench.static_cost on one U-Net call (128x32x32 with a residual and the GELU, NHWC, the training
+    batch's split launch) with the kernels' own Phi and with libdevice's erf: each of the four kernels
+    has the one hot loop its code has, loading 64 or 128 bits at a time, and nothing spills; the
+    kernels' own Phi issues at most 80 % of libdevice's instructions an element in each GELU kernel
+    (what the static figures in bench/results compare); the summary adds the calls up, times their
+    count, and bench.report prints it. A kernel not defined under the interpreter is refused."""
+    from bench import static_cost as S
+
+    call = {"c": 128, "h": 32, "w": 32, "groups": 1, "residual": True, "t": False, "gelu": True, "count": 2}
+    launches, settings = [], {"none": {}, "libdevice_erf=1": {"libdevice_erf": 1}}
+    for name, knobs in settings.items():  # split: the kernel's own, whatever bench.common set for the CPU
+        launches.append(S.record_calls([call], 256, "nhwc", {"split": 4096, **knobs}))
+    results = S.compile_launches(launches[0] + launches[1], analyse=True)
+    rows = S.rows_for(launches[0], results[:len(launches[0])], "nhwc", "none") + \
+        S.rows_for(launches[1], results[len(launches[0]):], "nhwc", "libdevice_erf=1")
+    kernels = ["_gn_stats_kernel", "_gn_fwd_kernel", "_gn_bwd_reduce_kernel", "_gn_bwd_dx_kernel"]
+    by = {(r["setting"], r["kernel"]): r for r in rows}
+    assert sorted(by) == sorted((s, k) for s in settings for k in kernels), sorted(by)
+    for r in rows:
+        assert r["loop"] and r["spill_bytes"] == 0, r
+        assert all(b["wide_loads"] >= 1 for b in r["bodies"]), r
+        assert r["gelu"] == (None if r["kernel"] == "_gn_stats_kernel" else 1 if r["setting"] == "none" else 2)
+    for k in kernels[1:]:
+        own, libdevice = (by[s, k]["bodies"][0]["instructions_per_element"] for s in settings)
+        assert own <= 0.8 * libdevice, (k, own, libdevice)
+    total = {s["setting"]: s["forward"] + s["backward"] for s in S.summary(rows)}
+    per_sample = sum(by["none", k]["bodies"][0]["instructions_per_element"] for k in kernels) * 128 * 32 * 32 * 2
+    assert total["none"] == pytest.approx(per_sample) and total["none"] < total["libdevice_erf=1"]
+    i = next(i for i, launch in enumerate(launches[0]) if launch["kernel"] == "_gn_fwd_kernel")
+    single = {**launches[0][i], "constexprs": {**launches[0][i]["constexprs"], "SINGLE": True}}  # two loops due
+    assert S.rows_for([single], [results[i]], "nhwc", "none")[0]["error"] == "1 hot loops read in the code, 2 expected"
+    out = tmp_path / "static.json"
+    out.write_text(json.dumps({"tool": "bench.static_cost", "card": "no GPU", "rows": rows}))
+    assert report.main([str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "| none | nhwc |" in printed and "| libdevice_erf=1 | nhwc |" in printed
+    from fastddpm.kernels import groupnorm_gelu as gng
+
+    monkeypatch.setattr(gng, "_gn_fwd_kernel", object())  # as if compiled for a GPU: nothing to record
+    with pytest.raises(RuntimeError, match="set TRITON_INTERPRET=1 before"), S.recorded_launches():
+        pass
+
+
 def test_report_reads_an_old_profile_by_today_s_categories_and_refuses_other_files(tmp_path, capsys):
     """A profile written before the "upsampling" category (and the workload axis) existed is tabled
     from its kernel list as a new one would be; anything else is refused in one line, exit code 2."""

@@ -4,6 +4,7 @@ The reference runs in float64 on the same (upcast) inputs; forward and every gra
 bias, residual) are compared with a per-dtype tolerance. Shapes are not powers of two. Runs under
 TRITON_INTERPRET=1 on a CPU-only machine, natively on a GPU otherwise.
 """
+import math
 import os
 
 import torch
@@ -12,6 +13,8 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import pytest  # noqa: E402
+import triton  # noqa: E402
+import triton.language as tl  # noqa: E402
 
 from fastddpm.kernels import groupnorm_gelu as gng  # noqa: E402
 from fastddpm.kernels.groupnorm_gelu import group_norm_gelu  # noqa: E402
@@ -131,6 +134,73 @@ VARIANTS = {  # (residual, gelu, t)
     "gn-time": (False, False, True),  # end of a Down/Up block
     "res-time": (True, False, True),
 }
+
+
+@triton.jit
+def _cdf_pdf_probe(U, CDF, PDF, n, GELU: tl.constexpr, BLOCK: tl.constexpr):
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < n
+    cdf, pdf = gng._normal_cdf_pdf(tl.load(U + offs, mask=mask, other=0.0), GELU)
+    tl.store(CDF + offs, cdf, mask=mask)
+    tl.store(PDF + offs, pdf, mask=mask)
+
+
+def _cdf_pdf(u: torch.Tensor, gelu: int) -> tuple[torch.Tensor, torch.Tensor]:
+    cdf, pdf = torch.empty_like(u), torch.empty_like(u)
+    _cdf_pdf_probe[(triton.cdiv(u.numel(), 4096),)](u, cdf, pdf, u.numel(), GELU=gelu, BLOCK=4096)
+    return cdf.double().cpu(), pdf.double().cpu()
+
+
+def test_normal_cdf_and_pdf_against_the_standard_library():
+    """The GELU's Phi and phi (``_normal_cdf_pdf``), the kernels' own and libdevice's erf, against
+    Python's math.erfc in float64 on 28,001 points of [-14, 14] (phi is normal in fp32 up to 13):
+    both are within 1e-6 in Phi, the GELU and its derivative; the kernels' own also keeps Phi's lower
+    tail to a relative error that only the rounding of exp2's argument (u^2 / 2) grows, where 1 + erf
+    cancels (libdevice's: 100 % wrong beyond u = -5.5). In the interpreter, whose float64 rsqrt and
+    exp2 are exact (a GPU's float64 rsqrt is an approximation), the fit's own error shows: 1.6e-7."""
+    u64 = torch.linspace(-14, 14, 28001, dtype=torch.float64)
+    cdf_ref = torch.tensor([0.5 * math.erfc(-v / math.sqrt(2)) for v in u64.tolist()], dtype=torch.float64)
+    pdf_ref = torch.exp(-u64 * u64 / 2) / math.sqrt(2 * math.pi)
+    lower, normal = u64 <= 0, u64.abs() <= 13
+
+    def rel(a, b, where):
+        return ((a - b).abs() / b)[where].max().item()
+
+    for gelu in (gng.GELU_ON.value, gng.GELU_LIBDEVICE.value):
+        cdf, pdf = _cdf_pdf(u64.float().to(DEVICE), gelu)
+        what = "own" if gelu == gng.GELU_ON.value else "libdevice"
+        assert (cdf - cdf_ref).abs().max() <= 1e-6, what
+        assert (u64 * cdf - u64 * cdf_ref).abs().max() <= 1e-6, what  # GELU
+        assert (cdf + u64 * pdf - (cdf_ref + u64 * pdf_ref)).abs().max() <= 1e-6, what  # GELU'
+        assert rel(pdf, pdf_ref, normal) <= 4e-5, what
+    own, _ = _cdf_pdf(u64.float().to(DEVICE), gng.GELU_ON.value)
+    libdevice, _ = _cdf_pdf(u64.float().to(DEVICE), gng.GELU_LIBDEVICE.value)
+    assert rel(own, cdf_ref, lower & (u64 >= -5)) <= 4e-6
+    assert rel(own, cdf_ref, lower & normal) <= 4e-5
+    assert rel(libdevice, cdf_ref, lower & normal) > 0.5  # why the kernels have their own
+    if DEVICE == "cpu":
+        own64, pdf64 = _cdf_pdf(u64, gng.GELU_ON.value)
+        assert rel(own64, cdf_ref, lower) <= 2e-7
+        assert rel(pdf64, pdf_ref, normal) <= 1e-12
+    special = torch.tensor([float("-inf"), float("inf"), float("nan"), 0.0])
+    cdf, pdf = _cdf_pdf(special.to(DEVICE), gng.GELU_ON.value)
+    assert cdf[:2].tolist() == [0.0, 1.0] and pdf[:2].tolist() == [0.0, 0.0]
+    assert cdf[2].isnan() and pdf[2].isnan()
+    assert abs(cdf[3].item() - 0.5) <= 2e-7 and abs(pdf[3].item() - 1 / math.sqrt(2 * math.pi)) <= 1e-7
+
+
+@pytest.mark.parametrize("dtype", [F32, BF16], ids=["fp32", "bf16"])
+def test_libdevice_erf_knob(monkeypatch, dtype):
+    """The libdevice_erf launch knob (the GELU of every GPU run before 2026-11-28) passes the same
+    check against eager as the kernels' own Phi, and is a different computation (fp32 outputs differ)."""
+    outputs = []
+    for libdevice in (False, True):
+        monkeypatch.setattr(gng, "_LIBDEVICE_ERF", libdevice)
+        _check((3, 12, 5, 7), 4, dtype=dtype)
+        x = torch.randn(3, 12, 5, 7, generator=torch.Generator().manual_seed(1)).to(DEVICE, dtype)
+        outputs.append(group_norm_gelu(x, torch.ones(12, device=DEVICE), torch.zeros(12, device=DEVICE), 4))
+    if dtype == F32:
+        assert not torch.equal(*outputs)
 
 
 @pytest.mark.parametrize("variant", list(VARIANTS))
