@@ -186,7 +186,8 @@ def test_normal_cdf_and_pdf_against_the_standard_library():
     cdf, pdf = _cdf_pdf(special.to(DEVICE), gng.GELU_ON.value)
     assert cdf[:2].tolist() == [0.0, 1.0] and pdf[:2].tolist() == [0.0, 0.0]
     assert cdf[2].isnan() and pdf[2].isnan()
-    assert abs(cdf[3].item() - 0.5) <= 2e-7 and abs(pdf[3].item() - 1 / math.sqrt(2 * math.pi)) <= 1e-7
+    # at 0, a GPU's approximate rsqrt and exp2 (2^-22 relative or so) may cost a few 1e-7
+    assert abs(cdf[3].item() - 0.5) <= 5e-7 and abs(pdf[3].item() - 1 / math.sqrt(2 * math.pi)) <= 3e-7
 
 
 @pytest.mark.parametrize("dtype", [F32, BF16], ids=["fp32", "bf16"])
