@@ -5,7 +5,7 @@ Each GroupNorm call of the paper's U-Net (every distinct shape and residual / ti
 combination, found by running the eager model) is run once under Triton's interpreter at batch 2,
 with the launch configuration of the batch it stands for (``--batch``, 256 by default: the training
 bench's). Each distinct launch is recorded as a GPU launch specialises it (integer arguments equal to
-1 made constants, pointers and integers divisible by 16 marked so) and compiled in a fresh process
+1 made constants, pointers and integers divisible by 16 marked so) and compiled in fresh processes
 through Triton's own pipeline to an sm_90 cubin. From its SASS (``cuobjdump``, shipped with Triton) and
 ``ptxas -v``: the registers a thread holds (occupancy), its stack and spill bytes, and for each
 innermost loop that loads 64 or 128 bits at a time (the hot loops), the instructions a thread issues
@@ -106,7 +106,7 @@ def recorded_launches(tag=lambda: None):
         InterpretedFunction.run = real_run
 
 
-# Compiles (and with "analyse", reads) each launch in a fresh process without the interpreter.
+# Compiles (and with "analyse", reads) the launches listed in a JSON file, in a process without the interpreter.
 _COMPILE = r"""
 import collections, contextlib, importlib.util, io, json, os, re, subprocess, sys, tempfile
 import triton
@@ -115,7 +115,7 @@ from triton.backends import nvidia
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-launches, analyse = json.load(sys.stdin)
+launches, analyse = json.load(open(sys.argv[1]))
 knobs.nvidia.dump_ptxas_log = analyse  # Triton's own ptxas run prints its -v report (the cache is fresh)
 BIN = os.path.join(os.path.dirname(nvidia.__file__), "bin")
 LINE = re.compile(r"^\s+/\*([0-9a-f]{4,})\*/\s+(?:@!?U?P\w+\s+)?([A-Z0-9_.]+)([^;]*);", re.M)
@@ -170,16 +170,38 @@ print(json.dumps(out))
 
 
 def compile_launches(launches: list[dict], analyse: bool = False, timeout: int = 900) -> list[dict]:
-    """Compile each launch for sm_90 in a fresh process (no interpreter): per launch ``{"error": ...}``,
-    or with ``analyse`` its registers, stack and spill bytes and hot-loop bodies' counts."""
-    distinct = {_key(launch): launch for launch in launches}  # each kernel compiled once
-    with tempfile.TemporaryDirectory() as cache:  # no cached kernel: every compile runs (and reports) ptxas
-        env = {**{k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}, "TRITON_CACHE_DIR": cache}
-        proc = subprocess.run([sys.executable, "-c", _COMPILE], input=json.dumps([list(distinct.values()), analyse]),
-                              cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
-    if proc.returncode != 0:
-        raise RuntimeError(proc.stderr[-3000:])
-    results = dict(zip(distinct, json.loads(proc.stdout.strip().splitlines()[-1])))
+    """Compile each launch for sm_90 in fresh processes (no interpreter), one a CPU core, each distinct
+    launch once: per launch ``{"error": ...}``, or with ``analyse`` its registers, stack and spill
+    bytes and hot-loop bodies' counts."""
+    distinct = list({_key(launch): launch for launch in launches}.values())
+    workers = max(1, min(len(distinct), os.cpu_count() or 1))
+    chunks = [distinct[i::workers] for i in range(workers)]
+    with tempfile.TemporaryDirectory() as tmp:
+        env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+        if analyse:  # no cached kernel: every compile runs (and reports) ptxas
+            env["TRITON_CACHE_DIR"] = os.path.join(tmp, "cache")
+        procs = []
+        for i, chunk in enumerate(chunks):
+            path = os.path.join(tmp, f"launches-{i}.json")
+            with open(path, "w") as f:
+                json.dump([chunk, analyse], f)
+            out, err = open(os.path.join(tmp, f"out-{i}"), "w+"), open(os.path.join(tmp, f"err-{i}"), "w+")
+            procs.append((subprocess.Popen([sys.executable, "-c", _COMPILE, path], cwd=ROOT, env=env, stdout=out,
+                                           stderr=err, text=True), out, err))
+        results = {}
+        try:
+            for chunk, (proc, out, err) in zip(chunks, procs):
+                proc.wait(timeout=timeout)
+                out.seek(0), err.seek(0)
+                if proc.returncode != 0:
+                    raise RuntimeError(err.read()[-3000:])
+                results.update(zip((_key(launch) for launch in chunk), json.loads(out.read().strip().splitlines()[-1])))
+        finally:
+            for proc, out, err in procs:  # none left running on an error or a timeout
+                if proc.poll() is None:
+                    proc.kill()
+                proc.wait()
+                out.close(), err.close()
     return [results[_key(launch)] for launch in launches]
 
 
@@ -293,7 +315,8 @@ def summary(rows: list[dict]) -> list[dict]:
 
 def _call_name(call: dict) -> str:
     flags = "".join(f" +{k}" for k in ("residual", "t", "gelu") if call[k])
-    return f"{call['c']}×{call['h']}×{call['w']}{flags}" + (f" (×{call['count']})" if call.get("count", 1) > 1 else "")
+    times = f" (×{call['count']})" if call.get("count", 1) > 1 else ""
+    return f"{call['c']}×{call['h']}×{call['w']}{flags}{times}"
 
 
 def render(rows: list[dict], detail: bool = False) -> str:

@@ -10,7 +10,7 @@ libdevice's erf for the GELU; groups of one channel, whose extents of 1 a GPU la
 as here, on the single-program, resident and split paths; the fused reverse step, with and without
 clipping; its noise), record each distinct launch (kernel, argument types, constexpr values) as a
 GPU launch specialises it (integers equal to 1 made constants, pointers and integers divisible by 16
-marked so), and compile each one in a fresh process, without the interpreter, through Triton's own
+marked so), and compile each one in fresh processes, without the interpreter, through Triton's own
 pipeline down to a cubin for sm_90 (Triton ships ptxas; no GPU is needed). The recorder and the
 compiler are ``bench.static_cost``'s, which also reads the machine code.
 """
@@ -46,8 +46,10 @@ def _run_every_path(monkeypatch):
     with torch.autocast("cpu", dtype=torch.bfloat16):
         model(x, t).float().square().mean().backward()
     monkeypatch.setattr(gng, "PERSISTENT", 0)
-    with gng.launch_settings(libdevice_erf=1), torch.autocast("cpu", dtype=torch.bfloat16):
-        model(x, t).float().square().mean().backward()  # the GELU from libdevice's erf
+    with gng.launch_settings(libdevice_erf=1):  # the GELU from libdevice's erf: split and one-program groups
+        for shape in ((2, 8, 32, 32), (2, 8, 8, 8)):
+            g = torch.randn(*shape, dtype=torch.bfloat16, requires_grad=True)
+            gng.group_norm_gelu(g, torch.ones(8), torch.zeros(8), 1, residual=torch.randn_like(g)).sum().backward()
     tables = {k: torch.rand(10) for k in ("inv_sqrt_alpha", "eps_coef", "sigma")}
     for dtype in (torch.float32, torch.bfloat16):
         reverse_step(x.to(dtype), x.to(dtype), 5, 1, **tables)
