@@ -12,11 +12,12 @@ innermost loop that loads 64 or 128 bits at a time (the hot loops), the instruct
 per element it handles, the MUFU (special-function unit) ones among them, and the barriers per
 iteration. A kernel without such a loop (the resident path) is counted whole.
 
-Why it matters: an H100 SM issues at most four warp-instructions a clock, so 132 SMs at ~1.75 GHz
-issue about 30 T lane-instructions a second. A pass that moves 4 bytes an element (two bf16 reads)
-at the 3.0 TB/s copy rate measured on an H100 handles 750 G elements a second, which leaves it about
-40 instructions an element before it is issue-bound instead of memory-bound. These are static counts
-of one compiler (this machine's Triton; the GPU machine's may differ), not speeds: only a GPU times.
+Why it matters: an H100 SM issues at most four warp-instructions a clock, so 132 SMs at the 1.98 GHz
+boost clock issue at most 33.5 T lane-instructions a second. A pass that moves 4 bytes an element (two
+bf16 reads) at the 3.0 TB/s copy rate measured on an H100 handles 750 G elements a second, which
+leaves it 45 instructions an element (fewer in practice: no kernel issues every clock) before it is
+issue-bound instead of memory-bound. These are static counts of one compiler (this machine's Triton;
+the GPU machine's may differ), not speeds: only a GPU times.
 
     python -m bench.static_cost                                     # the defaults, both layouts
     python -m bench.static_cost --settings none,libdevice_erf=1,lane=1 --json static.json
