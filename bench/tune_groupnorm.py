@@ -15,7 +15,7 @@ knobs still set the paths of the larger groups, and "threads" the resident progr
 ``_LANE_BWD_CHANNELS_LAST`` (the backward's reduction pass over a channels_last group accumulates per
 lane) matters only with ``--layouts nhwc``, which makes every input channels_last. ``_LIBDEVICE_ERF``
 (``--libdevice-erf``: the GELU's Phi from libdevice's erf, as every run up to 2026-11-27 had it, instead
-of the kernels' own, about half the instructions). ``PERSISTENT``
+of the kernels' own, which issues less than half its instructions). ``PERSISTENT``
 (``--persistent``: k row programs per SM, each looping over (sample, group) rows, times a row's split
 programs; 0 = a program per row) bounds the groups in flight, so that a program's second pass over its
 group can find it in L2. It changes nothing on the resident path (those rows time as the default).
