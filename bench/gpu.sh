@@ -3,8 +3,9 @@
 #   1. native correctness first: the kernel tests (pytest-xdist workers where installed) side by side
 #      with the CUDA-graph sampling test. If the kernel tests fail, the script stops there (a fast
 #      but wrong kernel posts no number) and the rest of the lease is left for a rerun after a fix.
-#      The resident GroupNorm path (off unless the tune sweeps it) is tested apart: if it fails, the
-#      bench goes on and the tune sweeps no resident setting;
+#      The resident GroupNorm path (off by default; its programs of a group meet at a barrier with the
+#      "coop" knob) is tested apart, under a timeout: if it fails or hangs, the bench goes on without it:
+#      the tune sweeps no resident or coop setting and the paths that set one are dropped from the stages;
 #   2. the bench suite at full size (seed preset, batch 256 training, batch 2560 sampling, the
 #      U-Net's kernel shapes), stage by stage, each under its own time cap and with its own dtypes:
 #      eager baselines first, then bf16 (the headline), so a stage cut off by its cap still has
@@ -106,7 +107,12 @@ native_tests() {
   tail -n 15 "$DEST/graph-test.log" | tee -a "$LOG"
   say "resident GroupNorm tests (native):"; tail -n 4 "$WORK/resident-tests.log" | tee -a "$LOG"
   if [[ $(tail -n 1 "$WORK/resident-tests.log") != "exit 0" ]]; then
-    RESIDENT_OK=0; say "the resident GroupNorm path failed its native tests: the tune sweeps no resident setting"
+    RESIDENT_OK=0; say "the resident GroupNorm path failed its native tests: the tune sweeps no resident or coop" \
+      "setting, and the bench paths that set one are dropped"
+    local var
+    for var in FASTDDPM_BENCH_TRAIN_IMPLS FASTDDPM_BENCH_SAMPLE_IMPLS FASTDDPM_BENCH_BATCH_IMPLS; do
+      [[ -n ${!var:-} ]] && export "$var=$(tr ',' '\n' <<<"${!var}" | grep -Ev '(resident|coop)=' | paste -sd, -)"
+    done
   fi
   return "$rc"
 }
@@ -134,7 +140,7 @@ for s in $STAGES; do
         --json "$DEST/profile.json" ;;
     tune)  # the GroupNorm kernels' launch parameters and reduction style, against Inductor
       stage "GroupNorm launch sweep (bf16)" "${TUNE_CAP_S:-200}" "$PY" -m bench.tune_groupnorm \
-        --dtype bf16 --json "$DEST/tune.json" ${TUNE_ARGS:-} $( ((RESIDENT_OK)) || echo --resident 0) ;;
+        --dtype bf16 --json "$DEST/tune.json" ${TUNE_ARGS:-} $( ((RESIDENT_OK)) || echo --resident 0 --coop 0) ;;
     *) say "unknown stage $s" ;;
   esac
 done

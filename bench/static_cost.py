@@ -56,7 +56,7 @@ def recorded_launches(tag=lambda: None):
     """Record every Triton launch run in the interpreter inside the block, as a GPU launch specialises
     it: yields the list of launches (file, kernel, signature, constexprs, divisible-by-16 argument
     indices, options, and ``tag()`` at launch), filled as they run; a launch repeated with the same
-    tag is listed once."""
+    tag is listed once, and so are the two stages that stand in for a GPU's one launch."""
     from triton.runtime.interpreter import InterpretedFunction
 
     from fastddpm.kernels import groupnorm_gelu as gng
@@ -92,6 +92,8 @@ def recorded_launches(tag=lambda: None):
                 signature[name] = "fp32"
             else:
                 raise TypeError(f"{self.fn.__name__}: argument {name} of type {type(value).__name__}")
+        if constexprs.get("STAGE"):  # a resident row's programs, staged for the interpreter: on a GPU one
+            constexprs["STAGE"] = 0  # launch, the programs meeting at a barrier (groupnorm_gelu._programs_meet)
         launch = {"file": inspect.getsourcefile(self.fn), "kernel": self.fn.__name__, "signature": signature,
                   "constexprs": constexprs, "divisible": divisible, "options": options, "tag": tag()}
         key = _key(launch) + json.dumps(launch["tag"], sort_keys=True)

@@ -12,6 +12,8 @@ group should find it in L1/L2 rather than DRAM; larger ones are split over progr
 and ``RESIDENT_MAX`` (groups whose padded tile holds up to this many elements, 16,384 at most, are
 loaded once into one program's registers: the compulsory traffic; 0 = off). With it on, the other
 knobs still set the paths of the larger groups, and "threads" the resident program's warps.
+``COOP_TILE`` (``--coop``: the larger groups resident too, in tiles of this many elements, one program
+each, a group's programs meeting at a barrier in the kernel; 0 = off) extends that to every level.
 ``_LANE_BWD_CHANNELS_LAST`` (the backward's reduction pass over a channels_last group accumulates per
 lane) matters only with ``--layouts nhwc``, which makes every input channels_last. ``_LIBDEVICE_ERF``
 (``--libdevice-erf``: the GELU's Phi from libdevice's erf, as every run up to 2026-11-27 had it, instead
@@ -29,6 +31,8 @@ at the smoke size through Triton's interpreter, which proves only that it runs.
         --split 4096,16384,65536      # one program per sample up to the 8x8 / 32x32 levels (8 settings)
     python -m bench.tune_groupnorm --lane 0 --tile 2048 --programs 528 --threads 8,16,32 \
         --resident 0,4096,16384   # one load per input at the 4x4 / 8x8 levels (16,384 at most: registers)
+    python -m bench.tune_groupnorm --lane 0 --tile 2048 --programs 528 --threads 8,16 --resident 16384 \
+        --coop 0,1024,2048,4096   # every input read once at every level (a barrier a group)
     python -m bench.tune_groupnorm --variants fwd --batch 2560 --programs 528,2112,8448   # sampling's batch
     python -m bench.tune_groupnorm --variants fwd+bwd --layouts nchw,nhwc --lane 0 --tile 2048 \
         --programs 528 --threads 8 --lane-bwd-nhwc 0,1   # channels_last inputs: the backward's reduction
@@ -79,8 +83,8 @@ def sweep(args) -> list[dict]:
 
     default = gng.current_launch_settings()
     axes = {"lane": args.lane, "tile": args.tile, "programs": args.programs, "threads": args.threads,
-            "split": args.split, "elems": args.elems, "resident": args.resident, "lane_bwd_nhwc": args.lane_bwd_nhwc,
-            "libdevice_erf": args.libdevice_erf, "persistent": args.persistent}
+            "split": args.split, "elems": args.elems, "resident": args.resident, "coop": args.coop,
+            "lane_bwd_nhwc": args.lane_bwd_nhwc, "libdevice_erf": args.libdevice_erf, "persistent": args.persistent}
     assert set(axes) == set(gng.LAUNCH_KNOBS), "a launch knob without a sweep axis"
     # each knob's values as launch_settings takes them (bools for the switches), its default if not swept
     values = [[gng.launch_knob(k, v) for v in axes[k]] if axes[k] else [default[k]] for k in axes]
@@ -136,6 +140,9 @@ def main(argv=None) -> int:
                    help="elements per split program, 0 = derived from --programs (default: the kernel's own)")
     p.add_argument("--resident", type=ints,
                    help="largest padded tile loaded once, 0 = off (default: the kernel's own)")
+    p.add_argument("--coop", type=ints,
+                   help="the tile of each of the resident programs that share a larger group, meeting at a "
+                        "barrier, 0 = off (default: the kernel's own)")
     p.add_argument("--persistent", type=ints,
                    help="row programs per SM looping over rows (times a row's split programs), 0 = a program "
                         "per row (default: the kernel's own); no effect on the resident path")

@@ -10,7 +10,8 @@ Resident path (``RESIDENT_MAX``, off by default until a whole training step meas
 power-of-two tile holds at most that many elements (16,384 at most: the 4x4 and 8x8 levels) is
 loaded once into one program's registers, so the forward reads x once and the backward reads x, dy
 (and the residual) once: the compulsory traffic, where the other paths read x twice in the forward
-and x, dy and the residual twice in the backward.
+and x, dy and the residual twice in the backward. With ``COOP_TILE`` (off by default, unmeasured)
+larger groups are resident too, over several programs that meet at a barrier in the kernel.
 
 A group is walked as a (channels, H*W) rectangle with a stride per axis, which covers NCHW and
 channels_last without a permute copy. The model uses one group per sample (up to 65,536 elements),
@@ -86,6 +87,16 @@ _LANE_BWD_CHANNELS_LAST = True
 # about five alive (x, dy, residual, du, x_hat) in a 64-register budget, so it spills beyond.
 RESIDENT_MAX = 0
 _RESIDENT_LIMIT = 16384
+# Cooperative resident programs (the "coop" knob; 0 = off): a group that the resident path does not take
+# whole is cut into tiles of at most this many elements, one resident program each; the S programs of a
+# group store their partial statistics, meet at a barrier in the kernel (a counter per row in global
+# memory), and each normalises the tile it still holds. Every input is then read from memory once at
+# every level, where the split path reads x twice in the forward and x, dy (and the residual) twice in
+# the backward: 8 tensor passes of a bf16 forward + backward without residual against the compulsory 5,
+# which caps the split path at 5/8 of the copy bandwidth, under issue 11's 70 % target. Programs that
+# wait for each other must run at once: at most _row_programs(device) a row (half the SMs), else the
+# group takes the split path. Off until a GPU has run its native tests and timed it (none has yet).
+COOP_TILE = 0
 # The GELU's Phi: False = the kernels' own (_normal_cdf_pdf: Phi and phi in 18 instructions a value);
 # True = libdevice's erff, what every GPU run up to 2026-11-27 measured (40 for the two). Counted in
 # the sm_90 code of Triton 3.8 (bench/static_cost.py's reading); unmeasured on a GPU so far.
@@ -355,6 +366,57 @@ def _rect_bwd_dx(DY, X, R, W, B, DX, base, c_off, c_lo, c_hi, h_lo, h_hi, stride
             tl.store(DX + offs, _dx(du, w, x_hat, m1, m2, rstd).to(DX.dtype.element_ty), mask=mask)
 
 
+@triton.jit
+def _resident_program(SYNC, S, STAGE: tl.constexpr):
+    """(row, split program) of a resident program. Where a row's S programs meet (STAGE 0, S > 1)
+    each takes a ticket in the order programs start, so that a program only ever waits for programs
+    that have started before it or will start as soon as any other finishes (no deadlock while one
+    row's programs fit the GPU at once: _launch_config's row_programs); otherwise its id."""
+    ticket = tl.program_id(0)
+    if STAGE == 0:
+        if S > 1:
+            ticket = tl.atomic_add(SYNC, 1, sem="relaxed")
+    return ticket // S, ticket % S
+
+
+@triton.jit
+def _meet(SYNC, row, S, STAGE: tl.constexpr):
+    """The row's barrier, after this program has stored its partials: count it in, and at STAGE 0
+    return once all S programs of the row have. (At STAGE 1 the interpreter runs the row's programs
+    one after another, and STAGE 2 comes after them all: no wait.)"""
+    if STAGE == 0:
+        tl.debug_barrier()  # every thread's partial stores before the one atomic that publishes them
+        arrived = tl.atomic_add(SYNC + 1 + row, 1, sem="release") + 1
+        while arrived < S:
+            arrived = tl.atomic_add(SYNC + 1 + row, 0, sem="acquire")
+
+
+@triton.jit
+def _combined_stats(PART, row, S, BLOCK_S: tl.constexpr, VOLATILE: tl.constexpr):
+    """(mean, variance) of a row from its S partial (count, mean, M2), combined about the first
+    partial's mean, as within a program. VOLATILE: partials that other programs of this kernel
+    stored, read past the L1 cache, which may hold a line of them from before they were stored."""
+    s = tl.arange(0, BLOCK_S)
+    smask = s < S
+    p = PART + (row * S + s) * 3
+    cnt = tl.load(p, mask=smask, other=0.0, volatile=VOLATILE)
+    mu = tl.load(p + 1, mask=smask, other=0.0, volatile=VOLATILE)
+    total = tl.sum(cnt)
+    mu0 = tl.sum(tl.where(s == 0, mu, 0.0))
+    mean = mu0 + tl.sum(cnt * (mu - mu0)) / total
+    d = mu - mean
+    return mean, (tl.sum(tl.load(p + 2, mask=smask, other=0.0, volatile=VOLATILE)) + tl.sum(cnt * d * d)) / total
+
+
+@triton.jit
+def _summed_partials(PART, row, S, BLOCK_S: tl.constexpr, VOLATILE: tl.constexpr):
+    """The backward's group sums (sum dx_hat, sum dx_hat * x_hat) of a row, from its S partials."""
+    s = tl.arange(0, BLOCK_S)
+    p = PART + (row * S + s) * 2
+    return (tl.sum(tl.load(p, mask=s < S, other=0.0, volatile=VOLATILE)),
+            tl.sum(tl.load(p + 1, mask=s < S, other=0.0, volatile=VOLATILE)))
+
+
 # --------------------------------------------------------------------------------------------------
 # kernels: grid (N * G, S); axis 0 is the (sample, group) row, axis 1 the split program. With PERSIST
 # (the PERSISTENT knob) axis 0 has fewer programs, each looping over the rows its id strides to; the
@@ -399,16 +461,7 @@ def _fwd_row(row, pid, X, R, T, W, B, Y, MEAN, RSTD, PART, G, Cg, HW, stride_n, 
                                       BLOCK_C, BLOCK_HW, LANE)
         var = m2 / count
     else:
-        s = tl.arange(0, BLOCK_S)
-        smask = s < S
-        p = PART + (row * S + s) * 3
-        cnt = tl.load(p, mask=smask, other=0.0)
-        mu = tl.load(p + 1, mask=smask, other=0.0)
-        total = tl.sum(cnt)
-        mu0 = tl.sum(tl.where(s == 0, mu, 0.0))  # about the first partial's mean, as within a program
-        mean = mu0 + tl.sum(cnt * (mu - mu0)) / total
-        d = mu - mean
-        var = (tl.sum(tl.load(p + 2, mask=smask, other=0.0)) + tl.sum(cnt * d * d)) / total
+        mean, var = _combined_stats(PART, row, S, BLOCK_S, False)
     rstd = 1.0 / tl.sqrt(var + eps)
     if pid == 0:
         tl.store(MEAN + row, mean)
@@ -487,10 +540,7 @@ def _bwd_dx_row(row, DY, X, R, DR, W, B, MEAN, RSTD, PDW, PDB, pd_stride_c, PART
         s1, s2 = _rect_bwd_reduce(DY, X, R, DR, W, B, PDW, PDB, base, n, pd_stride_c, c_off, 0, Cg, 0, HW,
                                   stride_c, stride_hw, mean, rstd, HAS_RESIDUAL, GELU, BLOCK_C, BLOCK_HW, LANE)
     else:
-        s = tl.arange(0, BLOCK_S)
-        p = PART + (row * S + s) * 2
-        s1 = tl.sum(tl.load(p, mask=s < S, other=0.0))
-        s2 = tl.sum(tl.load(p + 1, mask=s < S, other=0.0))
+        s1, s2 = _summed_partials(PART, row, S, BLOCK_S, False)
     inv_m = 1.0 / (Cg * HW * 1.0)
     _rect_bwd_dx(DY, X, R, W, B, DX, base, c_off, c_lo, c_hi, h_lo, h_hi, stride_c, stride_hw,
                  mean, rstd, s1 * inv_m, s2 * inv_m, HAS_RESIDUAL, GELU, BLOCK_C, BLOCK_HW)
@@ -517,58 +567,87 @@ def _gn_bwd_dx_kernel(DY, X, R, DR, W, B, MEAN, RSTD, PDW, PDB, pd_stride_c, PAR
 
 
 @triton.jit
-def _gn_fwd_resident_kernel(X, R, T, W, B, Y, MEAN, RSTD, G, C, Cg, HW, stride_n, stride_c, stride_hw, eps,
-                            neg_log_over_c, HAS_RESIDUAL: tl.constexpr, HAS_T: tl.constexpr, GELU: tl.constexpr,
-                            BLOCK_C: tl.constexpr, BLOCK_HW: tl.constexpr):
-    """Resident path, grid (N * G,): the whole group in one tile, loaded once; statistics by two
-    passes over the registers (exact mean first, then the centred squares: no cancellation)."""
-    row = tl.program_id(0)
+def _gn_fwd_resident_kernel(X, R, T, W, B, Y, MEAN, RSTD, PART, SYNC, G, C, Cg, HW, stride_n, stride_c, stride_hw,
+                            HW_SPLIT, S, eps, neg_log_over_c, STAGE: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
+                            HAS_T: tl.constexpr, GELU: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_HW: tl.constexpr,
+                            BLOCK_S: tl.constexpr):
+    """Resident path, grid (N * G * S,): a program holds one BLOCK_C x BLOCK_HW tile of a group,
+    loaded once; its statistics by two passes over the registers (exact mean first, then the centred
+    squares: no cancellation). A group of S > 1 tiles: its programs store their partials, meet, and
+    each applies the combined statistics to the tile it holds, so x is read from memory once.
+    STAGE 1 and 2 (the interpreter): the same in two launches, the second loading its tile again."""
+    row, pid = _resident_program(SYNC, S, STAGE)
+    c_lo, c_hi, h_lo, h_hi = _rect(pid, Cg, HW, BLOCK_C, BLOCK_HW, HW_SPLIT)
     n = row // G
     c_off = (row % G) * Cg
-    offs, mask = _tile(n.to(tl.int64) * stride_n + c_off * stride_c, 0, Cg, 0, HW, stride_c, stride_hw,
+    offs, mask = _tile(n.to(tl.int64) * stride_n + c_off * stride_c, c_lo, c_hi, h_lo, h_hi, stride_c, stride_hw,
                        BLOCK_C, BLOCK_HW)
     x = tl.load(X + offs, mask=mask, other=0.0).to(tl.float32)
-    count = Cg * HW * 1.0
+    count = (c_hi - c_lo) * (h_hi - h_lo) * 1.0
     mean = tl.sum(x) / count
     d = tl.where(mask, x - mean, 0.0)
-    rstd = 1.0 / tl.sqrt(tl.sum(d * d) / count + eps)
-    tl.store(MEAN + row, mean)
-    tl.store(RSTD + row, rstd)
-    c = c_off + tl.arange(0, BLOCK_C)
-    w, b, te = _channel_params(W, B, T, n, c, c < c_off + Cg, neg_log_over_c, HAS_T)
-    _apply_tile(R, Y, offs, mask, x, mean, rstd, w, b, te, HAS_RESIDUAL, HAS_T, GELU)
+    m2 = tl.sum(d * d)
+    var = m2 / count
+    if S > 1:
+        if STAGE != 2:
+            p = PART + (row * S + pid) * 3
+            tl.store(p, count)
+            tl.store(p + 1, mean)
+            tl.store(p + 2, m2)
+            _meet(SYNC, row, S, STAGE)
+        if STAGE != 1:
+            mean, var = _combined_stats(PART, row, S, BLOCK_S, True)
+    if STAGE != 1:
+        rstd = 1.0 / tl.sqrt(var + eps)
+        if pid == 0:
+            tl.store(MEAN + row, mean)
+            tl.store(RSTD + row, rstd)
+        c = c_off + c_lo + tl.arange(0, BLOCK_C)
+        w, b, te = _channel_params(W, B, T, n, c, c < c_off + c_hi, neg_log_over_c, HAS_T)
+        _apply_tile(R, Y, offs, mask, x, mean, rstd, w, b, te, HAS_RESIDUAL, HAS_T, GELU)
 
 
 @triton.jit
-def _gn_bwd_resident_kernel(DY, X, R, DR, W, B, MEAN, RSTD, PDW, PDB, pd_stride_c, DX, G, C, Cg, HW, stride_n, stride_c,
-                            stride_hw, HAS_RESIDUAL: tl.constexpr, GELU: tl.constexpr,
-                            BLOCK_C: tl.constexpr, BLOCK_HW: tl.constexpr):
-    """Resident path, grid (N * G,): x, dy (and the residual) loaded once; d_residual, this
-    sample's dw/db partials (row n of the partials table) and dx from the same registers."""
-    row = tl.program_id(0)
+def _gn_bwd_resident_kernel(DY, X, R, DR, W, B, MEAN, RSTD, PDW, PDB, pd_stride_c, PART, SYNC, DX, G, C, Cg, HW,
+                            stride_n, stride_c, stride_hw, HW_SPLIT, S, STAGE: tl.constexpr,
+                            HAS_RESIDUAL: tl.constexpr, GELU: tl.constexpr, BLOCK_C: tl.constexpr,
+                            BLOCK_HW: tl.constexpr, BLOCK_S: tl.constexpr):
+    """Resident path, grid (N * G * S,): x, dy (and the residual) of one tile loaded once; d_residual,
+    the tile's dw/db partials (row n * HW_SPLIT + its pixel chunk of the partials table) and dx from
+    the same registers. A group of S > 1 tiles: its programs store their two group sums and meet
+    before dx. STAGE 1 and 2 (the interpreter): the same in two launches."""
+    row, pid = _resident_program(SYNC, S, STAGE)
+    c_lo, c_hi, h_lo, h_hi = _rect(pid, Cg, HW, BLOCK_C, BLOCK_HW, HW_SPLIT)
     n = row // G
     c_off = (row % G) * Cg
-    offs, mask = _tile(n.to(tl.int64) * stride_n + c_off * stride_c, 0, Cg, 0, HW, stride_c, stride_hw,
-                       BLOCK_C, BLOCK_HW)
-    c = c_off + tl.arange(0, BLOCK_C)
-    cmask = c < c_off + Cg
+    c = c_off + c_lo + tl.arange(0, BLOCK_C)
+    cmask = c < c_off + c_hi
     w, b = _affine(W, B, c, cmask)
-    x = tl.load(X + offs, mask=mask, other=0.0).to(tl.float32)
-    dy = tl.load(DY + offs, mask=mask, other=0.0).to(tl.float32)
-    r = 0.0
-    if HAS_RESIDUAL:
-        r = tl.load(R + offs, mask=mask, other=0.0).to(tl.float32)
     rstd = tl.load(RSTD + row)
-    x_hat, du = _grad_u(x, dy, r, w, b, tl.load(MEAN + row), rstd, mask, HAS_RESIDUAL, GELU)
-    if HAS_RESIDUAL:
-        tl.store(DR + offs, du.to(DR.dtype.element_ty), mask=mask)
+    offs, mask, x_hat, du = _tile_grad(DY, X, R, n.to(tl.int64) * stride_n + c_off * stride_c, c_lo, c_hi, h_lo, h_hi,
+                                       stride_c, stride_hw, w, b, tl.load(MEAN + row), rstd, HAS_RESIDUAL, GELU,
+                                       BLOCK_C, BLOCK_HW)
     dw = tl.sum(du * x_hat, axis=1)
     db = tl.sum(du, axis=1)
-    tl.store(PDW + n + c * pd_stride_c, dw, mask=cmask)
-    tl.store(PDB + n + c * pd_stride_c, db, mask=cmask)
-    inv_m = 1.0 / (Cg * HW * 1.0)  # the group sums of dx_hat = du * w from the channels' (_rect_bwd_reduce)
-    dx = _dx(du, w, x_hat, tl.sum(w * db) * inv_m, tl.sum(w * dw) * inv_m, rstd)
-    tl.store(DX + offs, dx.to(DX.dtype.element_ty), mask=mask)
+    s1 = tl.sum(w * db)  # the group sums of dx_hat = du * w from the channels' (_rect_bwd_reduce)
+    s2 = tl.sum(w * dw)
+    if STAGE != 2:
+        if HAS_RESIDUAL:
+            tl.store(DR + offs, du.to(DR.dtype.element_ty), mask=mask)
+        pd_row = n * HW_SPLIT + pid % HW_SPLIT
+        tl.store(PDW + pd_row + c * pd_stride_c, dw, mask=cmask)
+        tl.store(PDB + pd_row + c * pd_stride_c, db, mask=cmask)
+    if S > 1:
+        if STAGE != 2:
+            tl.store(PART + (row * S + pid) * 2, s1)
+            tl.store(PART + (row * S + pid) * 2 + 1, s2)
+            _meet(SYNC, row, S, STAGE)
+        if STAGE != 1:
+            s1, s2 = _summed_partials(PART, row, S, BLOCK_S, True)
+    if STAGE != 1:
+        inv_m = 1.0 / (Cg * HW * 1.0)
+        dx = _dx(du, w, x_hat, s1 * inv_m, s2 * inv_m, rstd)
+        tl.store(DX + offs, dx.to(DX.dtype.element_ty), mask=mask)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -584,12 +663,15 @@ LAUNCH_KNOBS = {"lane": ("_LANE_ACCUMULATE", "0 or 1", "FASTDDPM_GN_LANE_ACCUMUL
                 "elems": ("ELEMS_PER_PROGRAM", "an integer >= 0", "FASTDDPM_GN_ELEMS_PER_PROGRAM"),
                 "resident": ("RESIDENT_MAX", f"an integer from 0 to {_RESIDENT_LIMIT} (registers)",
                              "FASTDDPM_GN_RESIDENT_MAX"),
+                "coop": ("COOP_TILE", f"0 or a power of two up to {_RESIDENT_LIMIT} (registers)",
+                         "FASTDDPM_GN_COOP_TILE"),
                 "lane_bwd_nhwc": ("_LANE_BWD_CHANNELS_LAST", "0 or 1", "FASTDDPM_GN_LANE_BWD_CHANNELS_LAST"),
                 "libdevice_erf": ("_LIBDEVICE_ERF", "0 or 1", "FASTDDPM_GN_LIBDEVICE_ERF"),
                 "persistent": ("PERSISTENT", "an integer >= 0", "FASTDDPM_GN_PERSISTENT")}
 _KNOB_OK = {"0 or 1": lambda v: v in (0, 1), "a power of two": lambda v: v >= 1 and not v & (v - 1),
             "a positive integer": lambda v: v >= 1, "an integer >= 0": lambda v: v >= 0,
-            LAUNCH_KNOBS["resident"][1]: lambda v: 0 <= v <= _RESIDENT_LIMIT}
+            LAUNCH_KNOBS["resident"][1]: lambda v: 0 <= v <= _RESIDENT_LIMIT,
+            LAUNCH_KNOBS["coop"][1]: lambda v: v == 0 or (0 < v <= _RESIDENT_LIMIT and not v & (v - 1))}
 
 
 def launch_knob(name: str, value):
@@ -667,8 +749,8 @@ def _like(a: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
 
 class _Launch(NamedTuple):
     """How a (Cg, HW) group is cut: S = C_SPLIT * HW_SPLIT programs, each owning a
-    C_CHUNK x HW_CHUNK sub-rectangle walked in BLOCK_C x BLOCK_HW tiles. ``resident``: one program
-    whose single BLOCK_C x BLOCK_HW tile is the whole group (the resident kernels)."""
+    C_CHUNK x HW_CHUNK sub-rectangle walked in BLOCK_C x BLOCK_HW tiles. ``resident``: each program
+    holds one BLOCK_C x BLOCK_HW tile (the chunk), the whole group where S = 1 (the resident kernels)."""
     c_chunk: int
     hw_chunk: int
     hw_split: int
@@ -694,27 +776,44 @@ class _Launch(NamedTuple):
         return {**self.meta, **({} if self.resident else dict(LANE=self.lane_bwd))}
 
 
-def _launch_config(Cg: int, HW: int, rows: int, stride_c: int, stride_hw: int) -> _Launch:
+def _tile_shape(Cg: int, HW: int, budget: int, channels_last: bool) -> tuple[int, int]:
+    """(BLOCK_C, BLOCK_HW) of at most ``budget`` elements: the contiguous axis takes the budget first,
+    so that loads coalesce in either layout."""
+    if channels_last:
+        block_c = min(triton.next_power_of_2(Cg), budget)
+        return block_c, min(triton.next_power_of_2(HW), max(1, budget // block_c))
+    block_hw = min(triton.next_power_of_2(HW), budget)
+    return min(triton.next_power_of_2(Cg), max(1, budget // block_hw)), block_hw
+
+
+def _resident_warps(block_c: int, block_hw: int) -> int:
+    return max(1, min(32, block_c * block_hw // (32 * _ELEMS_PER_THREAD)))  # up to 1,024 threads, a program's most
+
+
+def _launch_config(Cg: int, HW: int, rows: int, stride_c: int, stride_hw: int,
+                   row_programs: Optional[int] = None) -> _Launch:
+    """``row_programs``: the most programs of one row that can meet at a barrier (that surely run at
+    once); None where they run in stages instead (the interpreter)."""
     m = Cg * HW
+    channels_last = stride_c == 1 and stride_hw != 1
     block_c, block_hw = triton.next_power_of_2(Cg), triton.next_power_of_2(HW)
-    if block_c * block_hw <= min(RESIDENT_MAX, _RESIDENT_LIMIT):  # up to 32 warps: 1,024 threads, a program's most
-        warps = max(1, min(32, block_c * block_hw // (32 * _ELEMS_PER_THREAD)))
-        return _Launch(Cg, HW, 1, 1, block_c, block_hw, num_warps=warps, lane=False, resident=True)
+    if block_c * block_hw <= min(RESIDENT_MAX, _RESIDENT_LIMIT):
+        return _Launch(Cg, HW, 1, 1, block_c, block_hw, num_warps=_resident_warps(block_c, block_hw), lane=False,
+                       resident=True)
+    if COOP_TILE:  # one resident tile a program, S of them a group, meeting at the row's barrier
+        block_c, block_hw = _tile_shape(Cg, HW, COOP_TILE, channels_last)
+        hw_split = triton.cdiv(HW, block_hw)
+        s = triton.cdiv(Cg, block_c) * hw_split
+        if row_programs is None or s <= row_programs:
+            return _Launch(block_c, block_hw, hw_split, s, block_c, block_hw,
+                           num_warps=_resident_warps(block_c, block_hw), lane=False, resident=True)
     if m <= SPLIT_THRESHOLD:
         per_prog = m
     elif ELEMS_PER_PROGRAM > 0:
         per_prog = ELEMS_PER_PROGRAM
     else:  # enough programs to fill the GPU at small batch, but not tiny ones
         per_prog = max(_MIN_ELEMS_PER_PROGRAM, triton.cdiv(m * rows, _TARGET_PROGRAMS))
-    budget = min(_TILE, triton.next_power_of_2(per_prog))
-    # The contiguous axis takes the tile budget first so loads coalesce in either layout.
-    channels_last = stride_c == 1 and stride_hw != 1
-    if channels_last:
-        block_c = min(triton.next_power_of_2(Cg), budget)
-        block_hw = min(triton.next_power_of_2(HW), max(1, budget // block_c))
-    else:
-        block_hw = min(triton.next_power_of_2(HW), budget)
-        block_c = min(triton.next_power_of_2(Cg), max(1, budget // block_hw))
+    block_c, block_hw = _tile_shape(Cg, HW, min(_TILE, triton.next_power_of_2(per_prog)), channels_last)
     if per_prog >= m:
         c_chunk, hw_chunk = Cg, HW
     else:
@@ -746,6 +845,22 @@ def _grid(rows: int, s: int, device: torch.device) -> tuple[tuple[int, int], dic
     return (rows, s), dict(PERSIST=False)
 
 
+def _programs_meet() -> bool:
+    """Whether the resident programs of a row meet at a barrier within one launch: on a GPU, yes;
+    Triton's interpreter runs programs one after another, so there a program would wait forever for
+    the next, and the resident kernels run in two launches (STAGE 1, then 2) instead."""
+    from triton.runtime.interpreter import InterpretedFunction
+
+    return not isinstance(_gn_fwd_resident_kernel, InterpretedFunction)
+
+
+def _row_programs(device: torch.device) -> Optional[int]:
+    """The most programs of a row that may wait for each other (``_launch_config``): half a GPU's SMs,
+    one program each, so that a row's programs run at once however large they are and whatever else
+    holds some SMs (NCCL's kernels under DDP); no limit where they run in stages."""
+    return max(1, _multiprocessors(device) // 2) if _programs_meet() else None
+
+
 def _geometry(x: torch.Tensor, num_groups: int):
     """(x in a walkable layout, the group's geometry for the kernels: (G, C, Cg, HW, stride_n,
     stride_c, stride_hw), launch config; the split kernels also take ``cfg.chunks``)."""
@@ -753,8 +868,18 @@ def _geometry(x: torch.Tensor, num_groups: int):
     n, c, h, w = x.shape
     cg, hw = c // num_groups, h * w
     stride_n, stride_c, stride_hw = x.stride(0), x.stride(1), (x.stride(3) if w > 1 else x.stride(2))
-    cfg = _launch_config(cg, hw, n * num_groups, stride_c, stride_hw)
+    cfg = _launch_config(cg, hw, n * num_groups, stride_c, stride_hw, _row_programs(x.device))
     return x, (num_groups, c, cg, hw, stride_n, stride_c, stride_hw), cfg
+
+
+def _resident_stages(cfg: _Launch, rows: int, part_size: int, device: torch.device):
+    """(the resident kernels' launches: their STAGE values, the partials buffer, the barrier's
+    counters: a ticket, then one a row, zeroed at each call; unread by the staged launches, which
+    take them all the same, so that they are typed as on a GPU). None (placeholders) where S = 1."""
+    if cfg.s == 1:
+        return (0,), None, None
+    part = torch.empty((rows * cfg.s * part_size,), device=device, dtype=torch.float32)
+    return (0,) if _programs_meet() else (1, 2), part, torch.zeros((1 + rows,), device=device, dtype=torch.int32)
 
 
 def _gelu_mode(gelu: bool) -> int:
@@ -774,13 +899,16 @@ def _forward(x, weight, bias, num_groups, eps, residual, t, gelu):
     rstd = torch.empty_like(mean)
     if residual is not None:
         residual = _like(residual, x)
-    if cfg.resident:
-        _gn_fwd_resident_kernel[(n * num_groups,)](
-            x, residual if residual is not None else x, t if t is not None else mean, weight, bias, y, mean, rstd,
-            *geom, eps, -_LOG_10000 / c,
-            HAS_RESIDUAL=residual is not None, HAS_T=t is not None, GELU=gelu_mode, **cfg.meta)
-        return y, mean, rstd
     rows = n * num_groups
+    if cfg.resident:
+        stages, part, sync = _resident_stages(cfg, rows, 3, x.device)
+        for stage in stages:
+            _gn_fwd_resident_kernel[(rows * cfg.s,)](
+                x, residual if residual is not None else x, t if t is not None else mean, weight, bias, y, mean, rstd,
+                mean if part is None else part, mean if sync is None else sync, *geom, cfg.hw_split, cfg.s, eps,
+                -_LOG_10000 / c, STAGE=stage, HAS_RESIDUAL=residual is not None, HAS_T=t is not None, GELU=gelu_mode,
+                BLOCK_S=triton.next_power_of_2(cfg.s), **cfg.meta)
+        return y, mean, rstd
     part = torch.empty((rows * cfg.s * 3,), device=x.device, dtype=torch.float32)
     grid, persist = _grid(rows, cfg.s, x.device)
     if cfg.s > 1:
@@ -816,13 +944,16 @@ def _backward(dy, x, weight, bias, residual, mean, rstd, num_groups, gelu):
         dres = torch.empty_like(residual)
     else:
         residual = dres = x  # placeholders, never touched (HAS_RESIDUAL=False)
+    rows = n * num_groups
     if cfg.resident:
-        _gn_bwd_resident_kernel[(n * num_groups,)](dy, x, residual, dres, weight, bias, mean, rstd, pdw, pdb,
-                                                   pd.stride(2), dx,
-                                                   *geom, HAS_RESIDUAL=has_residual, GELU=gelu_mode,
-                                                   **cfg.meta)
+        stages, part, sync = _resident_stages(cfg, rows, 2, x.device)
+        for stage in stages:
+            _gn_bwd_resident_kernel[(rows * cfg.s,)](
+                dy, x, residual, dres, weight, bias, mean, rstd, pdw, pdb, pd.stride(2),
+                mean if part is None else part, mean if sync is None else sync, dx, *geom, cfg.hw_split, cfg.s,
+                STAGE=stage, HAS_RESIDUAL=has_residual, GELU=gelu_mode, BLOCK_S=triton.next_power_of_2(cfg.s),
+                **cfg.meta)
     else:
-        rows = n * num_groups
         part = torch.empty((rows * cfg.s * 2,), device=x.device, dtype=torch.float32)
         args = (dy, x, residual, dres, weight, bias, mean, rstd, pdw, pdb, pd.stride(2), part)
         grid, persist = _grid(rows, cfg.s, x.device)

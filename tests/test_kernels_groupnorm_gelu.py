@@ -53,6 +53,22 @@ def resident(monkeypatch):
     monkeypatch.setattr(gng, "RESIDENT_MAX", 1 << 16)
 
 
+@pytest.fixture
+def coop(monkeypatch):
+    """Every group of the test on the resident path over several programs (COOP_TILE): tiles of at
+    most 64 elements, one program each, a row's programs meeting at a barrier on a GPU (two
+    launches in the interpreter)."""
+    monkeypatch.setattr(gng, "COOP_TILE", 64)
+    monkeypatch.setattr(gng, "RESIDENT_MAX", 0)
+
+
+def _coop_config(cg, hw, rows, channels_last):
+    cfg = gng._launch_config(cg, hw, rows, *((1, cg) if channels_last else (hw, 1)),
+                             gng._row_programs(torch.device(DEVICE)))
+    assert cfg.resident and cfg.s > 1, cfg
+    return cfg
+
+
 def _reference(x, weight, bias, num_groups, residual, t, gelu, dy):
     """Eager GroupNormGELU in float64: output and grads of (x, weight, bias, residual)."""
     mod = GroupNormGELU(num_groups, x.shape[1], gelu=gelu).to(device=x.device, dtype=torch.float64)
@@ -124,6 +140,58 @@ def test_resident_dtypes_and_layouts(resident, dtype, w_dtype, channels_last):
     """The same checks on the resident kernels; groups of 3 x 49 padded to a 4 x 64 tile."""
     assert gng._launch_config(3, 49, 12, *((1, 12) if channels_last else (49, 1))).resident
     _check((3, 12, 7, 7), 4, dtype=dtype, w_dtype=w_dtype, channels_last=channels_last)
+
+
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
+@pytest.mark.parametrize("dtype,w_dtype", [(F32, F32), (F16, F16), (BF16, BF16), (F16, F32), (BF16, F32)],
+                         ids=["fp32", "fp16", "bf16", "fp16-w32", "bf16-w32"])
+def test_resident_coop_dtypes_and_layouts(coop, dtype, w_dtype, channels_last):
+    """The same checks with each group held by several programs: 3 x 49 in tiles of 1 x 64 (NCHW, 3
+    programs) or 4 x 16 (NHWC, 4 programs: masked channels and pixels). (Groups of 12 or 13 programs:
+    test_resident_coop_variants.)"""
+    assert _coop_config(3, 49, 12, channels_last).s == (4 if channels_last else 3)
+    _check((3, 12, 7, 7), 4, dtype=dtype, w_dtype=w_dtype, channels_last=channels_last)
+
+
+def test_resident_coop_tiles_and_limits(monkeypatch):
+    """COOP_TILE cuts a group the resident path does not take whole into tiles of at most that many
+    elements, the contiguous axis first (the U-Net's 64 x 32 x 32 group: 32 programs of 2 x 1,024 in
+    NCHW, of 64 x 32 in NHWC, each row of the dw/db table a pixel chunk); a group that needs more
+    programs than may meet (``row_programs``) takes the split path; the resident path keeps the
+    groups it holds whole; 0 is off; a bad value is refused naming it and what is allowed."""
+    monkeypatch.setattr(gng, "COOP_TILE", 2048)
+    monkeypatch.setattr(gng, "RESIDENT_MAX", 0)
+    nchw, nhwc = gng._launch_config(64, 1024, 256, 1024, 1), gng._launch_config(64, 1024, 256, 1, 64)
+    assert (nchw.resident, nchw.s, nchw.block_c, nchw.block_hw, nchw.hw_split) == (True, 32, 2, 1024, 1)
+    assert (nhwc.resident, nhwc.s, nhwc.block_c, nhwc.block_hw, nhwc.hw_split) == (True, 32, 64, 32, 32)
+    assert nchw.chunks == (2, 1024, 1, 32) and nchw.num_warps == 8 and "LANE" not in nchw.meta_bwd
+    assert gng._launch_config(64, 1024, 256, 1024, 1, 32).resident  # 32 programs may meet
+    assert not gng._launch_config(64, 1024, 256, 1024, 1, 31).resident  # they may not: split
+    monkeypatch.setattr(gng, "RESIDENT_MAX", 16384)
+    assert gng._launch_config(256, 64, 256, 64, 1).s == 1  # 8x8: whole, one program
+    assert gng._launch_config(128, 256, 256, 256, 1).s == 16  # 16x16: 32,768 in 16 tiles
+    monkeypatch.setattr(gng, "COOP_TILE", 0)
+    assert not gng._launch_config(128, 256, 256, 256, 1).resident
+    for value in (3, 32768, -2048):
+        with pytest.raises(ValueError, match=f"coop={value}: must be 0 or a power of two up to 16384"):
+            gng.launch_knob("coop", value)
+    assert gng.parse_launch_settings("coop=4096+resident=16384") == {"coop": 4096, "resident": 16384}
+
+
+def test_resident_coop_meets_in_one_launch_on_a_gpu_in_two_in_the_interpreter():
+    """On a GPU a row's programs meet at a barrier within one launch (its counters zeroed per call),
+    at most half the SMs of them a row; the interpreter, which runs programs one after another,
+    runs the kernels in two stages instead, with no limit. S = 1 needs neither."""
+    cfg = gng._Launch(2, 1024, 1, 32, 2, 1024, num_warps=8, lane=False, resident=True)
+    stages, part, sync = gng._resident_stages(cfg, 5, 3, torch.device(DEVICE))
+    assert part.numel() == 5 * 32 * 3 and sync.dtype == torch.int32 and sync.numel() == 6
+    if DEVICE == "cuda":
+        assert gng._programs_meet() and stages == (0,) and not sync.any()
+        assert gng._row_programs(torch.device(DEVICE)) == torch.cuda.get_device_properties(0).multi_processor_count // 2
+    else:
+        assert not gng._programs_meet() and stages == (1, 2)
+        assert gng._row_programs(torch.device(DEVICE)) is None
+    assert gng._resident_stages(cfg._replace(s=1), 5, 3, torch.device(DEVICE)) == ((0,), None, None)
 
 
 # The four uses in the U-Net (and their mix) for every group count, fp32.
@@ -214,6 +282,16 @@ def test_variants_and_groups(num_groups, variant):
 @pytest.mark.parametrize("variant", list(VARIANTS))
 def test_resident_variants(resident, variant):
     residual, gelu, t = VARIANTS[variant]
+    _check((2, 20, 5, 5), 1, residual=residual, gelu=gelu, t=t)
+    _check((2, 20, 5, 5), 4, residual=residual, gelu=gelu, t=t, channels_last=True)
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_resident_coop_variants(coop, variant):
+    """20 x 25 groups: 10 programs of 2 x 32 (NCHW) or 13 of 32 x 2 (NHWC, 4 groups of 5 x 25: 2 of 8 x 8)."""
+    residual, gelu, t = VARIANTS[variant]
+    assert _coop_config(20, 25, 2, False).s == 10 and _coop_config(20, 25, 2, True).s == 13
+    assert _coop_config(5, 25, 8, True).s == 4
     _check((2, 20, 5, 5), 1, residual=residual, gelu=gelu, t=t)
     _check((2, 20, 5, 5), 4, residual=residual, gelu=gelu, t=t, channels_last=True)
 
@@ -370,8 +448,15 @@ def test_launch_settings_set_and_restore(monkeypatch):
     assert gng._grid(20, 2, torch.device(DEVICE)) == ((20, 2), {"PERSIST": False})  # the one-row kernels
 
 
-def test_deterministic_backward(force_split):
-    """No atomics: two backward passes give bit-identical gradients."""
+@pytest.mark.parametrize("path", ["split", "resident-coop"])
+def test_deterministic_backward(monkeypatch, path):
+    """No atomics in the sums: two backward passes give bit-identical gradients (the resident
+    programs of a row take their tickets in any order, and sum their partials in program order)."""
+    if path == "split":
+        monkeypatch.setattr(gng, "SPLIT_THRESHOLD", 0)
+        monkeypatch.setattr(gng, "ELEMS_PER_PROGRAM", 64)
+    else:
+        monkeypatch.setattr(gng, "COOP_TILE", 64)
     g = torch.Generator().manual_seed(1)
     x = torch.randn(2, 12, 7, 7, generator=g).to(DEVICE).requires_grad_()
     w = torch.randn(12, generator=g).to(DEVICE).requires_grad_()
@@ -452,15 +537,15 @@ def test_opcheck_on_the_strides_flexible_layout_lets_through():
 
 @pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
 @pytest.mark.parametrize("path,lane", [("one-program", False), ("one-program", True), ("split", False),
-                                       ("split", True), ("resident", False)],
+                                       ("split", True), ("resident", False), ("resident-coop", False)],
                          ids=["one-program-tile-reduce", "one-program-lane", "split-tile-reduce", "split-lane",
-                              "resident"])
+                              "resident", "resident-coop"])
 def test_statistics_of_a_mean_far_above_the_spread(monkeypatch, path, lane, channels_last):
     """x = 100 + 0.1 * noise: naive fp32 sums of x and x^2 lose the variance (100^2 * 2^-24 is 6e-4 of
     a 1e-2 variance at every add), and a running mean of x rounds at x's scale at every merge; both
     reductions on the one-program and split paths (tiles of 32 elements: each program sums several),
-    and the resident path (which has one), keep every output and gradient within fp32's tolerance
-    of the float64 reference."""
+    and the resident path (which has one, over one program or several), keep every output and
+    gradient within fp32's tolerance of the float64 reference."""
     _use_reduction(monkeypatch, lane)
     monkeypatch.setattr(gng, "_TILE", 32)
     if path == "split":
@@ -468,4 +553,6 @@ def test_statistics_of_a_mean_far_above_the_spread(monkeypatch, path, lane, chan
         monkeypatch.setattr(gng, "ELEMS_PER_PROGRAM", 128)
     if path == "resident":  # two passes over the registers: the exact mean, then centred squares
         monkeypatch.setattr(gng, "RESIDENT_MAX", 1 << 16)
+    if path == "resident-coop":  # the same a tile, the tiles' partials combined about the first one's mean
+        monkeypatch.setattr(gng, "COOP_TILE", 64)
     _check((2, 12, 7, 7), 1, channels_last=channels_last, x_scale=0.1, x_shift=100.0)

@@ -6,11 +6,12 @@ compiler refuses (a global that is not a ``tl.constexpr``, a value whose type th
 infer, ...); such a kernel passes every CPU test and fails on its first GPU call. So: run the Triton
 paths under the interpreter (the U-Net forward and backward on both GroupNorm reduction styles and
 both paths, single program and split, in fp32 and bf16, with persistent row programs and with
-libdevice's erf for the GELU; groups of one channel, whose extents of 1 a GPU launch makes constants,
-as here, on the single-program, resident and split paths; the fused reverse step, with and without
-clipping; its noise), record each distinct launch (kernel, argument types, constexpr values) as a
-GPU launch specialises it (integers equal to 1 made constants, pointers and integers divisible by 16
-marked so), and compile each one in fresh processes, without the interpreter, through Triton's own
+libdevice's erf for the GELU; the resident programs of a group meeting at a barrier, which the
+interpreter runs in two stages and a GPU in one launch, compiled as the latter; groups of one
+channel, whose extents of 1 a GPU launch makes constants, as here, on the single-program, resident
+and split paths; the fused reverse step, with and without clipping; its noise), record each
+distinct launch (kernel, argument types, constexpr values) as a GPU launch specialises it (integers
+equal to 1 made constants, pointers and integers divisible by 16 marked so), and compile each one in fresh processes, without the interpreter, through Triton's own
 pipeline down to a cubin for sm_90 (Triton ships ptxas; no GPU is needed). The recorder and the
 compiler are ``bench.static_cost``'s, which also reads the machine code.
 """
@@ -50,6 +51,8 @@ def _run_every_path(monkeypatch):
         for shape in ((2, 8, 32, 32), (2, 8, 8, 8)):
             g = torch.randn(*shape, dtype=torch.bfloat16, requires_grad=True)
             gng.group_norm_gelu(g, torch.ones(8), torch.zeros(8), 1, residual=torch.randn_like(g)).sum().backward()
+    with gng.launch_settings(coop=1024), torch.autocast("cpu", dtype=torch.bfloat16):  # resident programs, 1 to
+        model(x, t).float().square().mean().backward()  # 4 a group; staged here, recorded as a GPU's one launch
     tables = {k: torch.rand(10) for k in ("inv_sqrt_alpha", "eps_coef", "sigma")}
     for dtype in (torch.float32, torch.bfloat16):
         reverse_step(x.to(dtype), x.to(dtype), 5, 1, **tables)
@@ -69,3 +72,6 @@ def test_every_kernel_launch_compiles_for_sm90(monkeypatch):
     assert not failures, "\n".join(failures)
     assert any(launch["constexprs"].get("PERSIST") for launch in launches)
     assert {launch["constexprs"].get("GELU") for launch in launches} >= {0, 1, 2}
+    met = [launch for launch in launches if "resident" in launch["kernel"] and launch["signature"]["S"] == "i32"]
+    assert {launch["kernel"] for launch in met} == {"_gn_fwd_resident_kernel", "_gn_bwd_resident_kernel"}
+    assert {launch["constexprs"]["STAGE"] for launch in met} == {0}  # the barrier's code, not the stages'
