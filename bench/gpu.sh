@@ -91,7 +91,7 @@ native_tests() {
    stage "CUDA-graph sampling test (native)" 200 "$PY" -m pytest -q -rA -p no:cacheprovider tests/test_engine.py \
      -k cuda_graph >/dev/null 2>&1
    echo $? >"$WORK/graph-test.rc"
-   timeout -k 10 120 "$PY" -m pytest -q -x -p no:cacheprovider tests/test_kernels_groupnorm_gelu.py -k resident \
+   timeout -k 10 180 "$PY" -m pytest -q -x -p no:cacheprovider tests/test_kernels_groupnorm_gelu.py -k resident \
      >"$WORK/resident-tests.log" 2>&1; echo "exit $?" >>"$WORK/resident-tests.log") &
   local graph=$!
   # No -x: under xdist one failure would stop every worker and hide the tests not yet run (a lease of
@@ -110,9 +110,10 @@ native_tests() {
     RESIDENT_OK=0; say "the resident GroupNorm path failed its native tests: the tune sweeps no resident or coop" \
       "setting, and the bench paths that set one are dropped"
     local var
-    for var in FASTDDPM_BENCH_TRAIN_IMPLS FASTDDPM_BENCH_SAMPLE_IMPLS FASTDDPM_BENCH_BATCH_IMPLS; do
-      [[ -n ${!var:-} ]] && export "$var=$(tr ',' '\n' <<<"${!var}" | grep -Ev '(resident|coop)=' | paste -sd, -)"
+    for var in FASTDDPM_BENCH_TRAIN_IMPLS FASTDDPM_BENCH_SAMPLE_IMPLS FASTDDPM_BENCH_BATCH_IMPLS PROFILE_IMPLS; do
+      [[ -n ${!var:-} ]] && export "$var=$(tr ',' '\n' <<<"${!var}" | grep -Ev '(resident|coop)=[1-9]' | paste -sd, -)"
     done
+    export FASTDDPM_GN_RESIDENT_MAX=0 FASTDDPM_GN_COOP_TILE=0  # nor as a process's default
   fi
   return "$rc"
 }

@@ -92,8 +92,8 @@ def recorded_launches(tag=lambda: None):
                 signature[name] = "fp32"
             else:
                 raise TypeError(f"{self.fn.__name__}: argument {name} of type {type(value).__name__}")
-        if constexprs.get("STAGE"):  # a resident row's programs, staged for the interpreter: on a GPU one
-            constexprs["STAGE"] = 0  # launch, the programs meeting at a barrier (groupnorm_gelu._programs_meet)
+        if "resident" in self.fn.__name__ and constexprs.get("STAGE"):  # a row's programs staged for the
+            constexprs["STAGE"] = 0  # interpreter: one launch on a GPU, meeting at a barrier (_programs_meet)
         launch = {"file": inspect.getsourcefile(self.fn), "kernel": self.fn.__name__, "signature": signature,
                   "constexprs": constexprs, "divisible": divisible, "options": options, "tag": tag()}
         key = _key(launch) + json.dumps(launch["tag"], sort_keys=True)

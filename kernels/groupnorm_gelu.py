@@ -90,12 +90,13 @@ _RESIDENT_LIMIT = 16384
 # Cooperative resident programs (the "coop" knob; 0 = off): a group that the resident path does not take
 # whole is cut into tiles of at most this many elements, one resident program each; the S programs of a
 # group store their partial statistics, meet at a barrier in the kernel (a counter per row in global
-# memory), and each normalises the tile it still holds. Every input is then read from memory once at
-# every level, where the split path reads x twice in the forward and x, dy (and the residual) twice in
-# the backward: 8 tensor passes of a bf16 forward + backward without residual against the compulsory 5,
-# which caps the split path at 5/8 of the copy bandwidth, under issue 11's 70 % target. Programs that
-# wait for each other must run at once: at most _row_programs(device) a row (half the SMs), else the
-# group takes the split path. Off until a GPU has run its native tests and timed it (none has yet).
+# memory), and each normalises the tile it still holds. Every input is then read from memory once,
+# where the split path reads x twice in the forward and x, dy (and the residual) twice in the
+# backward: 8 tensor passes of a forward + backward without residual against the compulsory 5, which
+# caps the split path at 5/8 of the copy bandwidth in DRAM traffic (unless its second reads hit L2),
+# under issue 11's 70 % target. Programs that wait for each other must run at once: a group that needs
+# more than _row_programs(device) of them (half the SMs) takes the split path instead. Off until a GPU
+# has run its native tests and timed it (none has yet).
 COOP_TILE = 0
 # The GELU's Phi: False = the kernels' own (_normal_cdf_pdf: Phi and phi in 18 instructions a value);
 # True = libdevice's erff, what every GPU run up to 2026-11-27 measured (40 for the two). Counted in
@@ -385,10 +386,11 @@ def _meet(SYNC, row, S, STAGE: tl.constexpr):
     return once all S programs of the row have. (At STAGE 1 the interpreter runs the row's programs
     one after another, and STAGE 2 comes after them all: no wait.)"""
     if STAGE == 0:
-        tl.debug_barrier()  # every thread's partial stores before the one atomic that publishes them
-        arrived = tl.atomic_add(SYNC + 1 + row, 1, sem="release") + 1
+        tl.debug_barrier()  # the partial stores before the atomic that publishes them, whichever threads made them
+        # acq_rel: the last program to come never spins, yet reads the others' partials after this
+        arrived = tl.atomic_add(SYNC + 1 + row, 1, sem="acq_rel") + 1
         while arrived < S:
-            arrived = tl.atomic_add(SYNC + 1 + row, 0, sem="acquire")
+            arrived = tl.atomic_add(SYNC + 1 + row, 0, sem="acquire")  # compiled to an acquire load
 
 
 @triton.jit
@@ -787,6 +789,7 @@ def _tile_shape(Cg: int, HW: int, budget: int, channels_last: bool) -> tuple[int
 
 
 def _resident_warps(block_c: int, block_hw: int) -> int:
+    """A resident program's warps: _ELEMS_PER_THREAD elements a thread (the "threads" knob)."""
     return max(1, min(32, block_c * block_hw // (32 * _ELEMS_PER_THREAD)))  # up to 1,024 threads, a program's most
 
 
@@ -856,8 +859,8 @@ def _programs_meet() -> bool:
 
 def _row_programs(device: torch.device) -> Optional[int]:
     """The most programs of a row that may wait for each other (``_launch_config``): half a GPU's SMs,
-    one program each, so that a row's programs run at once however large they are and whatever else
-    holds some SMs (NCCL's kernels under DDP); no limit where they run in stages."""
+    one program each, so that a row's programs run at once however large they are, while other work
+    (NCCL's kernels under DDP) holds at most the other half; no limit where they run in stages."""
     return max(1, _multiprocessors(device) // 2) if _programs_meet() else None
 
 
@@ -875,9 +878,10 @@ def _geometry(x: torch.Tensor, num_groups: int):
 def _resident_stages(cfg: _Launch, rows: int, part_size: int, device: torch.device):
     """(the resident kernels' launches: their STAGE values, the partials buffer, the barrier's
     counters: a ticket, then one a row, zeroed at each call; unread by the staged launches, which
-    take them all the same, so that they are typed as on a GPU). None (placeholders) where S = 1."""
+    take them all the same, so that they are typed as on a GPU). Where S = 1 (a constant on a GPU,
+    which drops the code that reads them) no partials (None) and an int32 placeholder."""
     if cfg.s == 1:
-        return (0,), None, None
+        return (0,), None, torch.empty((1,), device=device, dtype=torch.int32)
     part = torch.empty((rows * cfg.s * part_size,), device=device, dtype=torch.float32)
     return (0,) if _programs_meet() else (1, 2), part, torch.zeros((1 + rows,), device=device, dtype=torch.int32)
 
@@ -905,7 +909,7 @@ def _forward(x, weight, bias, num_groups, eps, residual, t, gelu):
         for stage in stages:
             _gn_fwd_resident_kernel[(rows * cfg.s,)](
                 x, residual if residual is not None else x, t if t is not None else mean, weight, bias, y, mean, rstd,
-                mean if part is None else part, mean if sync is None else sync, *geom, cfg.hw_split, cfg.s, eps,
+                mean if part is None else part, sync, *geom, cfg.hw_split, cfg.s, eps,
                 -_LOG_10000 / c, STAGE=stage, HAS_RESIDUAL=residual is not None, HAS_T=t is not None, GELU=gelu_mode,
                 BLOCK_S=triton.next_power_of_2(cfg.s), **cfg.meta)
         return y, mean, rstd
@@ -950,7 +954,7 @@ def _backward(dy, x, weight, bias, residual, mean, rstd, num_groups, gelu):
         for stage in stages:
             _gn_bwd_resident_kernel[(rows * cfg.s,)](
                 dy, x, residual, dres, weight, bias, mean, rstd, pdw, pdb, pd.stride(2),
-                mean if part is None else part, mean if sync is None else sync, dx, *geom, cfg.hw_split, cfg.s,
+                mean if part is None else part, sync, dx, *geom, cfg.hw_split, cfg.s,
                 STAGE=stage, HAS_RESIDUAL=has_residual, GELU=gelu_mode, BLOCK_S=triton.next_power_of_2(cfg.s),
                 **cfg.meta)
     else:

@@ -28,9 +28,12 @@ F32, F16, BF16 = torch.float32, torch.float16, torch.bfloat16
 
 @pytest.fixture
 def force_split(monkeypatch):
-    """Take the split-reduction path even for tiny groups: 64 elements per program."""
+    """Take the split-reduction path even for tiny groups: 64 elements per program (the resident paths
+    off, whatever FASTDDPM_GN_* say)."""
     monkeypatch.setattr(gng, "SPLIT_THRESHOLD", 0)
     monkeypatch.setattr(gng, "ELEMS_PER_PROGRAM", 64)
+    monkeypatch.setattr(gng, "RESIDENT_MAX", 0)
+    monkeypatch.setattr(gng, "COOP_TILE", 0)
 
 
 def _use_reduction(monkeypatch, lane: bool) -> bool:
@@ -62,8 +65,10 @@ def coop(monkeypatch):
     monkeypatch.setattr(gng, "RESIDENT_MAX", 0)
 
 
-def _coop_config(cg, hw, rows, channels_last):
-    cfg = gng._launch_config(cg, hw, rows, *((1, cg) if channels_last else (hw, 1)),
+def _coop_config(cg, hw, rows, channels_last, c):
+    """The launch config of a (cg, hw) group of a tensor of c channels on this device, which must be
+    the cooperative resident path (several programs)."""
+    cfg = gng._launch_config(cg, hw, rows, *((1, c) if channels_last else (hw, 1)),
                              gng._row_programs(torch.device(DEVICE)))
     assert cfg.resident and cfg.s > 1, cfg
     return cfg
@@ -147,9 +152,8 @@ def test_resident_dtypes_and_layouts(resident, dtype, w_dtype, channels_last):
                          ids=["fp32", "fp16", "bf16", "fp16-w32", "bf16-w32"])
 def test_resident_coop_dtypes_and_layouts(coop, dtype, w_dtype, channels_last):
     """The same checks with each group held by several programs: 3 x 49 in tiles of 1 x 64 (NCHW, 3
-    programs) or 4 x 16 (NHWC, 4 programs: masked channels and pixels). (Groups of 12 or 13 programs:
-    test_resident_coop_variants.)"""
-    assert _coop_config(3, 49, 12, channels_last).s == (4 if channels_last else 3)
+    programs) or 4 x 16 (NHWC, 4 programs: masked channels and pixels)."""
+    assert _coop_config(3, 49, 12, channels_last, 12).s == (4 if channels_last else 3)
     _check((3, 12, 7, 7), 4, dtype=dtype, w_dtype=w_dtype, channels_last=channels_last)
 
 
@@ -178,6 +182,23 @@ def test_resident_coop_tiles_and_limits(monkeypatch):
     assert gng.parse_launch_settings("coop=4096+resident=16384") == {"coop": 4096, "resident": 16384}
 
 
+def test_resident_coop_many_rows_and_the_most_programs_a_row_may_have(monkeypatch):
+    """On a GPU: the U-Net's 64 x 32 x 32 groups at batch 256 (8,192 programs of 2 x 1,024, more than
+    run at once: a program waits only for programs that have taken earlier tickets), and groups of
+    exactly as many programs as may meet (a channel of 32 x 32 each). On the CPU the same two cases
+    at a size the interpreter runs."""
+    most = gng._row_programs(torch.device(DEVICE)) or 12
+    monkeypatch.setattr(gng, "RESIDENT_MAX", 0)
+    big, tile = ((256, 64, 32, 32), 2048) if DEVICE == "cuda" else ((2, 64, 8, 8), 64)
+    monkeypatch.setattr(gng, "COOP_TILE", tile)
+    assert _coop_config(64, big[2] * big[3], big[0], False, 64).s == (32 if DEVICE == "cuda" else 64)
+    _check(big, 1, dtype=BF16, w_dtype=F32)
+    monkeypatch.setattr(gng, "COOP_TILE", 1024 if DEVICE == "cuda" else 64)
+    hw = 32 if DEVICE == "cuda" else 8
+    assert _coop_config(most, hw * hw, 4, False, most).s == most
+    _check((4, most, hw, hw), 1, dtype=BF16, w_dtype=F32, t=False)
+
+
 def test_resident_coop_meets_in_one_launch_on_a_gpu_in_two_in_the_interpreter():
     """On a GPU a row's programs meet at a barrier within one launch (its counters zeroed per call),
     at most half the SMs of them a row; the interpreter, which runs programs one after another,
@@ -186,12 +207,13 @@ def test_resident_coop_meets_in_one_launch_on_a_gpu_in_two_in_the_interpreter():
     stages, part, sync = gng._resident_stages(cfg, 5, 3, torch.device(DEVICE))
     assert part.numel() == 5 * 32 * 3 and sync.dtype == torch.int32 and sync.numel() == 6
     if DEVICE == "cuda":
-        assert gng._programs_meet() and stages == (0,) and not sync.any()
+        assert gng._programs_meet() and stages == (0,)
         assert gng._row_programs(torch.device(DEVICE)) == torch.cuda.get_device_properties(0).multi_processor_count // 2
     else:
         assert not gng._programs_meet() and stages == (1, 2)
         assert gng._row_programs(torch.device(DEVICE)) is None
-    assert gng._resident_stages(cfg._replace(s=1), 5, 3, torch.device(DEVICE)) == ((0,), None, None)
+    stages, part, sync = gng._resident_stages(cfg._replace(s=1), 5, 3, torch.device(DEVICE))
+    assert stages == (0,) and part is None and sync.dtype == torch.int32  # a placeholder typed as the counters
 
 
 # The four uses in the U-Net (and their mix) for every group count, fp32.
@@ -288,10 +310,10 @@ def test_resident_variants(resident, variant):
 
 @pytest.mark.parametrize("variant", list(VARIANTS))
 def test_resident_coop_variants(coop, variant):
-    """20 x 25 groups: 10 programs of 2 x 32 (NCHW) or 13 of 32 x 2 (NHWC, 4 groups of 5 x 25: 2 of 8 x 8)."""
+    """One group of 20 x 25 in 10 programs of 2 x 32 (NCHW); four of 5 x 25 in 4 programs of 8 x 8
+    each (NHWC)."""
     residual, gelu, t = VARIANTS[variant]
-    assert _coop_config(20, 25, 2, False).s == 10 and _coop_config(20, 25, 2, True).s == 13
-    assert _coop_config(5, 25, 8, True).s == 4
+    assert _coop_config(20, 25, 2, False, 20).s == 10 and _coop_config(5, 25, 8, True, 20).s == 4
     _check((2, 20, 5, 5), 1, residual=residual, gelu=gelu, t=t)
     _check((2, 20, 5, 5), 4, residual=residual, gelu=gelu, t=t, channels_last=True)
 
@@ -448,15 +470,11 @@ def test_launch_settings_set_and_restore(monkeypatch):
     assert gng._grid(20, 2, torch.device(DEVICE)) == ((20, 2), {"PERSIST": False})  # the one-row kernels
 
 
-@pytest.mark.parametrize("path", ["split", "resident-coop"])
-def test_deterministic_backward(monkeypatch, path):
+@pytest.mark.parametrize("path", ["force_split", "coop"], ids=["split", "resident-coop"])
+def test_deterministic_backward(request, path):
     """No atomics in the sums: two backward passes give bit-identical gradients (the resident
     programs of a row take their tickets in any order, and sum their partials in program order)."""
-    if path == "split":
-        monkeypatch.setattr(gng, "SPLIT_THRESHOLD", 0)
-        monkeypatch.setattr(gng, "ELEMS_PER_PROGRAM", 64)
-    else:
-        monkeypatch.setattr(gng, "COOP_TILE", 64)
+    request.getfixturevalue(path)
     g = torch.Generator().manual_seed(1)
     x = torch.randn(2, 12, 7, 7, generator=g).to(DEVICE).requires_grad_()
     w = torch.randn(12, generator=g).to(DEVICE).requires_grad_()
@@ -554,5 +572,6 @@ def test_statistics_of_a_mean_far_above_the_spread(monkeypatch, path, lane, chan
     if path == "resident":  # two passes over the registers: the exact mean, then centred squares
         monkeypatch.setattr(gng, "RESIDENT_MAX", 1 << 16)
     if path == "resident-coop":  # the same a tile, the tiles' partials combined about the first one's mean
-        monkeypatch.setattr(gng, "COOP_TILE", 64)
+        monkeypatch.setattr(gng, "COOP_TILE", 64)  # 12 x 49 in 12 programs (NCHW) or 13 (NHWC)
+        monkeypatch.setattr(gng, "RESIDENT_MAX", 0)
     _check((2, 12, 7, 7), 1, channels_last=channels_last, x_scale=0.1, x_shift=100.0)
