@@ -11,8 +11,9 @@ interpreter runs in two stages and a GPU in one launch, compiled as the latter; 
 channel, whose extents of 1 a GPU launch makes constants, as here, on the single-program, resident
 and split paths; the fused reverse step, with and without clipping; its noise), record each
 distinct launch (kernel, argument types, constexpr values) as a GPU launch specialises it (integers
-equal to 1 made constants, pointers and integers divisible by 16 marked so), and compile each one in fresh processes, without the interpreter, through Triton's own
-pipeline down to a cubin for sm_90 (Triton ships ptxas; no GPU is needed). The recorder and the
+equal to 1 made constants, pointers and integers divisible by 16 marked so), and compile each one
+in fresh processes, without the interpreter, through Triton's own pipeline down to a cubin for sm_90
+(Triton ships ptxas; no GPU is needed). The recorder and the
 compiler are ``bench.static_cost``'s, which also reads the machine code.
 """
 import pytest
