@@ -52,8 +52,12 @@ def _run_every_path(monkeypatch):
         for shape in ((2, 8, 32, 32), (2, 8, 8, 8)):
             g = torch.randn(*shape, dtype=torch.bfloat16, requires_grad=True)
             gng.group_norm_gelu(g, torch.ones(8), torch.zeros(8), 1, residual=torch.randn_like(g)).sum().backward()
-    with gng.launch_settings(coop=1024), torch.autocast("cpu", dtype=torch.bfloat16):  # resident programs, 1 to
-        model(x, t).float().square().mean().backward()  # 4 a group; staged here, recorded as a GPU's one launch
+    with gng.launch_settings(coop=1024):  # resident programs meeting at a barrier, 8 and 4 a group (staged
+        nchw = torch.randn(2, 8, 32, 32, dtype=torch.bfloat16, requires_grad=True)  # here, recorded as one launch)
+        nhwc = torch.randn(2, 16, 16, 16, dtype=torch.bfloat16).contiguous(memory_format=torch.channels_last)
+        gng.group_norm_gelu(nchw, torch.ones(8), torch.zeros(8), 1, residual=torch.randn_like(nchw)).sum().backward()
+        gng.group_norm_gelu(nhwc.requires_grad_(), torch.ones(16), torch.zeros(16), 1, t=torch.tensor([3, 17]),
+                            gelu=False).sum().backward()
     tables = {k: torch.rand(10) for k in ("inv_sqrt_alpha", "eps_coef", "sigma")}
     for dtype in (torch.float32, torch.bfloat16):
         reverse_step(x.to(dtype), x.to(dtype), 5, 1, **tables)
