@@ -32,7 +32,8 @@
 # (the train stage's non-eager paths, default compiled,fast,compiled-graphs,fast-graphs: the last two
 # under CUDA graphs; compiled-graphs-nhwc and fast-graphs-nhwc train channels_last),
 # FASTDDPM_BENCH_BATCH_IMPLS (the batch stage's, default compiled), FASTDDPM_BENCH_SAMPLE_IMPLS (the
-# sample stage's engines, default compiled,fast,diffusers), PYTHON (python3). A Triton path in any of
+# sample stage's engines, default compiled,fast,diffusers; compiled-nhwc and fast-nhwc sample channels_last),
+# PYTHON (python3). A Triton path in any of
 # these lists may carry GroupNorm launch settings, timed beside its defaults in the same stage:
 # FASTDDPM_BENCH_TRAIN_IMPLS=compiled-graphs,fast-graphs,fast-graphs@split=65536+tile=8192+persistent=2
 # (knobs: bench.tune_groupnorm's; FASTDDPM_GN_* variables, recorded with the command, change the defaults).

@@ -139,11 +139,10 @@ def sampling_forward(impl: str, dtype: str, layout: str, stack: contextlib.ExitS
     from bench.test_sampling import network
     from fastddpm.sampling import autocast, engine_model
 
-    b, fmt = C.S["sample_batch"], torch.channels_last if layout == "nhwc" else torch.contiguous_format
-    model = network().to(memory_format=fmt)
-    x = torch.randn(b, 3, 32, 32, device=C.DEVICE).contiguous(memory_format=fmt)
+    b = C.S["sample_batch"]
+    x = torch.randn(b, 3, 32, 32, device=C.DEVICE)  # NCHW, as sample's state: the network takes it in its layout
     t = torch.randint(0, 1000, (b,), device=C.DEVICE)
-    net = stack.enter_context(engine_model(model, impl, C.DEVICE))
+    net = stack.enter_context(engine_model(network(), impl, C.DEVICE, channels_last=layout == "nhwc"))
 
     @torch.no_grad()
     def step():
@@ -220,7 +219,7 @@ def main(argv=None) -> int:
     p.add_argument("--top", default=12, type=int)
     p.add_argument("--json", help="write every row (all kernels) here, with the device, versions and commit")
     a = p.parse_args(argv)
-    from bench.test_sampling import TRITON_ENGINES
+    from bench.test_sampling import TRITON_PATHS as TRITON_ENGINES
     from bench.test_train_step import PATHS, TRITON_PATHS
 
     # the layout is this tool's own axis (--layouts): the bench's -nhwc paths would contradict it

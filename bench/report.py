@@ -22,6 +22,10 @@ IMPLS = ("eager", "compiled", "fast", "diffusers")
 # training only (bench/test_train_step.py's PATHS): torch.compile's and our kernels' CUDA-graph paths, NCHW/NHWC
 GRAPHED_COMPILED, GRAPHED_FAST = ("compiled-graphs", "compiled-graphs-nhwc"), ("fast-graphs", "fast-graphs-nhwc")
 GRAPHED = GRAPHED_COMPILED + GRAPHED_FAST
+# sampling (bench/test_sampling.py's PATHS): each engine per layout
+SAMPLE_PATHS = {"fast": {"nchw": "fast", "nhwc": "fast-nhwc"},
+                "compiled": {"nchw": "compiled", "nhwc": "compiled-nhwc"}}
+SAMPLE_NHWC = ("compiled-nhwc", "fast-nhwc")
 DTYPES = ("fp32", "fp16", "bf16")
 N_IMAGES, EPOCHS, TRAIN_IMAGES = 5120, 500, 50_000
 # The paper's RTX 4070 (its Tables: T, dtype -> seconds for 5,120 images / hours for 500 epochs).
@@ -267,20 +271,24 @@ def sample_section(entries) -> str:
     g = groups(entries, "sampling", ("batch", "steps", "dtype"))
     if not g:
         return ""
+    nhwc = [m for m in SAMPLE_NHWC if any(measured(d, m) for d in g.values())]  # columns only where measured
     rows, proj = [], []
     for (batch, steps, dtype), d in g.items():
-        ips = {m: d[m].get("items_per_s") if m in d else None for m in IMPLS}
-        rows.append([dtype, batch, *(num(ips[m]) for m in IMPLS), ratio(ips["fast"], ips["eager"]),
-                     ratio(ips["fast"], ips["compiled"]), ratio(ips["fast"], ips["diffusers"]),
-                     pct(mfu(d["fast"]) if "fast" in d else None)])
-        for m in IMPLS:
+        ips = {m: d[m].get("items_per_s") if m in d else None for m in IMPLS + SAMPLE_NHWC}
+        sides = [best(d, SAMPLE_PATHS[e].values()) for e in ("fast", "compiled")]
+        rows.append([dtype, batch, *(num(ips[m]) for m in IMPLS), *(num(ips[m]) for m in nhwc),
+                     ratio(ips["fast"], ips["eager"]), ratio(ips["fast"], ips["compiled"]),
+                     *([ratio(ips.get(sides[0]), ips.get(sides[1])) + (f" ({sides[0]} / {sides[1]})" if all(sides)
+                                                                        else "")] if nhwc else []),
+                     ratio(ips["fast"], ips["diffusers"]), pct(mfu(d["fast"]) if "fast" in d else None)])
+        for m in IMPLS + SAMPLE_NHWC:
             if m in d:
                 proj.append([m, dtype, num(sample_seconds(d[m], 1000)), num(sample_seconds(d[m], 2000)),
                              num(d[m].get("fixed_s"))])
     paper = ", ".join(f"{s} s (T={t}, {dt})" for (t, dt), s in PAPER_SAMPLE_S.items())
     return ("## Sampling (image-steps/s: network + reverse step, marginal rate)\n\n" + table(
-        ["dtype", "batch", "eager", "compiled", "fast", "diffusers", "fast/eager", "fast/compiled",
-         "fast/diffusers", "MFU fast"], rows) +
+        ["dtype", "batch", "eager", "compiled", "fast", "diffusers", *nhwc, "fast/eager", "fast/compiled",
+         *(["fast/compiled, best layouts"] if nhwc else []), "fast/diffusers", "MFU fast"], rows) +
         "\n\n### Projection: 5,120 images\n\n" + table(
             ["impl", "dtype", "T = 1000 (s)", "T = 2000 (s)", "fixed cost per call (s)"], proj) +
         f"\n\nThe paper's RTX 4070: {paper}.")
@@ -307,7 +315,7 @@ def kernel_section(entries) -> str:
 def settings_section(entries) -> str:
     """The paths timed with GroupNorm launch settings (``path@knob=value+...``, bench.common.split_impl),
     each beside the same path on the defaults and the compiled path it would have to beat (for a
-    graphed training path, the faster compiled-graphs layout measured). The targets and ``auto`` read
+    graphed training path or a sampling engine, the compiled one's faster layout measured). The targets and ``auto`` read
     only the defaults: a setting that wins here has to become the default first."""
     rows = []
     for workload, fields, unit in (("train_step", ("batch", "preset", "dtype"), "images/s"),
@@ -317,7 +325,8 @@ def settings_section(entries) -> str:
                 base = impl.partition("@")[0]
                 if base == impl:
                     continue
-                rival = best(d, GRAPHED_COMPILED) if base in GRAPHED else "compiled"
+                rival = (best(d, GRAPHED_COMPILED) if base in GRAPHED else
+                         best(d, SAMPLE_PATHS["compiled"].values()) if workload == "sampling" else "compiled")
                 ips = i.get("items_per_s")
                 rows.append([workload, values[-1], values[0], f"`{impl}`", f"{num(ips)} {unit}",
                              ratio(ips, (d.get(base) or {}).get("items_per_s")) + f" ({base})",
@@ -380,7 +389,14 @@ def targets_section(entries) -> str:
         if i and mfu(i) is not None:
             lines.append(f"- training, bf16, batch {b}: {name} ≥ 25% of the bf16 matmul peak: "
                          f"**{pct(mfu(i))}** — {verdict(mfu(i) >= 0.25)}")
-    s = headline(info, "sampling", "bf16", "fast")
+    def engines(dtype):
+        """({bench path: result} of the sampling engines in ``dtype``, fast's best path, compiled's best path)."""
+        d = {m: headline(info, "sampling", dtype, m) for layouts in SAMPLE_PATHS.values() for m in layouts.values()}
+        return d, best(d, SAMPLE_PATHS["fast"].values()), best(d, SAMPLE_PATHS["compiled"].values())
+
+    any_nhwc = any(measured(engines(d)[0], m) for d in DTYPES for m in SAMPLE_NHWC)  # else NCHW alone, as before
+    sampled, fast_best, _ = engines("bf16")
+    s = sampled[fast_best] if fast_best else None
     if s and s.get("items_per_s"):
         secs = sample_seconds(s, 1000)
         floor = ""
@@ -388,15 +404,24 @@ def targets_section(entries) -> str:
             flop_s = s["flops"] / s["items"] * N_IMAGES * 1000 / (s["peak_bf16_tflops"] * 1e12)
             floor = (f" (the network's FLOPs alone take {flop_s:.1f} s at the measured bf16 peak: 30 s needs "
                      f"{pct(flop_s / 30)} of it sustained over the whole chain; measured {pct(mfu(s))})")
-        lines.append(f"- sampling 5,120 images at T = 1000 (bf16 fast) in ≤ 30 s: **{secs:.1f} s** — "
+        lines.append(f"- sampling 5,120 images at T = 1000 (bf16 {fast_best}) in ≤ 30 s: **{secs:.1f} s** — "
                      f"{verdict(secs <= 30)}{floor}")
-    sp = {d: speedup("sampling", d) for d in DTYPES}
-    sp = {d: v for d, v in sp.items() if v is not None}
+    sp = {}  # dtype -> (fast side / compiled side, "(fast-nhwc / compiled)", the layouts its verdict lacks)
+    for d in DTYPES:
+        sampled, f, c = engines(d)
+        if f and c:
+            r = sampled[f]["items_per_s"] / sampled[c]["items_per_s"]
+            # once a layout was measured: "met" needs compiled's every layout, "not met" ours
+            side = SAMPLE_PATHS["compiled" if r >= 1.3 else "fast"].values()
+            sp[d] = r, f" ({f} / {c})" if any_nhwc else "", [m for m in side if any_nhwc and not measured(sampled, m)]
     if sp:
-        missed = any(v < 1.3 for v in sp.values())
-        lines.append("- sampling: fast ≥ 1.3× compiled in every dtype: " +
-                     ", ".join(f"{d} **{v:.2f}×**" for d, v in sp.items()) + " — " +
-                     ("not met" if missed else "met" if len(sp) == len(DTYPES) else
+        lacking = sorted({m for _, _, missing in sp.values() for m in missing})
+        lines.append("- sampling: fast ≥ 1.3× compiled in every dtype" +
+                     (", each side's best layout" if any_nhwc else "") + ": " +
+                     ", ".join(f"{d} **{v:.2f}×**{names}" for d, (v, names, _) in sp.items()) + " — " +
+                     ("not met" if any(v < 1.3 and not missing for v, _, missing in sp.values()) else
+                      f"not assessed ({', '.join(lacking)} not measured)" if lacking else
+                      "met" if len(sp) == len(DTYPES) else
                       f"not assessed (measured in {len(sp)} of {len(DTYPES)} dtypes)"))
     gn = {str(i.get("shape")): i for i in info if i["workload"] == "groupnorm_gelu" and i.get("variant") == "fwd+bwd"
           and i["dtype"] == "bf16" and i["impl"] == "fast" and i.get("roofline") is not None}
@@ -424,40 +449,40 @@ TRAIN_PATHS = {"default": {"triton": {"nchw": "fast"}, "torch": {"nchw": "compil
 
 def auto_choices(entries) -> dict:
     """What ``auto`` should choose on the card of ``entries`` (fastddpm.measured.Measured's fields but
-    ``source``): per dtype, the faster of the paths measured side by side at the headline batch,
-    within ``TIE`` the preferred one. Sampling: engine fast or compiled. Training, compiled, per
-    compile mode: first each GroupNorm path's layout (NHWC only where it beat that path's NCHW
-    beyond a tie, or ran alone), then the path ("triton" where our kernels' step was faster), each
-    at the figure of the layout it would run in (default: fast vs compiled, NCHW; reduce-overhead:
-    fast-graphs(-nhwc) vs compiled-graphs(-nhwc)). A dtype or mode missing a path has no entry."""
+    ``source``): per dtype, the faster of two paths measured side by side at the headline batch,
+    within ``TIE`` the preferred one, each side at the figure of the layout it would run in (NHWC
+    only where it beat that side's NCHW beyond a tie, or ran alone). Sampling: engine fast or
+    compiled (``SAMPLE_PATHS``). Training, compiled, per compile mode: GroupNorm path "triton" (our
+    kernels) or "torch" (default: fast vs compiled, NCHW; reduce-overhead: fast-graphs(-nhwc) vs
+    compiled-graphs(-nhwc)). A dtype or mode missing a side has no entry."""
     info = [e["extra_info"] for e in entries]
-
-    def rate(workload, dtype, impl):
-        return (headline(info, workload, dtype, impl) or {}).get("items_per_s")
 
     def faster(a, b, names, preference):  # names[0] if rate a wins beyond a tie, names[1] if b does
         return preference if abs(a / b - 1) < TIE else names[0] if a > b else names[1]
 
-    sample_engine, train_kernels, train_layout = {}, {}, {}
+    def chosen(workload, dtype, sides, preference):
+        """(the winning side of ``sides`` ({side: {layout: bench path}}), the layout it would run in) or None."""
+        runs = {}  # side -> (the layout it would run in, its rate there)
+        for side, impls in sides.items():
+            r = {layout: v for layout, impl in impls.items()
+                 if (v := (headline(info, workload, dtype, impl) or {}).get("items_per_s"))}
+            if r:
+                layout = faster(r["nhwc"], r["nchw"], ("nhwc", "nchw"), "nchw") if len(r) == 2 else next(iter(r))
+                runs[side] = layout, r[layout]
+        if len(runs) < 2:
+            return None
+        side = faster(*(runs[k][1] for k in sides), tuple(sides), preference)
+        return side, runs[side][0]
+
+    got = {"sample_engine": {}, "train_kernels": {}, "train_layout": {}, "sample_layout": {}}
     for d in DTYPES:
-        fast, compiled = rate("sampling", d, "fast"), rate("sampling", d, "compiled")
-        if fast and compiled:
-            sample_engine[d] = faster(fast, compiled, ("fast", "compiled"), TIE_PREFERENCE["sampling"])
+        if c := chosen("sampling", d, SAMPLE_PATHS, TIE_PREFERENCE["sampling"]):
+            got["sample_engine"][d], got["sample_layout"][d] = c
     for mode, sides in TRAIN_PATHS.items():
         for d in DTYPES:
-            runs = {}  # GroupNorm path -> (the layout it would run in, its rate there)
-            for path, impls in sides.items():
-                r = {layout: rate("train_step", d, impl) for layout, impl in impls.items()}
-                r = {layout: v for layout, v in r.items() if v}
-                if r:
-                    layout = (faster(r["nhwc"], r["nchw"], ("nhwc", "nchw"), "nchw") if len(r) == 2
-                              else next(iter(r)))
-                    runs[path] = layout, r[layout]
-            if len(runs) == 2:
-                path = faster(runs["triton"][1], runs["torch"][1], ("triton", "torch"), TIE_PREFERENCE["train_step"])
-                train_kernels.setdefault(mode, {})[d] = path
-                train_layout.setdefault(mode, {})[d] = runs[path][0]
-    return {"sample_engine": sample_engine, "train_kernels": train_kernels, "train_layout": train_layout}
+            if c := chosen("train_step", d, sides, TIE_PREFERENCE["train_step"]):
+                got["train_kernels"].setdefault(mode, {})[d], got["train_layout"].setdefault(mode, {})[d] = c
+    return got
 
 
 def auto_section(entries, source: str | None) -> str:
@@ -470,7 +495,7 @@ def auto_section(entries, source: str | None) -> str:
     got = auto_choices(entries)
     if not got["sample_engine"] and not got["train_kernels"]:
         return ""
-    fields = ", ".join(f"{k}={json.dumps(v)}" for k, v in got.items() if v or k != "train_layout")
+    fields = ", ".join(f"{k}={json.dumps(v)}" for k, v in got.items() if v or k == "sample_engine")
     entry = f'"{card}": Measured(source="{source or "bench/results/<this file>.json"}", {fields}),'
     have = MEASURED.get(card)
     same = have and all(getattr(have, k) == v for k, v in got.items())

@@ -2,18 +2,24 @@
 per engine and dtype, in image-steps/s; a second, shorter call separates the per-step cost from
 the per-call cost (compilation excluded, CUDA-graph capture included). ``diffusers``: its
 DDPMScheduler (same linear schedule, sigma_t^2 = beta_t) driving our eager model, where importable.
-Guard: the images against eager's for the same seed and noise stream (the fast engine draws the
-fused kernel's Philox noise, so its reference is the eager engine fed that stream)."""
+The ``-nhwc`` engines run the network in channels_last (``sample(channels_last=True)``: weights and
+inputs), where cuDNN's convolutions need no NCHW<->NHWC transposes (3.0 of 13.3 ms of an H100
+training step, bench/results/2026-11-27-h100-80gb-hbm3-profile.json).
+Guard: the images against eager's (NCHW) for the same seed and noise stream (the fast engine draws
+the fused kernel's Philox noise, so its reference is the eager engine fed that stream)."""
 import pytest
 import torch
 
 from bench import common as C
 
-# FASTDDPM_BENCH_SAMPLE_IMPLS picks the non-eager engines (default: compiled, fast, diffusers); the fast
-# engine may carry GroupNorm launch settings, e.g. "fast@tile=8192+persistent=2" (C.split_impl).
-TRITON_ENGINES = ("fast",)  # fastddpm.sampling's engine that runs our kernels
-IMPLS = C.impls_from_env("FASTDDPM_BENCH_SAMPLE_IMPLS", ("compiled", "fast", "diffusers"),
-                         ("compiled", "fast", "diffusers"), TRITON_ENGINES)
+# FASTDDPM_BENCH_SAMPLE_IMPLS picks the non-eager engines (default: compiled, fast, diffusers; also
+# compiled-nhwc, fast-nhwc); a fast engine may carry GroupNorm launch settings, e.g.
+# "fast-nhwc@tile=8192+persistent=2" (C.split_impl).
+PATHS = {"compiled": ("compiled", False), "fast": ("fast", False), "diffusers": ("diffusers", False),
+         "compiled-nhwc": ("compiled", True), "fast-nhwc": ("fast", True)}  # bench path -> (engine, channels_last)
+TRITON_PATHS = tuple(i for i, (engine, _) in PATHS.items() if engine == "fast")  # our kernels run there
+IMPLS = C.impls_from_env("FASTDDPM_BENCH_SAMPLE_IMPLS", ("compiled", "fast", "diffusers"), tuple(PATHS),
+                         TRITON_PATHS)
 CASES = C.grid(("eager",) + IMPLS)
 
 
@@ -25,12 +31,12 @@ def network():
     return UNet(PRESETS[C.S["preset"]], kernels="torch").to(C.DEVICE).eval()
 
 
-def ours(net, dtype, engine, steps, **kw):
+def ours(net, dtype, engine, steps, channels_last=False, **kw):
     from fastddpm.sampling import sample
 
     b = C.S["sample_batch"]
     return lambda: sample(net, b, T=steps, batch_size=b, device=C.DEVICE, dtype=dtype, seed=0, progress=False,
-                          engine=engine, **kw)
+                          engine=engine, channels_last=channels_last, **kw)
 
 
 def diffusers_loop(net, dtype, steps):
@@ -60,11 +66,12 @@ def diffusers_loop(net, dtype, steps):
 def build(dtype, impl):
     b, steps, probe_steps = C.S["sample_batch"], C.S["sample_steps"], C.S["sample_probe_steps"]
     net = network()
-    engine = C.split_impl(impl)[0]  # its launch settings are in force around the whole case (C.run)
+    # its launch settings are in force around the whole case (C.run)
+    engine, channels_last = ("eager", False) if impl == "eager" else PATHS[C.split_impl(impl)[0]]
     if engine == "diffusers":
         fn, probe = diffusers_loop(net, dtype, steps), diffusers_loop(net, dtype, probe_steps)
     else:
-        fn, probe = ours(net, dtype, engine, steps), ours(net, dtype, engine, probe_steps)
+        fn, probe = (ours(net, dtype, engine, n, channels_last) for n in (steps, probe_steps))
     noise = "philox" if engine == "fast" else "torch"
 
     def eager_images():
@@ -83,8 +90,8 @@ def build(dtype, impl):
         "sampling", impl, dtype, fn=C.synced(fn), items=b * steps, unit="image-steps",
         flops=C.model_flops(net.base_channels, False) * b * steps, check=check, probe=C.synced(probe),
         probe_items=b * probe_steps, rounds=C.S["sample_rounds"], warmup=0,  # the guard/reference call warmed it
-        info=dict(batch=b, steps=steps, preset=C.S["preset"], noise=noise),
-        group_norm_kernels=engine in TRITON_ENGINES)
+        info=dict(batch=b, steps=steps, preset=C.S["preset"], noise=noise, layout="nhwc" if channels_last else "nchw"),
+        group_norm_kernels=engine == "fast")
 
 
 @pytest.mark.parametrize("params", CASES, ids=C.case_id)

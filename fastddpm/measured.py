@@ -7,7 +7,9 @@ first; within 2 % (a tie) the preferred path of ``bench.report.TIE_PREFERENCE``.
 training step's GroupNorm path is chosen with each side in its faster measured layout, and that
 layout is the training's ``--channels-last`` default (``layout_choice``): on the H100, in bf16,
 under CUDA graphs, the Triton kernels' step ran fastest in NHWC (21,555 images/s, against 19,087 in
-NCHW and 17,127 for Inductor's in NCHW, one call).
+NCHW and 17,127 for Inductor's in NCHW, one call). Sampling's engine is chosen the same way, each
+engine in its faster measured layout, and that layout is ``sample``'s ``channels_last`` default
+(``sample_layout_choice``); no file before 2026-11-28 measured sampling in NHWC, so today it is NCHW.
 ``python -m bench.report FILE`` prints the entry for a new file (section "What auto chooses"), and
 ``tests/test_measured.py`` checks every entry against its file, so the table cannot drift from the
 measurements. Whatever an entry lacks (its card, a dtype, a compile mode) comes from the next
@@ -23,7 +25,8 @@ from dataclasses import dataclass, field
 @dataclass(frozen=True)
 class Measured:
     source: str  # the results file, relative to the repository root
-    # sampling (batch 2,560): dtype -> "fast" or "compiled", the faster of the two there
+    # sampling (batch 2,560): dtype -> "fast" or "compiled", the faster of the two there, each in its
+    # faster measured layout
     sample_engine: dict[str, str]
     # a compiled training step (batch 256): --compile-mode -> dtype -> "triton" or "torch", the
     # GroupNorm path whose step was faster in that mode, each in its faster measured layout
@@ -32,6 +35,8 @@ class Measured:
     # --compile-mode -> dtype -> "nhwc" or "nchw": the layout whose figure chose that path (its faster one
     # where it ran in both, NCHW on a tie)
     train_layout: dict[str, dict[str, str]] = field(default_factory=dict)
+    # sampling: dtype -> "nhwc" or "nchw", the layout whose figure chose that engine (as train_layout)
+    sample_layout: dict[str, str] = field(default_factory=dict)
 
 
 MEASURED = {
@@ -40,12 +45,14 @@ MEASURED = {
         sample_engine={"fp32": "compiled", "fp16": "compiled", "bf16": "fast"},
         train_kernels={"default": {"fp32": "torch", "fp16": "torch", "bf16": "torch"}},
         train_layout={"default": {"fp32": "nchw", "fp16": "nchw", "bf16": "nchw"}},
+        sample_layout={"fp32": "nchw", "fp16": "nchw", "bf16": "nchw"},
     ),
     "h100-80gb-hbm3": Measured(
         source="bench/results/2026-11-27-h100-80gb-hbm3-f2564d9.json",
         sample_engine={"fp32": "fast", "fp16": "fast", "bf16": "fast"},
         train_kernels={"reduce-overhead": {"bf16": "triton"}},
         train_layout={"reduce-overhead": {"bf16": "nhwc"}},
+        sample_layout={"fp32": "nchw", "fp16": "nchw", "bf16": "nchw"},
     ),
 }
 FALLBACK = "h200"
@@ -78,18 +85,33 @@ def choice(card: str, dtype: str, mode: str | None = None) -> tuple[str, str]:
     raise LookupError(f"fastddpm.measured: {FALLBACK!r} has no {dtype} entry")  # a test keeps it complete
 
 
+def _measured_layout(card: str, chosen: str | None, layout: str | None, path: str, kind: str,
+                     where: str) -> tuple[bool, str]:
+    """(channels_last, why): ``layout`` where ``chosen`` (what ``card``'s entry chose ``where``) is
+    ``path`` (a ``kind``: "path" or "engine"); else NCHW. A layout is never borrowed from another
+    card, path, dtype or mode."""
+    if chosen == path and layout:
+        return layout == "nhwc", (f"{layout.upper()}, the layout the {path} {kind} was measured and chosen in "
+                                  f"({MEASURED[card].source})")
+    return False, f"NCHW: no measured layout for the {path} {kind} on {card or 'this card'} {where}"
+
+
 def layout_choice(card: str, dtype: str, mode: str, kernels: str) -> tuple[bool, str]:
     """(channels_last, why) for a compiled training step on ``card`` with GroupNorm path ``kernels``:
     the layout whose figure chose that path on this card, in this dtype and compile mode; NCHW where
     this card's measurement did not choose it."""
     entry = MEASURED.get(card)
-    if entry and entry.train_kernels.get(mode, {}).get(dtype) == kernels:
-        layout = entry.train_layout.get(mode, {}).get(dtype)
-        if layout:
-            return layout == "nhwc", (f"{layout.upper()}, the layout this path was measured and chosen in "
-                                      f"({entry.source})")
-    return False, (f"NCHW: no measured layout for the {kernels} path on {card or 'this card'} in {dtype} under "
-                   f"--compile-mode {mode}")
+    return _measured_layout(card, entry and entry.train_kernels.get(mode, {}).get(dtype),
+                            entry and entry.train_layout.get(mode, {}).get(dtype), kernels, "path",
+                            f"in {dtype} under --compile-mode {mode}")
+
+
+def sample_layout_choice(card: str, dtype: str, engine: str) -> tuple[bool, str]:
+    """(channels_last, why) for sampling on ``card`` with ``engine``: the layout whose figure chose
+    that engine on this card in this dtype; NCHW where this card's measurement did not choose it."""
+    entry = MEASURED.get(card)
+    return _measured_layout(card, entry and entry.sample_engine.get(dtype), entry and entry.sample_layout.get(dtype),
+                            engine, "engine", f"in {dtype}")
 
 
 def _card(device) -> str:
@@ -106,3 +128,8 @@ def choice_for(device, dtype: str, mode: str | None = None) -> tuple[str, str]:
 def layout_choice_for(device, dtype: str, mode: str, kernels: str) -> tuple[bool, str]:
     """``layout_choice`` for a CUDA device."""
     return layout_choice(_card(device), dtype, mode, kernels)
+
+
+def sample_layout_choice_for(device, dtype: str, engine: str) -> tuple[bool, str]:
+    """``sample_layout_choice`` for a CUDA device."""
+    return sample_layout_choice(_card(device), dtype, engine)

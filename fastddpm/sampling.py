@@ -85,7 +85,8 @@ def _named(key: str, value, cli: bool) -> str:
 
 
 def check_arguments(T: int, *, n, batch_size=None, sampler="ddpm", steps=None, eta=None, engine="auto",
-                    noise="auto", seed=0, trajectory_at=None, clip_x0=False, cli: bool = False) -> None:
+                    noise="auto", seed=0, trajectory_at=None, clip_x0=False, channels_last=None,
+                    cli: bool = False) -> None:
     """Every sampling argument against what is allowed; a UsageError (a ValueError) naming the value given."""
     def bad(key, value, allowed):
         return UsageError(f"{_named(key, value, cli)}: {allowed}")
@@ -119,6 +120,8 @@ def check_arguments(T: int, *, n, batch_size=None, sampler="ddpm", steps=None, e
             raise bad("eta", eta, f"applies to the ddim sampler only (sampler is {sampler})")
     if not isinstance(clip_x0, bool):
         raise bad("clip_x0", clip_x0, "must be True or False")
+    if channels_last is not None and not isinstance(channels_last, bool):
+        raise bad("channels_last", channels_last, "must be True (NHWC), False (NCHW) or None (auto)")
     for t in trajectory_at or ():
         if not is_int(t) or not 0 <= t < T:
             raise bad("trajectory_at", t, f"step indices must be integers in [0, T={T})")
@@ -156,17 +159,42 @@ def _resolve(model_or_path, T, diffusion, device, dtype):
     return model.to(device), recorded.to(device), resolve_dtype(dtype or config.dtype)
 
 
+def sampling_layout(channels_last: bool | None, device: torch.device, engine: str, dtype: torch.dtype
+                    ) -> tuple[bool, str]:
+    """(channels_last, why) for sampling with ``engine``. None (auto) on CUDA is the layout in which
+    that engine sampled faster on this kind of card, in this dtype, where that figure chose the
+    engine (``fastddpm.measured``); NCHW wherever that was not measured."""
+    if channels_last is not None:
+        return channels_last, "asked for"
+    if device.type != "cuda":
+        return False, "auto: sampling layouts are measured on CUDA only"
+    from fastddpm.config import dtype_name
+    from fastddpm.measured import sample_layout_choice_for
+
+    nhwc, why = sample_layout_choice_for(device, dtype_name(dtype), engine)
+    return nhwc, f"auto: {why}"
+
+
 @contextlib.contextmanager
-def engine_model(model, engine: str, device: torch.device):
+def engine_model(model, engine: str, device: torch.device, channels_last: bool = False):
     """The network as ``engine`` runs it: "eager" as given; "compiled" torch kernels under
-    torch.compile; "fast" Triton kernels (+ torch.compile on CUDA). The caller's model keeps its
-    kernel setting afterwards."""
+    torch.compile; "fast" Triton kernels (+ torch.compile on CUDA); with ``channels_last`` its
+    weights and every input in NHWC (cuDNN's convolutions then need no layout transposes). The
+    caller's model keeps its kernel setting and its weights' layout afterwards (the very tensors:
+    an optimizer holding them sees no change)."""
     previous = getattr(model, "kernels", None)
     if previous is not None and engine in ("compiled", "fast"):
         model.set_kernels("torch" if engine == "compiled" else "triton")
+    weights = {p: p.data for p in model.parameters() if p.dim() == 4}
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    for p in weights:
+        p.data = p.data.contiguous(memory_format=fmt)
     try:
-        yield torch.compile(model) if engine == "compiled" or (engine == "fast" and device.type == "cuda") else model
+        net = torch.compile(model) if engine == "compiled" or (engine == "fast" and device.type == "cuda") else model
+        yield (lambda x, t: net(x.contiguous(memory_format=fmt), t)) if channels_last else net
     finally:
+        for p, data in weights.items():
+            p.data = data
         if previous is not None:
             model.set_kernels(previous)
 
@@ -317,7 +345,8 @@ def graph_chain(net, diffusion: Diffusion, sampler: str, plan: list[LinearStep],
 def sample(model_or_checkpoint_path, n: int, *, T: int | None = None, diffusion: Diffusion | None = None,
            batch_size: int | None = None, device=None, dtype=None, seed: int = 0, progress: bool | None = None,
            trajectory_at=None, sampler: str = "ddpm", steps: int | None = None, eta: float | None = None,
-           engine: str = "auto", noise: str = "auto", clip_x0: bool = False, timings: dict | None = None):
+           engine: str = "auto", noise: str = "auto", clip_x0: bool = False, channels_last: bool | None = None,
+           timings: dict | None = None):
     """Generate ``n`` images: a uint8 tensor (n, 3, 32, 32) on the CPU.
 
     With a checkpoint path, the schedule (T, betas) and the default dtype come from the checkpoint
@@ -331,6 +360,9 @@ def sample(model_or_checkpoint_path, n: int, *, T: int | None = None, diffusion:
     ``engine``: "eager", "compiled", "fast" (Triton kernels, fused update, one CUDA graph replayed
     for every step on CUDA) or "auto" (on CUDA the measured fastest on this kind of card, per
     ``fastddpm.measured``; eager elsewhere; ``timings["engine_chosen_by"]`` says why).
+    ``channels_last``: run the network in NHWC (True) or NCHW (False); None (auto): on CUDA the layout
+    in which the chosen engine measured faster on this kind of card (``fastddpm.measured``), NCHW
+    elsewhere (``timings["layout_chosen_by"]`` says why). The caller's model is left as it was.
     ``noise``: "torch" (a torch.Generator: the eager engines' default) or "philox" (the fused
     kernel's stream: the fast engine's); x_T always comes from the torch.Generator. Deterministic
     for (seed, engine) and independent of batch_size (default: ``n`` split evenly into chunks of at
@@ -343,7 +375,8 @@ def sample(model_or_checkpoint_path, n: int, *, T: int | None = None, diffusion:
     """
     model, diffusion, dtype = _resolve(model_or_checkpoint_path, T, diffusion, device, dtype)
     check_arguments(diffusion.T, n=n, batch_size=batch_size, sampler=sampler, steps=steps, eta=eta, engine=engine,
-                    noise=noise, seed=seed, trajectory_at=trajectory_at, clip_x0=clip_x0)
+                    noise=noise, seed=seed, trajectory_at=trajectory_at, clip_x0=clip_x0,
+                    channels_last=channels_last)
     device = next(model.parameters()).device
     from fastddpm.kernels import unavailable_reason
 
@@ -355,6 +388,7 @@ def sample(model_or_checkpoint_path, n: int, *, T: int | None = None, diffusion:
         if unavailable_reason(device):
             raise UsageError(f"engine {engine!r} / noise {noise!r}: {unavailable_reason(device)}")
     noise = ("philox" if engine == "fast" else "torch") if noise == "auto" else noise
+    channels_last, layout_chosen_by = sampling_layout(channels_last, device, engine, dtype)
     steps = steps or DEFAULT_STEPS.get(sampler, diffusion.T)
     eta = eta or 0.0
     b = chunk_size(n, batch_size, device)
@@ -369,7 +403,7 @@ def sample(model_or_checkpoint_path, n: int, *, T: int | None = None, diffusion:
     was_training = model.training
     model.eval()
     try:
-        with engine_model(model, engine, device) as net:
+        with engine_model(model, engine, device, channels_last) as net:
             if engine == "fast" and noise == "philox" and not keep:
                 with torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext():
                     x, info = graph_chain(net, diffusion, sampler, plan, x, seed, b, dtype, progress, clock, clip_x0)
@@ -396,8 +430,9 @@ def sample(model_or_checkpoint_path, n: int, *, T: int | None = None, diffusion:
     if timings is not None:
         steady_steps = info["computed_image_steps"] - (0 if info["cuda_graph"] else n)
         timings.update(clock.report(n * len(plan), steady_image_steps=steady_steps, engine=engine,
-                                    engine_chosen_by=chosen_by, sampler=sampler, steps=len(plan), clip_x0=clip_x0,
-                                    **info))
+                                    engine_chosen_by=chosen_by, layout="nhwc" if channels_last else "nchw",
+                                    layout_chosen_by=layout_chosen_by, sampler=sampler, steps=len(plan),
+                                    clip_x0=clip_x0, **info))
     return (images, trajectory) if trajectory_at is not None else images
 
 
@@ -412,11 +447,13 @@ def save_npz(images: torch.Tensor, path) -> None:
 
 
 def describe_timings(t: dict) -> str:
-    """'12.3 s (compile/capture/first step 4.0 s, then 123,456 image-steps/s; fast engine, auto: ...)'."""
+    """'12.3 s (compile/capture/first step 4.0 s, then 123,456 image-steps/s; fast engine, auto: ...;
+    NCHW (auto: ...))'."""
     rate = t["steady_image_steps_per_s"]
     steady = f", then {rate:,.0f} image-steps/s" if rate else ""
     engine = f"; {t['engine']} engine, {t['engine_chosen_by']}" if "engine_chosen_by" in t else ""
-    return f"{t['seconds']:.1f} s (compile/capture/first step {t['warmup_seconds']:.1f} s{steady}{engine})"
+    layout = f"; {t['layout'].upper()} ({t['layout_chosen_by']})" if "layout_chosen_by" in t else ""
+    return f"{t['seconds']:.1f} s (compile/capture/first step {t['warmup_seconds']:.1f} s{steady}{engine}{layout})"
 
 
 def add_sampler_flags(p) -> None:
@@ -432,6 +469,11 @@ def add_sampler_flags(p) -> None:
     p.add_argument("--engine", choices=ENGINES, default="auto",
                    help="auto (default: on CUDA the measured fastest on this kind of card, see "
                         "fastddpm/measured.py; eager elsewhere), eager, compiled, fast")
+    p.add_argument("--channels-last", dest="channels_last", action="store_const", const=True,
+                   help="run the network in NHWC (default: on CUDA the layout the engine measured fastest in on "
+                        "this kind of card, see fastddpm/measured.py; NCHW elsewhere)")
+    p.add_argument("--no-channels-last", dest="channels_last", action="store_const", const=False,
+                   help="run the network in NCHW")
 
 
 def sampler_settings(a) -> dict:
@@ -443,6 +485,8 @@ def sampler_settings(a) -> dict:
         settings["eta"] = a.eta
     if a.clip_x0:
         settings["clip_x0"] = True
+    if a.channels_last is not None:
+        settings["channels_last"] = a.channels_last
     return settings
 
 
@@ -454,7 +498,8 @@ def describe_sampler(settings: dict, T: int | None = None) -> str:
         steps = settings.get("steps", DEFAULT_STEPS[sampler])
         how = {"ddim": f"DDIM {steps} steps, eta {settings.get('eta', 0.0)}",
                "dpm++": f"DPM++(2M) {steps} steps"}[sampler]
-    return f"{how}{', x0 clipped' if settings.get('clip_x0') else ''}, engine {settings['engine']}"
+    layout = {True: ", NHWC", False: ", NCHW"}.get(settings.get("channels_last"), "")
+    return f"{how}{', x0 clipped' if settings.get('clip_x0') else ''}, engine {settings['engine']}{layout}"
 
 
 def main(argv=None) -> int:

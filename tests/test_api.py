@@ -73,6 +73,7 @@ def _bad_calls(model, tmp_path):
         (S, (model, 2), {**ok, "sampler": "dpm++", "eta": 0.5}, ["eta=0.5", "ddim sampler only"]),
         (S, (model, 2), {**ok, "engine": "turbo"}, ["engine='turbo'", "eager"]),
         (S, (model, 2), {**ok, "noise": "white"}, ["noise='white'", "philox"]),
+        (S, (model, 2), {**ok, "channels_last": "yes"}, ["channels_last='yes'", "True (NHWC), False (NCHW) or None"]),
         (S, (model, 2), {**ok, "seed": -1}, ["seed=-1", "[0, 2**63)"]),
         (S, (model, 2), {**ok, "dtype": "fp8"}, ["fp8", "fp32, fp16, bf16"]),
         (S, (model, 2), {**ok, "trajectory_at": [10]}, ["trajectory_at=10", "[0, T=10)"]),

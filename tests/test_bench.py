@@ -88,26 +88,28 @@ def test_fallback_runner_writes_the_same_schema(tmp_path):
 
 def test_paths_run_with_launch_settings(tmp_path):
     """A Triton path with GroupNorm launch settings ("fast@persistent=1": one program looping over
-    every row on the CPU) is a case of the train and sampling benches: built, guarded and recorded
-    under its own name with every knob in force, and tabled beside its defaults; the same path after it
-    runs on the defaults again (the settings end with their case), and records them."""
+    every row on the CPU) is a case of the train and sampling benches (there the NHWC engine, guarded
+    against eager's NCHW images): built, guarded and recorded under its own name with every knob in
+    force, and tabled beside its defaults; the same path after it runs on the defaults again (the
+    settings end with their case), and records them."""
     from fastddpm.kernels import groupnorm_gelu
 
     out, defaults = tmp_path / "settings.json", groupnorm_gelu.current_launch_settings()
     env = _env(tmp_path, FASTDDPM_BENCH_DTYPES="bf16", FASTDDPM_BENCH_TRAIN_IMPLS="fast@persistent=1,fast",
-               FASTDDPM_BENCH_SAMPLE_IMPLS="fast@persistent=1")
+               FASTDDPM_BENCH_SAMPLE_IMPLS="fast-nhwc@persistent=1")
     proc = subprocess.run([sys.executable, "-m", "bench.run", "--only", "train,sample", "-k", "fast", "--json",
                            str(out)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
     infos = {(b["extra_info"]["workload"], b["extra_info"]["impl"]): b["extra_info"]
              for b in json.loads(out.read_text())["benchmarks"]}
-    assert sorted(infos) == [("sampling", "fast@persistent=1"), ("train_step", "fast"),
+    assert sorted(infos) == [("sampling", "fast-nhwc@persistent=1"), ("train_step", "fast"),
                              ("train_step", "fast@persistent=1")]
     assert all(i["guard"]["value"] <= i["guard"]["tol"] for i in infos.values())
     with_settings, plain = infos[("train_step", "fast@persistent=1")], infos[("train_step", "fast")]
     assert with_settings["launch_settings"] == {**plain["launch_settings"], "persistent": 1}
     assert plain["launch_settings"]["persistent"] == defaults["persistent"] == 0  # back on the defaults
-    assert infos[("sampling", "fast@persistent=1")]["launch_settings"] == with_settings["launch_settings"]
+    assert infos[("sampling", "fast-nhwc@persistent=1")]["launch_settings"] == with_settings["launch_settings"]
+    assert infos[("sampling", "fast-nhwc@persistent=1")]["layout"] == "nhwc"
     assert "## GroupNorm launch settings in the whole step" in proc.stdout
 
 
@@ -313,6 +315,28 @@ def _synthetic():
                         seconds=sec, gb_per_s=2700.0 if impl == "fast" else 900.0,
                         roofline=0.9 if impl == "fast" else 0.3))
     return e
+
+
+def test_report_compares_sampling_engines_each_in_its_best_layout():
+    """Once a sampling engine ran in NHWC: its columns, fast/compiled with each side in its faster
+    layout (named), the 30 s target read from fast's faster layout, and a verdict only where the
+    layouts it rests on were measured (fp32's fast engine ran in NCHW alone)."""
+    e = [_entry("sampling", impl, "bf16", batch=2560, steps=10, items_per_s=ips, fixed_s=1.0, mfu=0.3)
+         for impl, ips in (("eager", 25_600.0), ("compiled", 51_200.0), ("compiled-nhwc", 60_000.0),
+                           ("fast", 64_000.0), ("fast-nhwc", 96_000.0))]
+    e += [_entry("sampling", impl, "fp32", batch=2560, steps=10, items_per_s=10_000.0, fixed_s=1.0, mfu=0.1)
+          for impl in ("compiled", "compiled-nhwc", "fast")]
+    text = report.render(e)
+    assert "| eager | compiled | fast | diffusers | compiled-nhwc | fast-nhwc | fast/eager | fast/compiled | " \
+        "fast/compiled, best layouts |" in text
+    row = next(line for line in text.splitlines() if line.startswith("| bf16 | 2560 |"))
+    assert "| 60,000 | 96,000 | 2.50× | 1.25× | 1.60× (fast-nhwc / compiled-nhwc) |" in row
+    assert "| fast-nhwc | bf16 | 54.3 | 108 | 1 |" in text  # 1 s + 2 x 1000 x 2560 / 96,000
+    assert "sampling 5,120 images at T = 1000 (bf16 fast-nhwc) in ≤ 30 s: **54.3 s** — not met" in text
+    assert ("fast ≥ 1.3× compiled in every dtype, each side's best layout: fp32 **1.00×** (fast / compiled), "
+            "bf16 **1.60×** (fast-nhwc / compiled-nhwc) — not assessed (fast-nhwc not measured)") in text
+    e.append(_entry("sampling", "fast-nhwc", "fp32", batch=2560, steps=10, items_per_s=9_000.0, fixed_s=1.0))
+    assert "(fast / compiled), bf16 **1.60×** (fast-nhwc / compiled-nhwc) — not met" in report.render(e)
 
 
 def test_report_table_ratios_and_projections(tmp_path):

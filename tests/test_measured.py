@@ -8,7 +8,8 @@ import torch
 from bench import report
 from fastddpm.config import COMPILE_MODES, DTYPES
 from fastddpm.measured import FALLBACK, MEASURED, Measured, card_slug
-from fastddpm.sampling import auto_engine
+from fastddpm.errors import ArgumentParser
+from fastddpm.sampling import add_sampler_flags, auto_engine, sampling_layout
 from fastddpm import train as train_mod
 from fastddpm.train import training_kernels, training_layout
 from tests.test_bench import ROOT, _entry
@@ -56,13 +57,19 @@ def test_auto_choices_take_the_faster_path_at_the_headline_batch_only(tmp_path, 
          _entry("sampling", "compiled", "fp32", batch=2560, items_per_s=2.0),
          _entry("sampling", "fast", "fp32", batch=2560, items_per_s=3.0),
          _entry("sampling", "compiled", "bf16", batch=2560, items_per_s=3.0),
-         _entry("sampling", "fast", "bf16", batch=2560, items_per_s=2.0)]
+         _entry("sampling", "fast", "bf16", batch=2560, items_per_s=2.0),
+         # sampling's engines each in its faster layout too: fast in NHWC beats compiled's best (NHWC)
+         _entry("sampling", "compiled", "fp16", batch=2560, items_per_s=3.0),
+         _entry("sampling", "compiled-nhwc", "fp16", batch=2560, items_per_s=3.5),
+         _entry("sampling", "fast", "fp16", batch=2560, items_per_s=3.2),
+         _entry("sampling", "fast-nhwc", "fp16", batch=2560, items_per_s=4.0)]
     assert report.auto_choices(e) == {
-        "sample_engine": {"fp32": "fast", "bf16": "compiled"},
+        "sample_engine": {"fp32": "fast", "fp16": "fast", "bf16": "compiled"},
         "train_kernels": {"default": {"bf16": "torch"},
                           "reduce-overhead": {"fp32": "triton", "fp16": "triton", "bf16": "torch"}},
         "train_layout": {"default": {"bf16": "nchw"},
-                         "reduce-overhead": {"fp32": "nhwc", "fp16": "nchw", "bf16": "nhwc"}}}
+                         "reduce-overhead": {"fp32": "nhwc", "fp16": "nchw", "bf16": "nhwc"}},
+        "sample_layout": {"fp32": "nchw", "fp16": "nhwc", "bf16": "nchw"}}
     # within 2 % the two tie, and a tie goes to the preferred path: fast for sampling, torch for training
     tie = [_entry("sampling", "compiled", "fp16", batch=2560, items_per_s=100.0),
            _entry("sampling", "fast", "fp16", batch=2560, items_per_s=98.5),
@@ -70,16 +77,18 @@ def test_auto_choices_take_the_faster_path_at_the_headline_batch_only(tmp_path, 
            _entry("train_step", "fast", "fp16", batch=256, items_per_s=101.5, **seed)]
     assert report.auto_choices(tie) == {"sample_engine": {"fp16": "fast"},
                                         "train_kernels": {"default": {"fp16": "torch"}},
-                                        "train_layout": {"default": {"fp16": "nchw"}}}
+                                        "train_layout": {"default": {"fp16": "nchw"}},
+                                        "sample_layout": {"fp16": "nchw"}}
     path = tmp_path / "r.json"
     path.write_text(json.dumps({"benchmarks": e}))
     monkeypatch.delitem(MEASURED, "h100-80gb-hbm3", raising=False)
     text = report.render(*report.load([path]))  # an H100 that fastddpm.measured does not have
     assert "has no entry for h100-80gb-hbm3: it falls back to another card's" in text
     assert ('"h100-80gb-hbm3": Measured(source="bench/results/<this file>.json", sample_engine={"fp32": "fast", '
-            '"bf16": "compiled"}, train_kernels={"default": {"bf16": "torch"}, "reduce-overhead": {"fp32": "triton", '
-            '"fp16": "triton", "bf16": "torch"}}, train_layout={"default": {"bf16": "nchw"}, "reduce-overhead": '
-            '{"fp32": "nhwc", "fp16": "nchw", "bf16": "nhwc"}}),') in text
+            '"fp16": "fast", "bf16": "compiled"}, train_kernels={"default": {"bf16": "torch"}, "reduce-overhead": '
+            '{"fp32": "triton", "fp16": "triton", "bf16": "torch"}}, train_layout={"default": {"bf16": "nchw"}, '
+            '"reduce-overhead": {"fp32": "nhwc", "fp16": "nchw", "bf16": "nhwc"}}, sample_layout={"fp32": "nchw", '
+            '"fp16": "nhwc", "bf16": "nchw"}),') in text
 
 
 @pytest.fixture
@@ -101,7 +110,8 @@ def test_card_slug_spells_cards_as_results_files_do():
 
 H100 = Measured("bench/results/x.json", sample_engine={"fp32": "fast", "bf16": "compiled"},  # no fp16, as gpu.sh's
                 train_kernels={"default": {"fp32": "triton", "bf16": "triton"},          # default dtypes leave it
-                               "reduce-overhead": {"bf16": "torch"}})
+                               "reduce-overhead": {"bf16": "torch"}},
+                sample_layout={"fp32": "nhwc", "bf16": "nchw"})
 
 
 def test_sampling_and_training_look_their_card_up(on_card, monkeypatch):
@@ -164,6 +174,28 @@ def test_training_layout_is_the_measured_one_for_the_path_it_runs(on_card):
     assert training_layout(None, torch.device("cpu"), True, mode, dtype, path)[0] is False
     parse = train_mod.build_parser().parse_args
     assert [parse(a).channels_last for a in ([], ["--channels-last"], ["--no-channels-last"])] == [None, True, False]
+
+
+def test_sampling_layout_is_the_measured_one_for_the_engine_it_runs(on_card, monkeypatch):
+    """sample()'s channels_last=None on CUDA: NHWC only where this card measured the engine it runs
+    faster in it, in this dtype; never another card's, another engine's or another dtype's layout."""
+    monkeypatch.setitem(MEASURED, "h100-80gb-hbm3", H100)
+    on_card("NVIDIA H100 80GB HBM3")
+    assert sampling_layout(None, CUDA, "fast", torch.float32) == (
+        True, "auto: NHWC, the layout the fast engine was measured and chosen in (bench/results/x.json)")
+    assert sampling_layout(None, CUDA, "compiled", torch.float32) == (
+        False, "auto: NCHW: no measured layout for the compiled engine on h100-80gb-hbm3 in fp32")
+    assert sampling_layout(None, CUDA, "compiled", torch.bfloat16)[0] is False  # measured and chosen in NCHW
+    assert sampling_layout(None, CUDA, "fast", torch.float16)[0] is False  # not measured in fp16
+    on_card("NVIDIA A100-SXM4-80GB")  # no entry: NCHW, not the fallback card's
+    assert sampling_layout(None, CUDA, "fast", torch.float32)[0] is False
+    assert sampling_layout(True, CUDA, "eager", torch.float32) == (True, "asked for")
+    assert sampling_layout(False, CUDA, "fast", torch.float32) == (False, "asked for")
+    assert sampling_layout(None, torch.device("cpu"), "fast", torch.float32)[0] is False
+    parse = ArgumentParser()
+    add_sampler_flags(parse)
+    assert [parse.parse_args(a).channels_last for a in ([], ["--channels-last"], ["--no-channels-last"])] == \
+        [None, True, False]
 
 
 def test_what_an_entry_lacks_comes_from_the_fallback_card_and_says_so(on_card, monkeypatch):

@@ -56,6 +56,45 @@ def test_sample_in_bf16_runs_and_stays_close(model):
     assert (fp32 - bf16).abs().mean() < 8  # same noise; only the network's precision differs
 
 
+def test_channels_last_runs_the_network_in_nhwc_and_leaves_the_model_as_it_was(model):
+    """channels_last=True: every convolution sees NHWC inputs and weights, the images are NCHW's up
+    to rounding, and afterwards the caller's parameters are the very tensors they were (an optimizer
+    holding them sees no change), whatever layout the caller's model was in."""
+    nhwc_convs = []  # per convolution call: input and weight both channels_last
+
+    def record(module, args):
+        if isinstance(module, torch.nn.Conv2d):
+            fmt = torch.channels_last
+            nhwc_convs.append(args[0].is_contiguous(memory_format=fmt)
+                              and module.weight.is_contiguous(memory_format=fmt))
+
+    hook = torch.nn.modules.module.register_module_forward_pre_hook(record)
+    try:
+        for layout in (torch.contiguous_format, torch.channels_last):  # the caller's model in either layout
+            model.to(memory_format=layout)
+            before = {name: (p, p.data_ptr(), p.stride()) for name, p in model.named_parameters()}
+            timings = {}
+            nhwc = sample(model, 3, T=4, seed=7, progress=False, channels_last=True, timings=timings)
+            assert nhwc_convs and all(nhwc_convs)
+            assert (timings["layout"], timings["layout_chosen_by"]) == ("nhwc", "asked for")
+            nhwc_convs.clear()
+            nchw = sample(model, 3, T=4, seed=7, progress=False, channels_last=False)
+            assert nhwc_convs and not any(nhwc_convs)  # NCHW asked: so even a channels_last model runs
+            nhwc_convs.clear()
+            assert (nhwc.int() - nchw.int()).abs().max() <= 1
+            after = dict(model.named_parameters())
+            assert all(after[n] is p and p.data_ptr() == ptr and p.stride() == stride
+                       for n, (p, ptr, stride) in before.items())
+    finally:
+        hook.remove()
+        model.to(memory_format=torch.contiguous_format)
+    timings = {}
+    sample(model, 1, T=2, progress=False, timings=timings)  # auto off CUDA: NCHW, and says why
+    why = "auto: sampling layouts are measured on CUDA only"
+    assert (timings["layout"], timings["layout_chosen_by"]) == ("nchw", why)
+    assert sample_mod.describe_timings(timings).endswith(f"; NCHW ({why}))")
+
+
 def test_grid_layout_and_png(tmp_path):
     images = torch.arange(5 * 3 * 2 * 2, dtype=torch.uint8).reshape(5, 3, 2, 2)
     grid = grid_array(images, nrow=3, pad=1, scale=1)
