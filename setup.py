@@ -12,7 +12,8 @@ setup(
     install_requires=["torch>=2.4", "numpy", "tqdm", "pillow", "matplotlib"],
     extras_require={
         # diffusers: only the tests use it, as an independent implementation of the samplers.
-        "dev": ["pytest", "scipy", "diffusers"],
+        # pytest-xdist: `make test` runs a worker a core.
+        "dev": ["pytest", "pytest-xdist", "scipy", "diffusers"],
         "metrics": ["torch-fidelity", "scipy"],
         # what bench/ imports: pytest-benchmark for the suite, nvidia-ml-py (pynvml) for the device record
         "bench": ["pytest-benchmark", "nvidia-ml-py"],

@@ -12,6 +12,15 @@ COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
+def fastest_cpu_dtype() -> str:
+    """The training dtype of ``make demo``: bf16 where this CPU computes it natively (AVX512-BF16 or
+    AMX tiles), fp32 elsewhere. Without them bf16 is emulated: on an AVX2-only CPU (CI's, 2026-11-28)
+    a tiny-U-Net step at batch 32 took 2.80 s in bf16 against 0.30 s in fp32."""
+    native = (getattr(torch.cpu, name, lambda: False)() for name in ("_is_avx512_bf16_supported",
+                                                                       "_is_amx_tile_supported"))
+    return "bf16" if any(native) else "fp32"
+
+
 def dtype_name(dtype: torch.dtype) -> str:
     """torch.bfloat16 -> "bf16" (DTYPES' key)."""
     return next(name for name, d in DTYPES.items() if d == dtype)

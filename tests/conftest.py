@@ -15,6 +15,17 @@ sys.path.insert(0, str(ROOT))
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+# Under pytest-xdist (`make test` runs a worker a core) each worker's torch takes its share of the
+# cores: two workers of two threads each on CI's two cores spin against each other.
+if os.environ.get("PYTEST_XDIST_WORKER_COUNT"):
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    torch.set_num_threads(max(1, cores // int(os.environ["PYTEST_XDIST_WORKER_COUNT"])))
+
+
+def pytest_configure(config):
+    # pytest-xdist registers it too; without xdist (a plain `pytest tests`) the marks stay silent
+    config.addinivalue_line("markers", "xdist_group(name): run these tests in one pytest-xdist worker")
+
 
 @pytest.fixture(autouse=True, scope="session")
 def _isolated_cache(tmp_path_factory):

@@ -9,6 +9,9 @@ from fastddpm import sampling as sample_mod
 from fastddpm import train as train_mod
 from tests.conftest import ROOT, run_main
 
+# pytest-xdist (`make test`): the training run of the module fixture runs once, in one worker
+pytestmark = pytest.mark.xdist_group("cli")
+
 SMALL = ["--preset", "tiny", "--data", "shapes", "--epochs", "1", "--T", "10", "--batch-size", "16",
          "--train-size", "32", "--val-size", "16", "--n-samples", "0", "--no-progress"]
 

