@@ -315,8 +315,9 @@ def kernel_section(entries) -> str:
 def settings_section(entries) -> str:
     """The paths timed with GroupNorm launch settings (``path@knob=value+...``, bench.common.split_impl),
     each beside the same path on the defaults and the compiled path it would have to beat (for a
-    graphed training path or a sampling engine, the compiled one's faster layout measured). The targets and ``auto`` read
-    only the defaults: a setting that wins here has to become the default first."""
+    graphed training path or a sampling engine, the compiled one's faster layout measured). The
+    targets and ``auto`` read only the defaults: a setting that wins here has to become the default
+    first."""
     rows = []
     for workload, fields, unit in (("train_step", ("batch", "preset", "dtype"), "images/s"),
                                    ("sampling", ("batch", "steps", "dtype"), "image-steps/s")):
