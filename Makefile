@@ -19,17 +19,17 @@ $(VENV)/.installed: setup.py
 	touch $@
 
 # The demo: the tiny U-Net learns the built-in shapes on the CPU for DEMO_MINUTES of wall clock
-# (NHWC convolutions; bf16 where the CPU computes it natively, else fp32: fastddpm.config's
-# fastest_cpu_dtype, measured both ways), then 256 samples (DDIM, 50 stochastic steps, NHWC: 2.1x
-# NCHW's speed on an AVX2 CPU) are scored against 256 shapes test images. Re-running re-samples and
-# re-scores the same run; DEMO_MINUTES=10 make demo trains it further (--resume continues the
-# budget's clock).
+# (NHWC convolutions; a fresh run in bf16 where the CPU computes it natively, else fp32:
+# fastddpm.config's fastest_cpu_dtype; a resumed one in its checkpoint's dtype), then 256 samples
+# (DDIM, 50 stochastic steps, NHWC) are scored against 256 shapes test images; both layouts and dtypes
+# measured in bench/results/2026-11-28-cpu-dtypes-layouts.json. Re-running re-samples and re-scores
+# the same run; DEMO_MINUTES=10 make demo trains it further (--resume continues the budget's clock).
 DEMO_MINUTES ?= 4.2
 demo: setup
 	$(PY) -m fastddpm.train --data shapes --preset tiny --T 500 --batch-size 16 --lr 2e-3 --ema 0.999 \
-		--dtype $$($(PY) -c "from fastddpm.config import fastest_cpu_dtype; print(fastest_cpu_dtype())") \
-		--channels-last --time-budget $(DEMO_MINUTES) --val-size 512 --n-samples 0 \
-		--out $(DEMO) $$([ -f $(DEMO)/checkpoint.pt ] && echo --resume)
+		--channels-last --time-budget $(DEMO_MINUTES) --val-size 512 --n-samples 0 --out $(DEMO) \
+		$$([ -f $(DEMO)/checkpoint.pt ] && echo --resume || \
+		  echo --dtype $$($(PY) -c "from fastddpm.config import fastest_cpu_dtype; print(fastest_cpu_dtype())"))
 	$(PY) -m fastddpm.sample --checkpoint $(DEMO)/checkpoint.pt --n 256 --sampler ddim --steps 50 --eta 1 --seed 1 \
 		--channels-last --out $(DEMO)/samples.png --npz $(DEMO)/samples.npz
 	$(PY) -m fastddpm.evaluate --samples $(DEMO)/samples.npz --ref shapes:test --n-ref 256 \

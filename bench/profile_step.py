@@ -219,16 +219,14 @@ def main(argv=None) -> int:
     p.add_argument("--top", default=12, type=int)
     p.add_argument("--json", help="write every row (all kernels) here, with the device, versions and commit")
     a = p.parse_args(argv)
-    from bench.test_sampling import TRITON_PATHS as TRITON_ENGINES
     from bench.test_train_step import PATHS, TRITON_PATHS
 
-    # the layout is this tool's own axis (--layouts): the bench's -nhwc paths would contradict it
-    bases = [v.partition("@")[0] for v in a.impls]
-    if any(PATHS.get(v) and PATHS[v].channels_last for v in bases):
+    # the layout is this tool's own axis (--layouts): the benches' -nhwc paths would contradict it
+    if any(v.partition("@")[0].endswith("-nhwc") for v in a.impls):
         p.error(f"--impls {','.join(a.impls)}: this tool has its own layout axis: name the path without "
                 f"-nhwc and add --layouts nhwc")
-    impls, triton = ([i for i, path in PATHS.items() if not path.channels_last], TRITON_PATHS) \
-        if a.workload == "train" else (SAMPLE_IMPLS, TRITON_ENGINES)
+    impls = [i for i, path in PATHS.items() if not path.channels_last] if a.workload == "train" else SAMPLE_IMPLS
+    triton = [i for i in TRITON_PATHS if i in impls] if a.workload == "train" else ["fast"]
     error = next((e for v in a.impls if (e := C.impl_error(v, impls, triton))), None)  # a path@launch settings
     if error:
         p.error(f"--impls: {error}")

@@ -3,8 +3,8 @@ per engine and dtype, in image-steps/s; a second, shorter call separates the per
 the per-call cost (compilation excluded, CUDA-graph capture included). ``diffusers``: its
 DDPMScheduler (same linear schedule, sigma_t^2 = beta_t) driving our eager model, where importable.
 The ``-nhwc`` engines run the network in channels_last (``sample(channels_last=True)``: weights and
-inputs), where cuDNN's convolutions need no NCHW<->NHWC transposes (3.0 of 13.3 ms of an H100
-training step, bench/results/2026-11-27-h100-80gb-hbm3-profile.json).
+inputs), where cuDNN's convolutions need no NCHW<->NHWC transposes (3.04 of 13.4 ms of an H100
+training step with our kernels, bench/results/2026-11-27-h100-80gb-hbm3-profile-fast.json).
 Guard: the images against eager's (NCHW) for the same seed and noise stream (the fast engine draws
 the fused kernel's Philox noise, so its reference is the eager engine fed that stream)."""
 import pytest

@@ -183,13 +183,13 @@ def engine_model(model, engine: str, device: torch.device, channels_last: bool =
     caller's model keeps its kernel setting and its weights' layout afterwards (the very tensors:
     an optimizer holding them sees no change)."""
     previous = getattr(model, "kernels", None)
-    if previous is not None and engine in ("compiled", "fast"):
-        model.set_kernels("torch" if engine == "compiled" else "triton")
     weights = {p: p.data for p in model.parameters() if p.dim() == 4}
     fmt = torch.channels_last if channels_last else torch.contiguous_format
-    for p in weights:
-        p.data = p.data.contiguous(memory_format=fmt)
     try:
+        if previous is not None and engine in ("compiled", "fast"):
+            model.set_kernels("torch" if engine == "compiled" else "triton")
+        for p in weights:
+            p.data = p.data.contiguous(memory_format=fmt)
         net = torch.compile(model) if engine == "compiled" or (engine == "fast" and device.type == "cuda") else model
         yield (lambda x, t: net(x.contiguous(memory_format=fmt), t)) if channels_last else net
     finally:
@@ -470,10 +470,10 @@ def add_sampler_flags(p) -> None:
                    help="auto (default: on CUDA the measured fastest on this kind of card, see "
                         "fastddpm/measured.py; eager elsewhere), eager, compiled, fast")
     p.add_argument("--channels-last", dest="channels_last", action="store_const", const=True,
-                   help="run the network in NHWC (default: on CUDA the layout the engine measured fastest in on "
-                        "this kind of card, see fastddpm/measured.py; NCHW elsewhere)")
+                   help="sample with the network in NHWC (default: on CUDA the layout the engine measured fastest "
+                        "in on this kind of card, see fastddpm/measured.py; NCHW elsewhere)")
     p.add_argument("--no-channels-last", dest="channels_last", action="store_const", const=False,
-                   help="run the network in NCHW")
+                   help="sample with the network in NCHW")
 
 
 def sampler_settings(a) -> dict:

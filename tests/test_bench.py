@@ -337,6 +337,19 @@ def test_report_compares_sampling_engines_each_in_its_best_layout():
             "bf16 **1.60×** (fast-nhwc / compiled-nhwc) — not assessed (fast-nhwc not measured)") in text
     e.append(_entry("sampling", "fast-nhwc", "fp32", batch=2560, steps=10, items_per_s=9_000.0, fixed_s=1.0))
     assert "(fast / compiled), bf16 **1.60×** (fast-nhwc / compiled-nhwc) — not met" in report.render(e)
+    # bf16 alone: "met" needs compiled's every layout; 54 s "not met" needs fast's every layout
+    bf16 = [x for x in e if x["extra_info"]["dtype"] == "bf16"]
+    fast_nchw_only = [x for x in bf16 if x["extra_info"]["impl"] != "fast-nhwc"] + \
+        [_entry("sampling", "compiled-nhwc", "fp32", batch=2560, steps=10, items_per_s=1.0, fixed_s=1.0)]
+    assert "(bf16 fast) in ≤ 30 s: **81.0 s** — not assessed (fast-nhwc not measured)" in report.render(fast_nchw_only)
+    text = report.render([x for x in bf16 if x["extra_info"]["impl"] != "compiled-nhwc"])  # 1.88x: compiled's NHWC?
+    assert "bf16 **1.88×** (fast-nhwc / compiled) — not assessed (compiled-nhwc not measured)" in text
+    assert "**54.3 s** — not met" in text
+    for d in ("fp32", "fp16"):  # every dtype, both layouts on both sides, fast >= 1.3x: met
+        bf16 += [_entry("sampling", impl, d, batch=2560, steps=10, items_per_s=ips, fixed_s=1.0)
+                 for impl, ips in (("compiled", 1.0), ("compiled-nhwc", 1.0), ("fast", 1.5), ("fast-nhwc", 1.0))]
+    assert "fp32 **1.50×** (fast / compiled), fp16 **1.50×** (fast / compiled), bf16 **1.60×** (fast-nhwc / " \
+        "compiled-nhwc) — met" in report.render(bf16)
 
 
 def test_report_table_ratios_and_projections(tmp_path):
@@ -465,3 +478,31 @@ def test_report_merges_jsonl_and_says_cpu(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "CPU run: no roofline is claimed" in out and "not assessed" in out
     assert len(json.loads((tmp_path / "m.json").read_text())["benchmarks"]) == 1
+
+
+def test_the_cpu_dtype_and_layout_tool_measures_what_make_demo_chooses(tmp_path, capsys):
+    """bench.cpu_dtypes: a training step and a sampling forward of the tiny U-Net per dtype and layout,
+    the CPU's bf16 support beside them, and bench.report tables the file."""
+    from bench import cpu_dtypes
+    from fastddpm.config import fastest_cpu_dtype
+
+    out = tmp_path / "cpu.json"
+    assert cpu_dtypes.main(["--train-batch", "2", "--sample-batch", "3", "--calls", "1", "--json", str(out)]) == 0
+    doc = json.loads(out.read_text())
+    assert [(r["dtype"], r["layout"]) for r in doc["rows"]] == [("fp32", "nchw"), ("fp32", "nhwc"), ("bf16", "nchw"),
+                                                                ("bf16", "nhwc")]
+    assert all(r["train_step_s"] > 0 and r["forward_s"] > 0 and r["sample_batch"] == 3 for r in doc["rows"])
+    assert doc["cpu"]["fastest_cpu_dtype"] == fastest_cpu_dtype() and "python -m bench.cpu_dtypes" in doc["command"]
+    capsys.readouterr()
+    assert report.main([str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "# bench.cpu_dtypes" in text and "| fp32 | nchw |" in text and "(1.00x)" in text
+
+
+@pytest.mark.parametrize("workload,impl", [("train", "fast-graphs-nhwc"), ("sample", "fast-nhwc@tile=2048")])
+def test_the_profiler_names_its_own_layout_axis_for_an_nhwc_path(capsys, workload, impl):
+    from bench import profile_step
+
+    with pytest.raises(SystemExit) as exit_:
+        profile_step.main(["--workload", workload, "--impls", impl])
+    assert exit_.value.code == 2 and "this tool has its own layout axis" in capsys.readouterr().err
