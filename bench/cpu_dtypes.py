@@ -65,17 +65,17 @@ def measure(dtype: str, layout: str, train_batch: int, sample_batch: int, calls:
 
 
 def table(rows: list[dict]) -> str:
-    """The rows as markdown, each figure also as a multiple of fp32 NCHW's where that row is there."""
+    """The rows as markdown, each time also as a multiple of fp32 NCHW's where that row is there."""
     base = next((r for r in rows if (r["dtype"], r["layout"]) == ("fp32", "nchw")), None)
 
     def vs(r, key):
-        return f" ({r[key] / base[key]:.2f}x)" if base else ""
+        return f"{r[key] / base[key]:.2f}x" if base else "—"
 
-    lines = ["| dtype | layout | training step, s (batch) | images/s | sampling forward, s (batch) |",
-             "| --- | --- | --- | --- | --- |"]
-    lines += [f"| {r['dtype']} | {r['layout']} | {r['train_step_s']:.3f}{vs(r, 'train_step_s')} ({r['train_batch']}) | "
-              f"{r['train_images_per_s']:.0f} | {r['forward_s']:.3f}{vs(r, 'forward_s')} ({r['sample_batch']}) |"
-              for r in rows]
+    b, s = rows[0]["train_batch"], rows[0]["sample_batch"]
+    lines = [f"| dtype | layout | training step (batch {b}), s | × fp32 NCHW | images/s | sampling forward "
+             f"(batch {s}), s | × fp32 NCHW |", "| --- | --- | --- | --- | --- | --- | --- |"]
+    lines += [f"| {r['dtype']} | {r['layout']} | {r['train_step_s']:.3f} | {vs(r, 'train_step_s')} | "
+              f"{r['train_images_per_s']:.0f} | {r['forward_s']:.3f} | {vs(r, 'forward_s')} |" for r in rows]
     return "\n".join(lines)
 
 

@@ -14,8 +14,9 @@ DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 def fastest_cpu_dtype() -> str:
     """The training dtype of ``make demo``: bf16 where this CPU computes it natively (AVX512-BF16 or
-    AMX tiles), fp32 elsewhere. Without them bf16 is emulated: on an AVX2-only CPU (CI's, 2026-11-28)
-    a tiny-U-Net step at batch 32 took 2.80 s in bf16 against 0.30 s in fp32."""
+    AMX tiles), fp32 elsewhere. Without them bf16 is emulated: on an AVX2-only CPU (CI's) the demo's
+    NHWC step at batch 32 took 2.56 s in bf16 against 0.27 s in fp32
+    (bench/results/2026-11-28-cpu-dtypes-layouts.json)."""
     native = (getattr(torch.cpu, name, lambda: False)() for name in ("_is_avx512_bf16_supported",
                                                                        "_is_amx_tile_supported"))
     return "bf16" if any(native) else "fp32"
