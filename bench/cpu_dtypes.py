@@ -86,10 +86,10 @@ def main(argv=None) -> int:
     p.add_argument("--calls", type=int, default=3, help="timed calls per figure (after one warm-up call)")
     p.add_argument("--json", help="write the rows here, with the CPU, versions and commit")
     a = p.parse_args(argv)
-    from fastddpm.config import fastest_cpu_dtype
+    from fastddpm.config import cpu_bf16_support, fastest_cpu_dtype
 
-    native = {name: getattr(torch.cpu, f"_is_{name}_supported", lambda: None)() for name in ("avx512_bf16", "amx_tile")}
-    cpu = {"capability": torch.backends.cpu.get_cpu_capability(), "fastest_cpu_dtype": fastest_cpu_dtype(), **native}
+    cpu = {"capability": torch.backends.cpu.get_cpu_capability(), "fastest_cpu_dtype": fastest_cpu_dtype(),
+           **cpu_bf16_support()}
     rows = []
     for dtype in ("fp32", "bf16"):
         for layout in LAYOUTS:

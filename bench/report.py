@@ -25,7 +25,7 @@ GRAPHED = GRAPHED_COMPILED + GRAPHED_FAST
 # sampling (bench/test_sampling.py's PATHS): each engine per layout
 SAMPLE_PATHS = {"fast": {"nchw": "fast", "nhwc": "fast-nhwc"},
                 "compiled": {"nchw": "compiled", "nhwc": "compiled-nhwc"}}
-SAMPLE_NHWC = ("compiled-nhwc", "fast-nhwc")
+SAMPLE_NHWC = tuple(SAMPLE_PATHS[engine]["nhwc"] for engine in ("compiled", "fast"))  # column order
 DTYPES = ("fp32", "fp16", "bf16")
 N_IMAGES, EPOCHS, TRAIN_IMAGES = 5120, 500, 50_000
 # The paper's RTX 4070 (its Tables: T, dtype -> seconds for 5,120 images / hours for 500 epochs).
@@ -391,13 +391,12 @@ def targets_section(entries) -> str:
         if i and mfu(i) is not None:
             lines.append(f"- training, bf16, batch {b}: {name} ≥ 25% of the bf16 matmul peak: "
                          f"**{pct(mfu(i))}** — {verdict(mfu(i) >= 0.25)}")
-    def engines(dtype):
-        """({bench path: result} of the sampling engines in ``dtype``, fast's best path, compiled's best path)."""
-        d = {m: headline(info, "sampling", dtype, m) for layouts in SAMPLE_PATHS.values() for m in layouts.values()}
-        return d, best(d, SAMPLE_PATHS["fast"].values()), best(d, SAMPLE_PATHS["compiled"].values())
-
-    any_nhwc = any(measured(engines(d)[0], m) for d in DTYPES for m in SAMPLE_NHWC)  # else NCHW alone, as before
-    sampled, fast_best, _ = engines("bf16")
+    engines = {}  # dtype -> ({bench path: result} of the sampling engines, fast's best path, compiled's best)
+    for d in DTYPES:
+        got = {m: headline(info, "sampling", d, m) for layouts in SAMPLE_PATHS.values() for m in layouts.values()}
+        engines[d] = got, best(got, SAMPLE_PATHS["fast"].values()), best(got, SAMPLE_PATHS["compiled"].values())
+    any_nhwc = any(measured(got, m) for got, _, _ in engines.values() for m in SAMPLE_NHWC)  # else NCHW alone
+    sampled, fast_best, _ = engines["bf16"]
     s = sampled[fast_best] if fast_best else None
     if s and s.get("items_per_s"):
         secs = sample_seconds(s, 1000)
@@ -413,7 +412,7 @@ def targets_section(entries) -> str:
                      f"{said}{floor}")
     sp = {}  # dtype -> (fast side / compiled side, "(fast-nhwc / compiled)", the layouts its verdict lacks)
     for d in DTYPES:
-        sampled, f, c = engines(d)
+        sampled, f, c = engines[d]
         if f and c:
             r = sampled[f]["items_per_s"] / sampled[c]["items_per_s"]
             # once a layout was measured: "met" needs compiled's every layout, "not met" ours

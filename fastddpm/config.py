@@ -12,14 +12,18 @@ COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
+def cpu_bf16_support() -> dict[str, bool | None]:
+    """Whether this CPU computes bf16 natively, per feature (AVX512-BF16, AMX tiles), as torch's
+    private probes say; None where a probe is gone."""
+    return {name: getattr(torch.cpu, f"_is_{name}_supported", lambda: None)() for name in ("avx512_bf16", "amx_tile")}
+
+
 def fastest_cpu_dtype() -> str:
-    """The training dtype of ``make demo``: bf16 where this CPU computes it natively (AVX512-BF16 or
-    AMX tiles), fp32 elsewhere. Without them bf16 is emulated: on an AVX2-only CPU (CI's) the demo's
-    NHWC step at batch 32 took 2.56 s in bf16 against 0.27 s in fp32
+    """The training dtype of ``make demo``: bf16 where this CPU computes it natively
+    (``cpu_bf16_support``), fp32 elsewhere. Without it bf16 is emulated: on an AVX2-only CPU (CI's)
+    the demo's NHWC step at batch 32 took 2.56 s in bf16 against 0.27 s in fp32
     (bench/results/2026-11-28-cpu-dtypes-layouts.json)."""
-    native = (getattr(torch.cpu, name, lambda: False)() for name in ("_is_avx512_bf16_supported",
-                                                                       "_is_amx_tile_supported"))
-    return "bf16" if any(native) else "fp32"
+    return "bf16" if any(cpu_bf16_support().values()) else "fp32"
 
 
 def dtype_name(dtype: torch.dtype) -> str:

@@ -32,7 +32,8 @@ def test_bf16_training_follows_the_fp32_loss_trajectory(tmp_path):
     """bf16 autocast (fp32 master weights, loss and optimizer) trains as fp32 does, which the test
     above shows learning: from the same weights, batches, t and noise, the losses of the first steps
     agree to bf16 rounding (0.1 % measured) and fall alike. Not a second 200-step run: on a CPU
-    without native bf16 (AVX2 only, as CI's) a bf16 step costs ten fp32 ones (measured 2026-11-28)."""
+    without native bf16 (AVX2 only, as CI's) a bf16 step costs ten fp32 ones
+    (bench/results/2026-11-28-cpu-dtypes-layouts.json)."""
     runs = {dtype: _losses(Trainer(tiny_config(dtype=dtype, train_size=64, batch_size=8, T=100),
                                    tmp_path / dtype, torch.device("cpu"), progress=False), 8)
             for dtype in ("fp32", "bf16")}
