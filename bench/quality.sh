@@ -9,7 +9,7 @@
 #         data: data-carry/cifar10-jpeg/{train,test}.zip, copies of ../shared/data/cifar10-jpeg
 #         (an ignored folder: name data-carry/cifar10-jpeg in the device call's carry, not all of
 #         data-carry, where the sweep's weights may lie too: together over the 64 MiB carry limit)
-#   CPU:  bash bench/quality.sh --smoke   (the same script: tiny preset, T = 20, a JPEG zip of 256
+#   CPU:  bash bench/quality.sh --smoke   (the same script: tiny preset, T = 20, fp32, a JPEG zip of 256
 #         shapes images, seconds of budget, 8 images, DDIM-2 on the fast engine in Triton's
 #         interpreter and its guard, DDPM on the eager one; CI runs it)
 #
@@ -33,13 +33,15 @@ if (( SMOKE )); then
   DEST=${OUT:-runs/quality-smoke}
   BUDGET=${QUALITY_BUDGET_S:-300}; MINUTES=${TRAIN_MINUTES:-0.05}; N=${QUALITY_N:-8}; DDIM=${DDIM_STEPS:-2}
   export FASTDDPM_DATA="$WORK/data" FASTDDPM_CACHE="$WORK/cache" TRITON_INTERPRET=1
-  SIZE=(--preset tiny --T 20 --batch-size 16 --val-size 32 --device cpu)
+  # fp32: a CPU without AVX512-BF16 emulates bf16 at about 10x fp32's step
+  # (bench/results/2026-11-28-cpu-dtypes-layouts.json), and CI's does; the dtype is only a flag here
+  SIZE=(--preset tiny --T 20 --batch-size 16 --val-size 32 --device cpu --dtype fp32)
   ENGINE=(--engine fast --ddpm-engine eager)  # the fast engine runs in Triton's interpreter here: DDIM only
 else
   DEST=${OUT:-runs/quality}
   BUDGET=${QUALITY_BUDGET_S:-575}; MINUTES=${TRAIN_MINUTES:-5}; N=${QUALITY_N:-5120}; DDIM=${DDIM_STEPS:-50}
   export FASTDDPM_DATA=${QUALITY_DATA:-data-carry}
-  SIZE=(--T 1000 --val-size "${VAL_SIZE:-2000}")
+  SIZE=(--T 1000 --val-size "${VAL_SIZE:-2000}" --dtype bf16)
   ENGINE=(--engine auto)
 fi
 RUN="$WORK/run"
@@ -79,7 +81,7 @@ MODE=${TRAIN_COMPILE_MODE:-reduce-overhead}
 train() {  # train MINUTES [--resume]: the paper's U-Net for that budget, in compile mode $MODE
   local minutes=$1 cap
   shift
-  TRAIN=(-m fastddpm.train --data cifar10-jpeg --dtype bf16 --time-budget "$minutes"
+  TRAIN=(-m fastddpm.train --data cifar10-jpeg --time-budget "$minutes"
          --ckpt-minutes "${CKPT_MINUTES:-2}" --n-samples 0 --no-progress --out "$RUN" "${SIZE[@]}" "$@")
   [[ $MODE == default ]] || TRAIN+=(--compile-mode "$MODE")
   COMMAND+="FASTDDPM_DATA=$FASTDDPM_DATA python ${TRAIN[*]/#$WORK/WORK}; "

@@ -56,7 +56,8 @@ def recorded_launches(tag=lambda: None):
     """Record every Triton launch run in the interpreter inside the block, as a GPU launch specialises
     it: yields the list of launches (file, kernel, signature, constexprs, divisible-by-16 argument
     indices, options, and ``tag()`` at launch), filled as they run; a launch repeated with the same
-    tag is listed once, and so are the two stages that stand in for a GPU's one launch."""
+    tag is listed once, and so are the two stages that stand in for a GPU's one launch. The GroupNorm
+    launch knobs take a GPU's defaults inside (gng.GPU_LAUNCH_DEFAULTS, not the interpreter's own)."""
     from triton.runtime.interpreter import InterpretedFunction
 
     from fastddpm.kernels import groupnorm_gelu as gng
@@ -104,7 +105,8 @@ def recorded_launches(tag=lambda: None):
 
     InterpretedFunction.run = run
     try:
-        yield launches
+        with gng.launch_settings(**gng.GPU_LAUNCH_DEFAULTS):
+            yield launches
     finally:
         InterpretedFunction.run = real_run
 
@@ -383,7 +385,8 @@ def main(argv=None) -> int:
         C.write_json(args.json, {"tool": "bench.static_cost", "date": time.strftime("%Y-%m-%d"),
                                  "command": "python -m bench.static_cost " + " ".join(argv or sys.argv[1:]),
                                  "card": card, "target": "sm_90", "batch": args.batch, "versions": C.versions(),
-                                 "git": C.git_commit(), "defaults": gng.current_launch_settings(),
+                                 "git": C.git_commit(),
+                                 "defaults": {**gng.current_launch_settings(), **gng.GPU_LAUNCH_DEFAULTS},
                                  "summary": summary(rows), "rows": rows})
     errors = sum(s["errors"] for s in summary(rows))
     if errors:

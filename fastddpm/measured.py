@@ -57,6 +57,13 @@ MEASURED = {
 }
 FALLBACK = "h200"
 
+# On the CPU, the eager engine's sampling layout (what a CPU samples with), per torch's vector
+# capability (torch.backends.cpu.get_cpu_capability()): capability -> (the results file of
+# bench.cpu_dtypes, dtype -> the layout of its faster network forward at batch 256). Unmeasured is NCHW.
+CPU_SAMPLE_LAYOUT = {
+    "AVX2": ("bench/results/2026-11-28-cpu-dtypes-layouts.json", {"fp32": "nhwc", "bf16": "nhwc"}),
+}
+
 
 def card_slug(name: str) -> str:
     """A card's name as results files spell it: 'NVIDIA H100 80GB HBM3' -> 'h100-80gb-hbm3'."""
@@ -112,6 +119,16 @@ def sample_layout_choice(card: str, dtype: str, engine: str) -> tuple[bool, str]
     entry = MEASURED.get(card)
     return _measured_layout(card, entry and entry.sample_engine.get(dtype), entry and entry.sample_layout.get(dtype),
                             engine, "engine", f"in {dtype}")
+
+
+def cpu_sample_layout_choice(capability: str, dtype: str, engine: str) -> tuple[bool, str]:
+    """(channels_last, why) for sampling on a CPU of ``capability`` with ``engine``: the layout of the
+    faster forward there in this dtype (``CPU_SAMPLE_LAYOUT``); NCHW where that was not measured."""
+    source, layouts = CPU_SAMPLE_LAYOUT.get(capability, (None, {}))
+    layout = layouts.get(dtype) if engine == "eager" else None
+    if layout:
+        return layout == "nhwc", f"{layout.upper()}, measured faster on a CPU of this kind ({capability}) ({source})"
+    return False, f"NCHW: no measured layout for the {engine} engine in {dtype} on a CPU of this kind ({capability})"
 
 
 def _card(device) -> str:

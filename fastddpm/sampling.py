@@ -163,15 +163,19 @@ def sampling_layout(channels_last: bool | None, device: torch.device, engine: st
                     ) -> tuple[bool, str]:
     """(channels_last, why) for sampling with ``engine``. None (auto) on CUDA is the layout in which
     that engine sampled faster on this kind of card, in this dtype, where that figure chose the
-    engine (``fastddpm.measured``); NCHW wherever that was not measured."""
+    engine; on the CPU, the eager engine's faster layout on a CPU of this vector capability
+    (``fastddpm.measured``); NCHW wherever that was not measured."""
     if channels_last is not None:
         return channels_last, "asked for"
-    if device.type != "cuda":
-        return False, "auto: sampling layouts are measured on CUDA only"
     from fastddpm.config import dtype_name
-    from fastddpm.measured import sample_layout_choice_for
+    from fastddpm.measured import cpu_sample_layout_choice, sample_layout_choice_for
 
-    nhwc, why = sample_layout_choice_for(device, dtype_name(dtype), engine)
+    if device.type == "cuda":
+        nhwc, why = sample_layout_choice_for(device, dtype_name(dtype), engine)
+    elif device.type == "cpu":
+        nhwc, why = cpu_sample_layout_choice(torch.backends.cpu.get_cpu_capability(), dtype_name(dtype), engine)
+    else:
+        nhwc, why = False, f"NCHW: sampling layouts are not measured on {device.type}"
     return nhwc, f"auto: {why}"
 
 

@@ -47,7 +47,7 @@ import triton
 import triton.language as tl
 
 __all__ = ["group_norm_gelu", "group_norm_gelu_fwd", "group_norm_gelu_bwd", "LAUNCH_KNOBS", "launch_settings",
-           "parse_launch_settings", "current_launch_settings", "launch_knob"]
+           "parse_launch_settings", "current_launch_settings", "launch_knob", "GPU_LAUNCH_DEFAULTS"]
 
 # Groups of at most this many elements are handled by one program (stats + apply fused).
 SPLIT_THRESHOLD = 4096
@@ -699,6 +699,28 @@ for _name, (_attr, _, _var) in LAUNCH_KNOBS.items():  # a process's defaults, ch
             raise ValueError(f"{_var}={os.environ[_var]!r}: {e}") from None
 
 
+def _interpreted() -> bool:
+    """Whether the kernels run in Triton's interpreter (TRITON_INTERPRET=1 when they were defined)."""
+    from triton.runtime.interpreter import InterpretedFunction
+
+    return isinstance(_gn_fwd_resident_kernel, InterpretedFunction)
+
+
+# Where the kernels run in Triton's interpreter (a machine without a GPU: the CPU tests), a launch's
+# programs run one after another and each op of a program is a numpy call at a fixed Python cost, so
+# the time goes with programs x tiles, not bytes: the GPU's split (528 programs, tiles of 2,048) made
+# one forward of the tiny U-Net at batch 8 take 50 s there, one program a group in one tile 5 s. There
+# the split path's two sizing knobs default to INTERPRETER_LAUNCH_DEFAULTS (a FASTDDPM_GN_* variable
+# still wins). GPU_LAUNCH_DEFAULTS: what a GPU launch of this process takes for them, which the
+# GroupNorm kernel tests and bench.static_cost put back; the tests force every other path by its knobs.
+GPU_LAUNCH_DEFAULTS = {name: globals()[LAUNCH_KNOBS[name][0]] for name in ("tile", "programs")}
+INTERPRETER_LAUNCH_DEFAULTS = {"tile": _RESIDENT_LIMIT, "programs": 1}
+if _interpreted():
+    for _name, _value in INTERPRETER_LAUNCH_DEFAULTS.items():
+        if LAUNCH_KNOBS[_name][2] not in os.environ:
+            globals()[LAUNCH_KNOBS[_name][0]] = _value
+
+
 def current_launch_settings() -> dict:
     """Every launch knob's value now, by name."""
     return {name: globals()[attr] for name, (attr, _, _) in LAUNCH_KNOBS.items()}
@@ -852,9 +874,7 @@ def _programs_meet() -> bool:
     """Whether the resident programs of a row meet at a barrier within one launch: on a GPU, yes;
     Triton's interpreter runs programs one after another, so there a program would wait forever for
     the next, and the resident kernels run in two launches (STAGE 1, then 2) instead."""
-    from triton.runtime.interpreter import InterpretedFunction
-
-    return not isinstance(_gn_fwd_resident_kernel, InterpretedFunction)
+    return not _interpreted()
 
 
 def _row_programs(device: torch.device) -> Optional[int]:

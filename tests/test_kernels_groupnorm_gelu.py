@@ -26,6 +26,36 @@ TOL = {torch.float32: 5e-5, torch.float16: 2e-3, torch.bfloat16: 1.5e-2}
 F32, F16, BF16 = torch.float32, torch.float16, torch.bfloat16
 
 
+@pytest.fixture(autouse=True)
+def gpu_launch_defaults():
+    """The GPU's defaults in the interpreter too (which sizes its split for its own speed:
+    gng.INTERPRETER_LAUNCH_DEFAULTS), so that a default here is the path a GPU launch takes."""
+    with gng.launch_settings(**gng.GPU_LAUNCH_DEFAULTS):
+        yield
+
+
+def test_the_interpreter_sizes_its_own_split_and_a_variable_still_wins():
+    """Where the kernels run in the interpreter, the split's two sizing knobs default to its values,
+    one program a group in one tile; GPU_LAUNCH_DEFAULTS keeps the GPU's; a FASTDDPM_GN_* variable
+    sets both, as on a GPU."""
+    import subprocess
+    import sys
+
+    code = ("from fastddpm.kernels import groupnorm_gelu as g; s = g.current_launch_settings(); "
+            "print(s['tile'], s['programs'], g.GPU_LAUNCH_DEFAULTS['tile'], g.GPU_LAUNCH_DEFAULTS['programs'])")
+    env = dict({k: v for k, v in os.environ.items() if not k.startswith("FASTDDPM_GN_")}, TRITON_INTERPRET="1")
+
+    def defaults(**variables):
+        return subprocess.run([sys.executable, "-c", code], env=dict(env, **variables), capture_output=True,
+                              text=True, check=True).stdout.split()
+
+    assert defaults() == ["16384", "1", "2048", "528"]
+    assert defaults(FASTDDPM_GN_TILE="4096") == ["4096", "1", "4096", "528"]
+    with gng.launch_settings(**gng.INTERPRETER_LAUNCH_DEFAULTS):  # the tiny preset's largest group
+        cfg = gng._launch_config(16, 1024, 8, 1024, 1)
+    assert cfg.s == 1 and (cfg.block_c, cfg.block_hw) == (16, 1024)
+
+
 @pytest.fixture
 def force_split(monkeypatch):
     """Take the split-reduction path even for tiny groups: 64 elements per program (the resident paths

@@ -7,7 +7,7 @@ import torch
 
 from bench import report
 from fastddpm.config import COMPILE_MODES, DTYPES
-from fastddpm.measured import FALLBACK, MEASURED, Measured, card_slug
+from fastddpm.measured import CPU_SAMPLE_LAYOUT, FALLBACK, MEASURED, Measured, card_slug
 from fastddpm.errors import ArgumentParser
 from fastddpm.sampling import add_sampler_flags, auto_engine, sampling_layout
 from fastddpm import train as train_mod
@@ -27,6 +27,18 @@ def test_each_entry_is_what_its_results_file_measured(card):
     if card == FALLBACK:  # what every other card falls back to: measured in every dtype
         assert set(entry.sample_engine) == {"fp32", "fp16", "bf16"}
         assert set(entry.train_kernels["default"]) == {"fp32", "fp16", "bf16"}
+
+
+@pytest.mark.parametrize("capability", sorted(CPU_SAMPLE_LAYOUT))
+def test_each_cpu_layout_is_what_its_results_file_measured(capability):
+    """Per dtype, the layout of the faster forward at the file's sampling batch (NCHW within 2 %: a tie),
+    on a CPU of that capability; every dtype the file measured has its entry."""
+    source, layouts = CPU_SAMPLE_LAYOUT[capability]
+    doc = json.loads((ROOT / source).read_text())
+    assert doc["tool"] == "bench.cpu_dtypes" and doc["cpu"]["capability"] == capability
+    forward = {(r["dtype"], r["layout"]): r["forward_s"] for r in doc["rows"]}
+    measured = {d: "nhwc" if forward[d, "nhwc"] < forward[d, "nchw"] / 1.02 else "nchw" for d, _ in forward}
+    assert layouts == measured
 
 
 def test_the_report_prints_the_entry_and_says_whether_the_code_has_it():

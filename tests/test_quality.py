@@ -20,8 +20,8 @@ RETURNED = {"samples-ddim2.npz", "samples-ddpm20.npz", "ema-fp16.pt.part0", "met
             "quality.log", "pictures.tar"}
 
 
-@pytest.fixture(scope="module")
-def returned(tmp_path_factory):
+@pytest.fixture(scope="session")  # not "module": xdist may run other modules' tests between this one's,
+def returned(tmp_path_factory):  # and a module fixture is set up again after them (it once ran twice)
     out = tmp_path_factory.mktemp("returned")
     run_quality_smoke(out, {"PYTHON": sys.executable})
     return out

@@ -4,6 +4,7 @@ import torch
 
 from fastddpm import sampling as sample_mod
 from fastddpm.images import grid_array, save_grid
+from fastddpm.measured import CPU_SAMPLE_LAYOUT
 from fastddpm.model import UNet
 from fastddpm.sampling import sample
 
@@ -88,11 +89,22 @@ def test_channels_last_runs_the_network_in_nhwc_and_leaves_the_model_as_it_was(m
     finally:
         hook.remove()
         model.to(memory_format=torch.contiguous_format)
+
+
+@pytest.mark.parametrize("capability", ["AVX2", "AVX512"])
+def test_auto_layout_on_the_cpu_is_the_one_measured_faster_on_that_kind_of_cpu(model, monkeypatch, capability):
+    """Auto on the CPU (the eager engine): NHWC where bench.cpu_dtypes measured it faster on a CPU of
+    this vector capability, citing the file; NCHW, saying so, where it measured nothing."""
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: capability)
     timings = {}
-    sample(model, 1, T=2, progress=False, timings=timings)  # auto off CUDA: NCHW, and says why
-    why = "auto: sampling layouts are measured on CUDA only"
-    assert (timings["layout"], timings["layout_chosen_by"]) == ("nchw", why)
-    assert sample_mod.describe_timings(timings).endswith(f"; NCHW ({why}))")
+    sample(model, 1, T=2, progress=False, timings=timings)
+    source, layouts = CPU_SAMPLE_LAYOUT.get(capability, (None, {}))
+    layout = layouts.get("fp32", "nchw")
+    assert timings["engine"] == "eager" and timings["layout"] == layout
+    why = timings["layout_chosen_by"]
+    assert why.startswith(f"auto: {layout.upper()}") and (source or "no measured layout") in why
+    assert sample_mod.describe_timings(timings).endswith(f"; {layout.upper()} ({why}))")
+    assert (capability == "AVX2") == (layout == "nhwc")  # the one CPU measured so far: CI's kind
 
 
 def test_grid_layout_and_png(tmp_path):
