@@ -14,7 +14,7 @@ setup(
         # diffusers: only the tests use it, as an independent implementation of the samplers.
         # pytest-xdist: `make test` runs a worker a core. pytest 9.2 gives tests structured ids that
         # xdist 3.8's --dist loadgroup no longer tags, so its xdist_group marks are silently ignored
-        # (pytest-xdist issue 1386): below 9.2 until xdist handles them (tests/conftest.py checks).
+        # (pytest-xdist issue 1386): below 9.2 until xdist handles them (tests/test_xdist_groups.py checks).
         "dev": ["pytest<9.2", "pytest-xdist", "scipy", "diffusers"],
         "metrics": ["torch-fidelity", "scipy"],
         # what bench/ imports: pytest-benchmark for the suite, nvidia-ml-py (pynvml) for the device record

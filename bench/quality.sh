@@ -33,7 +33,7 @@ if (( SMOKE )); then
   DEST=${OUT:-runs/quality-smoke}
   BUDGET=${QUALITY_BUDGET_S:-300}; MINUTES=${TRAIN_MINUTES:-0.05}; N=${QUALITY_N:-8}; DDIM=${DDIM_STEPS:-2}
   export FASTDDPM_DATA="$WORK/data" FASTDDPM_CACHE="$WORK/cache" TRITON_INTERPRET=1
-  # fp32: a CPU without AVX512-BF16 emulates bf16 at about 10x fp32's step
+  # fp32: a CPU without AVX512-BF16 emulates bf16 at about 12x fp32's step (NCHW)
   # (bench/results/2026-11-28-cpu-dtypes-layouts.json), and CI's does; the dtype is only a flag here
   SIZE=(--preset tiny --T 20 --batch-size 16 --val-size 32 --device cpu --dtype fp32)
   ENGINE=(--engine fast --ddpm-engine eager)  # the fast engine runs in Triton's interpreter here: DDIM only

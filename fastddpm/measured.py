@@ -1,4 +1,5 @@
-"""What ``auto`` runs on a GPU, per kind of card, and the results file each choice rests on.
+"""What ``auto`` runs on a GPU, per kind of card, and the results file each choice rests on (and on the
+CPU, the eager engine's sampling layout per kind of CPU: ``CPU_SAMPLE_LAYOUT``).
 
 An entry of ``MEASURED`` is what ``bench.report.auto_choices`` derives from one bench results file
 (``bench/results/<date>-<card>.json``): per dtype, the path with the higher rate there (images/s of

@@ -365,8 +365,9 @@ def sample(model_or_checkpoint_path, n: int, *, T: int | None = None, diffusion:
     for every step on CUDA) or "auto" (on CUDA the measured fastest on this kind of card, per
     ``fastddpm.measured``; eager elsewhere; ``timings["engine_chosen_by"]`` says why).
     ``channels_last``: run the network in NHWC (True) or NCHW (False); None (auto): on CUDA the layout
-    in which the chosen engine measured faster on this kind of card (``fastddpm.measured``), NCHW
-    elsewhere (``timings["layout_chosen_by"]`` says why). The caller's model is left as it was.
+    in which the chosen engine measured faster on this kind of card, on the CPU the one measured faster
+    on a CPU of the same vector capability (``fastddpm.measured``), NCHW where none was measured
+    (``timings["layout_chosen_by"]`` says why). The caller's model is left as it was.
     ``noise``: "torch" (a torch.Generator: the eager engines' default) or "philox" (the fused
     kernel's stream: the fast engine's); x_T always comes from the torch.Generator. Deterministic
     for (seed, engine) and independent of batch_size (default: ``n`` split evenly into chunks of at
@@ -474,8 +475,8 @@ def add_sampler_flags(p) -> None:
                    help="auto (default: on CUDA the measured fastest on this kind of card, see "
                         "fastddpm/measured.py; eager elsewhere), eager, compiled, fast")
     p.add_argument("--channels-last", dest="channels_last", action="store_const", const=True,
-                   help="sample with the network in NHWC (default: on CUDA the layout the engine measured fastest "
-                        "in on this kind of card, see fastddpm/measured.py; NCHW elsewhere)")
+                   help="sample with the network in NHWC (default: the layout the engine measured fastest in on "
+                        "this kind of card, or of CPU, see fastddpm/measured.py; NCHW where none was measured)")
     p.add_argument("--no-channels-last", dest="channels_last", action="store_const", const=False,
                    help="sample with the network in NCHW")
 

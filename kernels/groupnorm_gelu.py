@@ -47,7 +47,8 @@ import triton
 import triton.language as tl
 
 __all__ = ["group_norm_gelu", "group_norm_gelu_fwd", "group_norm_gelu_bwd", "LAUNCH_KNOBS", "launch_settings",
-           "parse_launch_settings", "current_launch_settings", "launch_knob", "GPU_LAUNCH_DEFAULTS"]
+           "parse_launch_settings", "current_launch_settings", "launch_knob", "GPU_LAUNCH_DEFAULTS",
+           "INTERPRETER_LAUNCH_DEFAULTS"]
 
 # Groups of at most this many elements are handled by one program (stats + apply fused).
 SPLIT_THRESHOLD = 4096
@@ -708,11 +709,12 @@ def _interpreted() -> bool:
 
 # Where the kernels run in Triton's interpreter (a machine without a GPU: the CPU tests), a launch's
 # programs run one after another and each op of a program is a numpy call at a fixed Python cost, so
-# the time goes with programs x tiles, not bytes: the GPU's split (528 programs, tiles of 2,048) made
-# one forward of the tiny U-Net at batch 8 take 50 s there, one program a group in one tile 5 s. There
-# the split path's two sizing knobs default to INTERPRETER_LAUNCH_DEFAULTS (a FASTDDPM_GN_* variable
-# still wins). GPU_LAUNCH_DEFAULTS: what a GPU launch of this process takes for them, which the
-# GroupNorm kernel tests and bench.static_cost put back; the tests force every other path by its knobs.
+# the time goes with programs x tiles, not bytes: one forward of the tiny U-Net at batch 8 took 50 s
+# there with the GPU's split (528 programs, tiles of 2,048), 5 s with one program a group in one tile
+# (2026-11-28, CI's kind of CPU: AVX2, 2 cores). There the split path's two sizing knobs default to
+# INTERPRETER_LAUNCH_DEFAULTS (a FASTDDPM_GN_* variable still wins). GPU_LAUNCH_DEFAULTS: what a GPU
+# launch of this process takes for them, which the GroupNorm kernel tests, one U-Net test and
+# bench.static_cost put back; the kernel tests force every other path by its knobs.
 GPU_LAUNCH_DEFAULTS = {name: globals()[LAUNCH_KNOBS[name][0]] for name in ("tile", "programs")}
 INTERPRETER_LAUNCH_DEFAULTS = {"tile": _RESIDENT_LIMIT, "programs": 1}
 if _interpreted():

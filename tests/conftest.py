@@ -4,10 +4,10 @@ import os
 import sys
 from pathlib import Path
 
-# Inductor's C++ code for the CPU without vector kernels: generating and compiling both variants of each
-# kernel: a compiled-training test took 107 s instead of 188 here on a cold cache. What the tests check
-# (graphs, custom ops, a step's numerics) does not depend on it, and a GPU's code is Triton's. Read when
-# torch._inductor.config is imported; subprocesses inherit it.
+# Inductor's C++ code for the CPU without vector kernels: with them it generates and compiles two variants
+# of every kernel (a cold-cache compiled-training test took 188 s with them, 107 s without, on CI's kind
+# of CPU on 2026-11-28). What the tests check (graphs, custom ops, a step's numerics) does not depend on
+# it, and a GPU's code is Triton's. Read when torch._inductor.config is imported; subprocesses inherit it.
 os.environ.setdefault("TORCHINDUCTOR_VEC_ISA_OK", "0")
 
 import pytest  # noqa: E402

@@ -34,23 +34,27 @@ def gpu_launch_defaults():
         yield
 
 
+def _fresh_process(code: str, **variables):
+    """``code`` run in a new interpreter-mode process, with only these FASTDDPM_GN_* variables set."""
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith("FASTDDPM_GN_")}
+    return subprocess.run([sys.executable, "-c", code], env=dict(env, TRITON_INTERPRET="1", **variables),
+                          capture_output=True, text=True, timeout=300)
+
+
 def test_the_interpreter_sizes_its_own_split_and_a_variable_still_wins():
     """Where the kernels run in the interpreter, the split's two sizing knobs default to its values,
     one program a group in one tile; GPU_LAUNCH_DEFAULTS keeps the GPU's; a FASTDDPM_GN_* variable
     sets both, as on a GPU."""
-    import subprocess
-    import sys
-
     code = ("from fastddpm.kernels import groupnorm_gelu as g; s = g.current_launch_settings(); "
             "print(s['tile'], s['programs'], g.GPU_LAUNCH_DEFAULTS['tile'], g.GPU_LAUNCH_DEFAULTS['programs'])")
-    env = dict({k: v for k, v in os.environ.items() if not k.startswith("FASTDDPM_GN_")}, TRITON_INTERPRET="1")
-
-    def defaults(**variables):
-        return subprocess.run([sys.executable, "-c", code], env=dict(env, **variables), capture_output=True,
-                              text=True, check=True).stdout.split()
-
-    assert defaults() == ["16384", "1", "2048", "528"]
-    assert defaults(FASTDDPM_GN_TILE="4096") == ["4096", "1", "4096", "528"]
+    for variables, expected in (({}, ["16384", "1", "2048", "528"]),
+                                ({"FASTDDPM_GN_TILE": "4096"}, ["4096", "1", "4096", "528"])):
+        out = _fresh_process(code, **variables)
+        assert out.returncode == 0, out.stderr[-2000:]
+        assert out.stdout.split() == expected
     with gng.launch_settings(**gng.INTERPRETER_LAUNCH_DEFAULTS):  # the tiny preset's largest group
         cfg = gng._launch_config(16, 1024, 8, 1024, 1)
     assert cfg.s == 1 and (cfg.block_c, cfg.block_hw) == (16, 1024)
@@ -453,18 +457,14 @@ def test_persistent_programs_stride_over_rows(monkeypatch, dtype, w_dtype, chann
 def test_environment_sets_the_defaults_checked():
     """FASTDDPM_GN_* set a process's defaults; a bad value stops the import with one line naming the
     variable, the value and what is allowed."""
-    import subprocess
-    import sys
-
     code = "from fastddpm.kernels import groupnorm_gelu as g; print(g.current_launch_settings())"
-    env = dict(os.environ, FASTDDPM_GN_TILE="8192", FASTDDPM_GN_PERSISTENT="2", FASTDDPM_GN_LANE_ACCUMULATE="1",
-               FASTDDPM_GN_ELEMS_PER_PROGRAM="512", TRITON_INTERPRET="1")
-    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    env = dict(FASTDDPM_GN_TILE="8192", FASTDDPM_GN_PERSISTENT="2", FASTDDPM_GN_LANE_ACCUMULATE="1",
+               FASTDDPM_GN_ELEMS_PER_PROGRAM="512")
+    out = _fresh_process(code, **env)
     assert out.returncode == 0, out.stderr[-2000:]
     assert "'tile': 8192" in out.stdout and "'persistent': 2" in out.stdout and "'lane': True" in out.stdout
     assert "'elems': 512" in out.stdout
-    env["FASTDDPM_GN_TILE"] = "3000"
-    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    out = _fresh_process(code, **{**env, "FASTDDPM_GN_TILE": "3000"})
     assert out.returncode != 0
     assert "FASTDDPM_GN_TILE='3000': GroupNorm launch knob tile='3000': must be a power of two" in out.stderr
 

@@ -12,7 +12,7 @@ import pytest
 
 from tests.conftest import ROOT
 
-# pytest-xdist (`make test`): the quality smoke run (a module fixture of minutes) runs once, in one worker
+# pytest-xdist (`make test`): the quality smoke run (the `returned` fixture, a minute) runs once, in one worker
 pytestmark = pytest.mark.xdist_group("quality")
 
 

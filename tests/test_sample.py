@@ -1,3 +1,5 @@
+import contextlib
+
 import numpy as np
 import pytest
 import torch
@@ -15,10 +17,12 @@ def model():
     return UNet(base_channels=8)
 
 
-def test_sample_is_deterministic_batch_independent_uint8(model):
-    a = sample(model, 8, T=6, batch_size=3, seed=5, progress=False)
-    b = sample(model, 8, T=6, batch_size=8, seed=5, progress=False)
-    c = sample(model, 8, T=6, batch_size=8, seed=6, progress=False)
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])  # (auto differs by CPU)
+def test_sample_is_deterministic_batch_independent_uint8(model, channels_last):
+    kw = dict(T=6, progress=False, channels_last=channels_last)
+    a = sample(model, 8, batch_size=3, seed=5, **kw)
+    b = sample(model, 8, batch_size=8, seed=5, **kw)
+    c = sample(model, 8, batch_size=8, seed=6, **kw)
     assert a.dtype == torch.uint8 and a.shape == (8, 3, 32, 32)
     assert torch.equal(a, b)
     assert not torch.equal(a, c)
@@ -57,11 +61,10 @@ def test_sample_in_bf16_runs_and_stays_close(model):
     assert (fp32 - bf16).abs().mean() < 8  # same noise; only the network's precision differs
 
 
-def test_channels_last_runs_the_network_in_nhwc_and_leaves_the_model_as_it_was(model):
-    """channels_last=True: every convolution sees NHWC inputs and weights, the images are NCHW's up
-    to rounding, and afterwards the caller's parameters are the very tensors they were (an optimizer
-    holding them sees no change), whatever layout the caller's model was in."""
-    nhwc_convs = []  # per convolution call: input and weight both channels_last
+@contextlib.contextmanager
+def convolution_layouts():
+    """Yields a list that gets, per convolution call inside, whether its input and weight were both NHWC."""
+    nhwc_convs = []
 
     def record(module, args):
         if isinstance(module, torch.nn.Conv2d):
@@ -71,23 +74,33 @@ def test_channels_last_runs_the_network_in_nhwc_and_leaves_the_model_as_it_was(m
 
     hook = torch.nn.modules.module.register_module_forward_pre_hook(record)
     try:
-        for layout in (torch.contiguous_format, torch.channels_last):  # the caller's model in either layout
-            model.to(memory_format=layout)
-            before = {name: (p, p.data_ptr(), p.stride()) for name, p in model.named_parameters()}
-            timings = {}
-            nhwc = sample(model, 3, T=4, seed=7, progress=False, channels_last=True, timings=timings)
-            assert nhwc_convs and all(nhwc_convs)
-            assert (timings["layout"], timings["layout_chosen_by"]) == ("nhwc", "asked for")
-            nhwc_convs.clear()
-            nchw = sample(model, 3, T=4, seed=7, progress=False, channels_last=False)
-            assert nhwc_convs and not any(nhwc_convs)  # NCHW asked: so even a channels_last model runs
-            nhwc_convs.clear()
-            assert (nhwc.int() - nchw.int()).abs().max() <= 1
-            after = dict(model.named_parameters())
-            assert all(after[n] is p and p.data_ptr() == ptr and p.stride() == stride
-                       for n, (p, ptr, stride) in before.items())
+        yield nhwc_convs
     finally:
         hook.remove()
+
+
+def test_channels_last_runs_the_network_in_nhwc_and_leaves_the_model_as_it_was(model):
+    """channels_last=True: every convolution sees NHWC inputs and weights, the images are NCHW's up
+    to rounding, and afterwards the caller's parameters are the very tensors they were (an optimizer
+    holding them sees no change), whatever layout the caller's model was in."""
+    try:
+        with convolution_layouts() as nhwc_convs:
+            for layout in (torch.contiguous_format, torch.channels_last):  # the caller's model in either layout
+                model.to(memory_format=layout)
+                before = {name: (p, p.data_ptr(), p.stride()) for name, p in model.named_parameters()}
+                timings = {}
+                nhwc = sample(model, 3, T=4, seed=7, progress=False, channels_last=True, timings=timings)
+                assert nhwc_convs and all(nhwc_convs)
+                assert (timings["layout"], timings["layout_chosen_by"]) == ("nhwc", "asked for")
+                nhwc_convs.clear()
+                nchw = sample(model, 3, T=4, seed=7, progress=False, channels_last=False)
+                assert nhwc_convs and not any(nhwc_convs)  # NCHW asked: so even a channels_last model runs
+                nhwc_convs.clear()
+                assert (nhwc.int() - nchw.int()).abs().max() <= 1
+                after = dict(model.named_parameters())
+                assert all(after[n] is p and p.data_ptr() == ptr and p.stride() == stride
+                           for n, (p, ptr, stride) in before.items())
+    finally:
         model.to(memory_format=torch.contiguous_format)
 
 
@@ -97,10 +110,12 @@ def test_auto_layout_on_the_cpu_is_the_one_measured_faster_on_that_kind_of_cpu(m
     this vector capability, citing the file; NCHW, saying so, where it measured nothing."""
     monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: capability)
     timings = {}
-    sample(model, 1, T=2, progress=False, timings=timings)
+    with convolution_layouts() as nhwc_convs:  # (at batch 1 the attention blocks hand some convolutions NCHW)
+        sample(model, 2, T=2, progress=False, timings=timings)
     source, layouts = CPU_SAMPLE_LAYOUT.get(capability, (None, {}))
     layout = layouts.get("fp32", "nchw")
     assert timings["engine"] == "eager" and timings["layout"] == layout
+    assert nhwc_convs and set(nhwc_convs) == {layout == "nhwc"}  # every convolution ran in that layout
     why = timings["layout_chosen_by"]
     assert why.startswith(f"auto: {layout.upper()}") and (source or "no measured layout") in why
     assert sample_mod.describe_timings(timings).endswith(f"; {layout.upper()} ({why}))")

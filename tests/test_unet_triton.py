@@ -58,10 +58,19 @@ def _flat(grads):
     return torch.cat([g.flatten() for g in grads.values()])
 
 
-def test_fp32_matches_torch_path(model_and_batch, no_tf32):
+@pytest.mark.parametrize("launch", ["default", "gpu"])
+def test_fp32_matches_torch_path(model_and_batch, no_tf32, launch):
+    """"gpu": the GroupNorm kernels with a GPU's launch defaults (the interpreter's own give a group one
+    program): the 32x32 groups split over several programs, inside the whole U-Net."""
+    from fastddpm.kernels import groupnorm_gelu as gng
+
     model, x, t = model_and_batch
     y_ref, g_ref = _run(model, x, t, "torch")
-    y, g = _run(model, x, t, "triton")
+    settings = gng.GPU_LAUNCH_DEFAULTS if launch == "gpu" else {}
+    with gng.launch_settings(**settings):
+        b = model.base_channels  # its largest groups, b x 32 x 32: several programs each, or one
+        assert (gng._launch_config(b, 32 * 32, x.shape[0], 32 * 32, 1).s > 1) == (launch == "gpu")
+        y, g = _run(model, x, t, "triton")
     assert y.shape == x.shape
     torch.testing.assert_close(y, y_ref, atol=1e-5 * y_ref.abs().max().item(), rtol=1e-4)
     assert g.keys() == g_ref.keys()
