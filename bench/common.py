@@ -92,10 +92,13 @@ def impl_launch_settings(impl: str):
     return settings(**knobs)
 
 
-def grid(impls=IMPLS) -> list[dict]:
-    """CASES of a model-level workload: [{dtype, impl}] in run order."""
+def grid(impls=IMPLS, triton_paths=()) -> list[dict]:
+    """CASES of a model-level workload: [{dtype, impl}] in run order; the paths on our Triton kernels
+    (``triton_paths``) in the size's ``triton_dtypes`` only, where it names them."""
+    triton_dtypes = S.get("triton_dtypes", DTYPE_ORDER)
     return [dict(dtype=d, impl="eager") for d in DTYPE_ORDER] + \
-        [dict(dtype=d, impl=i) for d in DTYPE_ORDER for i in impls if i != "eager"]
+        [dict(dtype=d, impl=i) for d in DTYPE_ORDER for i in impls
+         if i != "eager" and (split_impl(i)[0] not in triton_paths or d in triton_dtypes)]
 
 
 # --- sizes --------------------------------------------------------------------------------------
@@ -110,9 +113,12 @@ SIZES = {
     "cpu": dict(preset="tiny", train_batch=2, train_batches=(1, 3), train_rounds=2, sample_batch=1,
                 sample_steps=2, sample_probe_steps=1, sample_rounds=2, kernel_batch=2, gn_shapes=((16, 16, 16),),
                 gn_variant_shapes=((16, 16, 16),), step_shape=(2, 3, 32, 32), kernel_rounds=3, warmup=0),
+    # smoke: the model-level Triton paths in bf16 only (in the interpreter, 10 s a case); the kernels in
+    # every dtype: here in bench/test_kernels.py, and tests/test_kernels_*.py
     "smoke": dict(preset="tiny", train_batch=1, train_batches=(1, 3), train_rounds=1, sample_batch=1,
                   sample_steps=2, sample_probe_steps=1, sample_rounds=1, kernel_batch=1, gn_shapes=((8, 8, 8),),
-                  gn_variant_shapes=((8, 8, 8),), step_shape=(1, 3, 8, 8), kernel_rounds=1, warmup=0),
+                  gn_variant_shapes=((8, 8, 8),), step_shape=(1, 3, 8, 8), kernel_rounds=1, warmup=0,
+                  triton_dtypes=("bf16",)),
 }
 SIZE = os.environ.get("FASTDDPM_BENCH_SIZE") or ("gpu" if CUDA else "cpu")
 if SIZE not in SIZES:
@@ -136,18 +142,22 @@ def configure() -> None:
     if hasattr(torch._dynamo.config, "recompile_limit"):
         torch._dynamo.config.recompile_limit = 64
     backend = os.environ.get("FASTDDPM_BENCH_COMPILE_BACKEND")
-    if backend and not getattr(torch.compile, "_bench_backend", None):
-        # The CI smoke pass only: a cheap backend (aot_eager still traces through the custom ops,
-        # forward and backward) so that the plumbing is exercised without minutes of codegen.
-        original = torch.compile
+    if backend and not getattr(torch.compile, "default_backend", None):
+        # The CI smoke pass only: a cheap backend ("eager": dynamo's capture, through the custom ops'
+        # fake kernels, without AOT autograd or codegen) so that the plumbing and the guards run without
+        # minutes of compiling; tests/test_unet_triton.py compiles the Triton path with Inductor.
+        torch.compile = with_default_backend(torch.compile, backend)
 
-        @functools.wraps(original)
-        def compile_with_backend(*args, **kwargs):
-            kwargs.setdefault("backend", backend)
-            return original(*args, **kwargs)
 
-        compile_with_backend._bench_backend = backend
-        torch.compile = compile_with_backend
+def with_default_backend(compile_fn, backend: str):
+    """``compile_fn`` (torch.compile) with ``backend`` wherever a call names none."""
+    @functools.wraps(compile_fn)
+    def compile_with_backend(*args, **kwargs):
+        kwargs.setdefault("backend", backend)
+        return compile_fn(*args, **kwargs)
+
+    compile_with_backend.default_backend = backend
+    return compile_with_backend
 
 
 # --- cases --------------------------------------------------------------------------------------

@@ -52,12 +52,15 @@ def _key(launch: dict) -> str:
 
 
 @contextlib.contextmanager
-def recorded_launches(tag=lambda: None):
+def recorded_launches(tag=lambda: None, execute: bool = True):
     """Record every Triton launch run in the interpreter inside the block, as a GPU launch specialises
     it: yields the list of launches (file, kernel, signature, constexprs, divisible-by-16 argument
     indices, options, and ``tag()`` at launch), filled as they run; a launch repeated with the same
     tag is listed once, and so are the two stages that stand in for a GPU's one launch. The GroupNorm
-    launch knobs take a GPU's defaults inside (gng.GPU_LAUNCH_DEFAULTS, not the interpreter's own)."""
+    launch knobs take a GPU's defaults inside (gng.GPU_LAUNCH_DEFAULTS, not the interpreter's own).
+    With ``execute=False`` the kernels are recorded, not run, and their outputs keep whatever their
+    memory held: for callers that want only the launches, which depend on shapes, dtypes, strides and
+    settings, never on values (the interpreter runs a GPU launch's programs one by one, in Python)."""
     from triton.runtime.interpreter import InterpretedFunction
 
     from fastddpm.kernels import groupnorm_gelu as gng
@@ -101,7 +104,7 @@ def recorded_launches(tag=lambda: None):
         if key not in seen:
             seen.add(key)
             launches.append(launch)
-        return real_run(self, *args, grid=grid, warmup=warmup, **kwargs)
+        return real_run(self, *args, grid=grid, warmup=warmup, **kwargs) if execute else None
 
     InterpretedFunction.run = run
     try:
@@ -249,7 +252,7 @@ def record_calls(calls: list[dict], batch: int, layout: str, settings: dict) -> 
         return real_config(cg, hw, rows * batch // 2, *strides)
 
     fmt = torch.channels_last if layout == "nhwc" else torch.contiguous_format
-    with recorded_launches(lambda: dict(current)) as launches, gng.launch_settings(**settings):
+    with recorded_launches(lambda: dict(current), execute=False) as launches, gng.launch_settings(**settings):
         gng._launch_config = config_at_batch
         try:
             for call in calls:

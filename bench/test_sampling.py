@@ -20,7 +20,7 @@ PATHS = {"compiled": ("compiled", False), "fast": ("fast", False), "diffusers": 
 TRITON_PATHS = tuple(i for i, (engine, _) in PATHS.items() if engine == "fast")  # our kernels run there
 IMPLS = C.impls_from_env("FASTDDPM_BENCH_SAMPLE_IMPLS", ("compiled", "fast", "diffusers"), tuple(PATHS),
                          TRITON_PATHS)
-CASES = C.grid(("eager",) + IMPLS)
+CASES = C.grid(("eager",) + IMPLS, TRITON_PATHS)
 
 
 def network():

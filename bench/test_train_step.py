@@ -40,7 +40,8 @@ TRITON_PATHS = tuple(i for i, path in PATHS.items() if path.kernels == "triton")
 # A path may carry GroupNorm launch settings, "fast-graphs-nhwc@tile=8192+persistent=2" (C.split_impl).
 IMPLS = C.impls_from_env("FASTDDPM_BENCH_TRAIN_IMPLS", DEFAULT_IMPLS, list(PATHS)[1:], TRITON_PATHS)
 # CUDA graphs exist only on CUDA: elsewhere the graphed paths are not cases at all (not skips)
-CASES = C.grid(("eager",) + tuple(i for i in IMPLS if C.CUDA or C.split_impl(i)[0] not in GRAPHED))
+CASES = C.grid(("eager",) + tuple(i for i in IMPLS if C.CUDA or C.split_impl(i)[0] not in GRAPHED),
+               TRITON_PATHS)
 
 
 def trainer(dtype, impl, channels_last=None, batch=None):

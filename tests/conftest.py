@@ -10,6 +10,17 @@ from pathlib import Path
 # it, and a GPU's code is Triton's. Read when torch._inductor.config is imported; subprocesses inherit it.
 os.environ.setdefault("TORCHINDUCTOR_VEC_ISA_OK", "0")
 
+# Under pytest-xdist (`make test` runs a worker a core) each worker takes its share of the cores, and so
+# do the processes its tests start: torch's threads and OpenBLAS's (numpy, scipy, torch-fidelity's FID),
+# read when each library loads. Two workers of two threads each on CI's two cores spin against each
+# other: torch-fidelity's FID took 9.3 s of CPU with two OpenBLAS threads, 6.5 s with one.
+WORKER_THREADS = None
+if os.environ.get("PYTEST_XDIST_WORKER_COUNT"):
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    WORKER_THREADS = max(1, cores // int(os.environ["PYTEST_XDIST_WORKER_COUNT"]))
+    for variable in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
+        os.environ.setdefault(variable, str(WORKER_THREADS))
+
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
@@ -21,11 +32,8 @@ sys.path.insert(0, str(ROOT))
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-# Under pytest-xdist (`make test` runs a worker a core) each worker's torch takes its share of the
-# cores: two workers of two threads each on CI's two cores spin against each other.
-if os.environ.get("PYTEST_XDIST_WORKER_COUNT"):
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    torch.set_num_threads(max(1, cores // int(os.environ["PYTEST_XDIST_WORKER_COUNT"])))
+if WORKER_THREADS:
+    torch.set_num_threads(WORKER_THREADS)
 
 
 def pytest_configure(config):

@@ -16,7 +16,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def _env(tmp_path, **extra):
-    env = dict(os.environ, FASTDDPM_BENCH_SIZE="smoke", FASTDDPM_BENCH_COMPILE_BACKEND="aot_eager",
+    env = dict(os.environ, FASTDDPM_BENCH_SIZE="smoke", FASTDDPM_BENCH_COMPILE_BACKEND="eager",
                FASTDDPM_BENCH_LOG=str(tmp_path / "log.jsonl"), OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT),
                FASTDDPM_CACHE=str(tmp_path / "cache"), **extra)
     env.pop("FASTDDPM_GIT_COMMIT", None)
@@ -36,8 +36,10 @@ def test_bench_files_run_with_the_guard(tmp_path):
     seen = {(i["workload"], i["impl"], i["dtype"]) for i in infos}
     for workload in ("train_step", "sampling", "groupnorm_gelu", "reverse_step"):
         for impl in ("eager", "compiled", "fast"):
-            for dtype in ("fp32", "fp16", "bf16"):
-                assert (workload, impl, dtype) in seen
+            for dtype in ("fp32", "fp16", "bf16"):  # the smoke size's model-level Triton paths: bf16 only
+                whole_model = workload in ("train_step", "sampling") and impl == "fast"
+                case = (workload, impl, dtype)
+                assert (case in seen) == (dtype == "bf16" or not whole_model), case
     guarded = [i for i in infos if i["impl"] != "eager"]
     assert guarded and all(i["guard"]["value"] <= i["guard"]["tol"] for i in guarded)
     assert all(i["seconds"] is None and i["peak_bf16_tflops"] is None for i in infos)  # untimed, CPU

@@ -3,19 +3,20 @@ H100 and H200), here on the CPU.
 
 Triton's interpreter, which runs the kernel tests on a machine without a GPU, accepts code that its
 compiler refuses (a global that is not a ``tl.constexpr``, a value whose type the compiler cannot
-infer, ...); such a kernel passes every CPU test and fails on its first GPU call. So: run the Triton
-paths under the interpreter (the U-Net forward and backward on both GroupNorm reduction styles and
-both paths, single program and split, in fp32 and bf16, with persistent row programs and with
-libdevice's erf for the GELU; the resident programs of a group meeting at a barrier, which the
-interpreter runs in two stages and a GPU in one launch, compiled as the latter; groups of one
+infer, ...); such a kernel passes every CPU test and fails on its first GPU call. So: launch every
+Triton path through the interpreter's launcher (the U-Net forward and backward on both GroupNorm
+reduction styles and both paths, single program and split, in fp32 and bf16, with persistent row
+programs and with libdevice's erf for the GELU; the resident programs of a group meeting at a barrier,
+which the interpreter runs in two stages and a GPU in one launch, compiled as the latter; groups of one
 channel, whose extents of 1 a GPU launch makes constants, as here, on the single-program, resident
-and split paths; the fused reverse step, with and without clipping; its noise), record each
-distinct launch (kernel, argument types, constexpr values) as a GPU launch specialises it (integers
-equal to 1 made constants, pointers and integers divisible by 16 marked so), and compile one launch
-of each code path (``_code_path``: launches that differ only in their tiles' sizes or warps are one)
-in fresh processes, without the interpreter, through Triton's own pipeline down to a cubin for sm_90
-(Triton ships ptxas; no GPU is needed). The recorder and the
-compiler are ``bench.static_cost``'s, which also reads the machine code.
+and split paths; the fused reverse step, with and without clipping; its noise), record each distinct
+launch (kernel, argument types, constexpr values) as a GPU launch specialises it (integers equal to 1
+made constants, pointers and integers divisible by 16 marked so) without running it (a launch depends
+on shapes, dtypes, strides and settings, not on values; the kernel tests run them), and compile one
+launch of each code path (``_code_path``: launches that differ only in their tiles' sizes or warps are
+one) in fresh processes, without the interpreter, through Triton's own pipeline down to a cubin for
+sm_90 (Triton ships ptxas; no GPU is needed). The recorder and the compiler are ``bench.static_cost``'s,
+which also reads the machine code.
 """
 import pytest
 import torch
@@ -24,7 +25,7 @@ pytestmark = pytest.mark.skipif(torch.cuda.is_available(), reason="on a GPU the 
 
 
 def _run_every_path(monkeypatch):
-    """Run every Triton path in the interpreter (``recorded_launches`` records them)."""
+    """Launch every Triton path (``recorded_launches`` records them)."""
     from fastddpm.kernels import groupnorm_gelu as gng
     from fastddpm.kernels.reverse_step import reverse_step, reverse_step_noise
     from fastddpm.model import UNet
@@ -86,7 +87,7 @@ def _code_path(launch: dict) -> str:
 def test_every_kernel_launch_compiles_for_sm90(monkeypatch):
     from bench.static_cost import compile_launches, recorded_launches
 
-    with recorded_launches() as launches:
+    with recorded_launches(execute=False) as launches:  # the launches only: no kernel runs
         _run_every_path(monkeypatch)
     kernels = {launch["kernel"] for launch in launches}
     assert {"_gn_fwd_kernel", "_gn_stats_kernel", "_gn_bwd_reduce_kernel", "_gn_bwd_dx_kernel",

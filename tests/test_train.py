@@ -22,8 +22,11 @@ def _losses(trainer, steps):
 
 
 def test_tiny_preset_learns_shapes(tmp_path):
-    trainer = Trainer(tiny_config(train_size=2048, batch_size=32, T=100), tmp_path, torch.device("cpu"), progress=False)
-    losses = _losses(trainer, 200)
+    """120 steps of 16 at the demo's lr, in NHWC (the CPU's faster layout): the last 20 steps' loss at 0.21
+    to 0.23 of the first 20's (seeds 0 and 1, 2026-11-28), 33 s on one core of CI's kind of CPU."""
+    cfg = tiny_config(train_size=2048, batch_size=16, lr=2e-3, T=100, channels_last=True)
+    trainer = Trainer(cfg, tmp_path, torch.device("cpu"), progress=False)
+    losses = _losses(trainer, 120)
     first, last = sum(losses[:20]) / 20, sum(losses[-20:]) / 20
     assert last < 0.5 * first, (first, last)
 
