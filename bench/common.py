@@ -94,8 +94,9 @@ def impl_launch_settings(impl: str):
 
 def grid(impls=IMPLS, triton_paths=()) -> list[dict]:
     """CASES of a model-level workload: [{dtype, impl}] in run order; the paths on our Triton kernels
-    (``triton_paths``) in the size's ``triton_dtypes`` only, where it names them."""
-    triton_dtypes = S.get("triton_dtypes", DTYPE_ORDER)
+    (``triton_paths``) in the size's ``triton_dtypes`` only, where it names them (in the run's first
+    dtype where the run has none of them)."""
+    triton_dtypes = [d for d in DTYPE_ORDER if d in S.get("triton_dtypes", DTYPE_ORDER)] or DTYPE_ORDER[:1]
     return [dict(dtype=d, impl="eager") for d in DTYPE_ORDER] + \
         [dict(dtype=d, impl=i) for d in DTYPE_ORDER for i in impls
          if i != "eager" and (split_impl(i)[0] not in triton_paths or d in triton_dtypes)]
@@ -145,7 +146,8 @@ def configure() -> None:
     if backend and not getattr(torch.compile, "default_backend", None):
         # The CI smoke pass only: a cheap backend ("eager": dynamo's capture, through the custom ops'
         # fake kernels, without AOT autograd or codegen) so that the plumbing and the guards run without
-        # minutes of compiling; tests/test_unet_triton.py compiles the Triton path with Inductor.
+        # minutes of compiling; tests/test_unet_triton.py traces the Triton path's forward and backward
+        # (aot_eager) and compiles its inference graph with Inductor.
         torch.compile = with_default_backend(torch.compile, backend)
 
 

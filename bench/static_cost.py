@@ -2,8 +2,8 @@
 sm_90 machine code, on a machine without a GPU.
 
 Each GroupNorm call of the paper's U-Net (every distinct shape and residual / time-encoding / GELU
-combination, found by running the eager model) is run once under Triton's interpreter at batch 2,
-with the launch configuration of the batch it stands for (``--batch``, 256 by default: the training
+combination, found by running the eager model) is launched once through Triton's interpreter at batch 2
+(recorded, not run), with the launch configuration of the batch it stands for (``--batch``, 256 by default: the training
 bench's). Each distinct launch is recorded as a GPU launch specialises it (integer arguments equal to
 1 made constants, pointers and integers divisible by 16 marked so) and compiled in fresh processes
 through Triton's own pipeline to an sm_90 cubin. From its SASS (``cuobjdump``, shipped with Triton) and
@@ -40,7 +40,7 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 TYPES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16", torch.int64: "i64",
          torch.int32: "i32", torch.uint8: "u8", torch.bool: "i1"}
-# The recorder runs the kernels in Triton's interpreter, which TRITON_INTERPRET=1 selects when a kernel
+# The recorder hooks the launcher of Triton's interpreter, which TRITON_INTERPRET=1 selects when a kernel
 # is defined (the tests' conftest sets it without a GPU, main() itself); importing this module sets nothing.
 NOT_INTERPRETED = ("the kernels were not defined under Triton's interpreter: set TRITON_INTERPRET=1 before "
                    "fastddpm.kernels is imported (python -m bench.static_cost does)")
@@ -52,15 +52,16 @@ def _key(launch: dict) -> str:
 
 
 @contextlib.contextmanager
-def recorded_launches(tag=lambda: None, execute: bool = True):
-    """Record every Triton launch run in the interpreter inside the block, as a GPU launch specialises
-    it: yields the list of launches (file, kernel, signature, constexprs, divisible-by-16 argument
-    indices, options, and ``tag()`` at launch), filled as they run; a launch repeated with the same
-    tag is listed once, and so are the two stages that stand in for a GPU's one launch. The GroupNorm
-    launch knobs take a GPU's defaults inside (gng.GPU_LAUNCH_DEFAULTS, not the interpreter's own).
-    With ``execute=False`` the kernels are recorded, not run, and their outputs keep whatever their
-    memory held: for callers that want only the launches, which depend on shapes, dtypes, strides and
-    settings, never on values (the interpreter runs a GPU launch's programs one by one, in Python)."""
+def recorded_launches(tag=lambda: None):
+    """Record every Triton launch made through the interpreter's launcher inside the block, as a GPU
+    launch specialises it, without running it: yields the list of launches (file, kernel, signature,
+    constexprs, divisible-by-16 argument indices, options, and ``tag()`` at launch), filled as they
+    come; a launch repeated with the same tag is listed once, and so are the two stages that stand in
+    for a GPU's one launch. The kernels' outputs keep whatever their memory held: a launch depends on
+    shapes, dtypes, strides and settings, never on values (the kernel tests run them; the interpreter
+    runs a GPU launch's programs one by one, in Python: recording only, the native-compile test's pass
+    over every path went from 53 to 3 s). The GroupNorm launch knobs take a GPU's defaults inside
+    (gng.GPU_LAUNCH_DEFAULTS, not the interpreter's own)."""
     from triton.runtime.interpreter import InterpretedFunction
 
     from fastddpm.kernels import groupnorm_gelu as gng
@@ -104,7 +105,7 @@ def recorded_launches(tag=lambda: None, execute: bool = True):
         if key not in seen:
             seen.add(key)
             launches.append(launch)
-        return real_run(self, *args, grid=grid, warmup=warmup, **kwargs) if execute else None
+        return None  # recorded, not run
 
     InterpretedFunction.run = run
     try:
@@ -240,7 +241,7 @@ def unet_norm_calls(base_channels: int = 64) -> list[dict]:
 
 def record_calls(calls: list[dict], batch: int, layout: str, settings: dict) -> list[dict]:
     """The launches of each call's forward and backward in bf16 (autocast's: fp32 weights), under
-    ``settings``, launched as at ``batch`` (the launch configuration's rows) while run at batch 2.
+    ``settings``, launched as at ``batch`` (the launch configuration's rows) while made at batch 2.
     Integer arguments that scale with the batch (the rows of the persistent loop, the dw/db table's
     stride) are recorded at batch 2, so their divisible-by-16 marks can differ from the batch's: they
     index no hot loop."""
@@ -252,7 +253,7 @@ def record_calls(calls: list[dict], batch: int, layout: str, settings: dict) -> 
         return real_config(cg, hw, rows * batch // 2, *strides)
 
     fmt = torch.channels_last if layout == "nhwc" else torch.contiguous_format
-    with recorded_launches(lambda: dict(current), execute=False) as launches, gng.launch_settings(**settings):
+    with recorded_launches(lambda: dict(current)) as launches, gng.launch_settings(**settings):
         gng._launch_config = config_at_batch
         try:
             for call in calls:
@@ -360,7 +361,7 @@ def main(argv=None) -> int:
     p.add_argument("--detail", action="store_true", help="also a row per call and kernel")
     p.add_argument("--json", help="write every row here, with the versions and commit")
     args = p.parse_args(argv)
-    os.environ.setdefault("TRITON_INTERPRET", "1")  # the launches are recorded by running the kernels in it
+    os.environ.setdefault("TRITON_INTERPRET", "1")  # the launches are recorded through its launcher
     from fastddpm.kernels import groupnorm_gelu as gng
 
     bad = [v for v in args.layouts if v not in ("nchw", "nhwc")]

@@ -5,9 +5,9 @@ import sys
 from pathlib import Path
 
 # Inductor's C++ code for the CPU without vector kernels: with them it generates and compiles two variants
-# of every kernel (a cold-cache compiled-training test took 188 s with them, 107 s without, on CI's kind
-# of CPU on 2026-11-28). What the tests check (graphs, custom ops, a step's numerics) does not depend on
-# it, and a GPU's code is Triton's. Read when torch._inductor.config is imported; subprocesses inherit it.
+# of every kernel (a cold-cache Inductor training-step test took 188 s with them, 107 s without, on CI's
+# kind of CPU on 2026-11-28). What the tests check (graphs, custom ops, numerics) does not depend on it,
+# and a GPU's code is Triton's. Read when torch._inductor.config is imported; subprocesses inherit it.
 os.environ.setdefault("TORCHINDUCTOR_VEC_ISA_OK", "0")
 
 # Under pytest-xdist (`make test` runs a worker a core) each worker takes its share of the cores, and so

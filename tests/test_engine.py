@@ -21,15 +21,21 @@ def _trajectory(tmp_path, compile_, steps=4):
     return losses
 
 
-def test_compiled_training_follows_the_eager_loss_trajectory(tmp_path, monkeypatch):
-    """The trainer's compiled step (dynamo's graphs of forward and backward through AOT autograd) trains
-    as eager does. Through aot_eager, not Inductor: Inductor's C++ for a whole training step took 110 s
-    cold on CI's kind of CPU (2026-11-28), and a GPU's code is Triton's: there the trainer checks its
-    Inductor step against eager before it trains, and the bench guards each compiled path. Inductor on
-    the Triton path's forward and backward, on the CPU: test_unet_triton.py."""
+@pytest.fixture
+def aot_eager(monkeypatch):
+    """torch.compile through aot_eager: dynamo's graph and AOT autograd's forward and backward graphs,
+    without Inductor's C++, which took 110 s cold for a tiny U-Net's training step and 99 s for its
+    sampling graph on CI's kind of CPU (2026-11-28). These tests run on the CPU wherever they run, and a
+    GPU's code is Triton's: on a GPU the trainer checks its Inductor step against eager before it trains,
+    and the bench guards every compiled path against eager. Inductor on the CPU: the layout test in
+    test_unet_triton.py (an inference graph)."""
     from bench.common import with_default_backend
 
     monkeypatch.setattr(torch, "compile", with_default_backend(torch.compile, "aot_eager"))
+
+
+def test_compiled_training_follows_the_eager_loss_trajectory(tmp_path, aot_eager):
+    """The trainer's compiled step trains as eager does (through aot_eager: the fixture)."""
     eager = _trajectory(tmp_path / "eager", False)
     compiled = _trajectory(tmp_path / "compiled", True)
     assert compiled == pytest.approx(eager, rel=2e-3)
@@ -54,14 +60,8 @@ def test_fast_engine_matches_eager_given_the_same_noise():
     assert model.kernels == "auto"  # the caller's switch is restored
 
 
-def test_compiled_engine_matches_eager(model, monkeypatch):
-    """The compiled engine's images are eager's. On the CPU through aot_eager (the trajectory test's
-    reasons: Inductor's C++ for this graph took 99 s cold on CI's kind of CPU, 2026-11-28); Inductor
-    itself on the CPU: test_unet_triton.py's layout test, and on a GPU the bench's sampling guard."""
-    from bench.common import with_default_backend
-
-    if not torch.cuda.is_available():
-        monkeypatch.setattr(torch, "compile", with_default_backend(torch.compile, "aot_eager"))
+def test_compiled_engine_matches_eager(aot_eager):
+    """The compiled engine's images are eager's (through aot_eager: the fixture)."""
     small = UNet(base_channels=4)
     compiled = sample(small, 2, T=3, seed=1, engine="compiled", progress=False)
     eager = sample(small, 2, T=3, seed=1, engine="eager", progress=False)

@@ -126,7 +126,8 @@ def test_compiled_layout_optimisation_hands_the_fused_op_channels_last(monkeypat
     those tensors as they are: every call sees channels_last input, where the default (exact eager
     strides) had Inductor copy each one back to NCHW and the result forward again. The output still
     matches the eager Triton path. (The backward op's handling of any strides: opcheck in
-    test_kernels_groupnorm_gelu.py; a training graph, which Inductor keeps NCHW: the tests above.)"""
+    test_kernels_groupnorm_gelu.py; a training graph, which Inductor keeps NCHW: the fullgraph test
+    above, with Inductor on a GPU.)"""
     import torch._inductor.config as inductor_config
 
     from fastddpm.kernels import groupnorm_gelu as gng
