@@ -158,7 +158,10 @@ class SelfAttention(nn.Module):
         with _cpu_attention_backend(x):
             seq = self.mha(q, q, q, need_weights=False)[0] + seq
         seq = self.ff(seq) + seq
-        return seq.transpose(1, 2).reshape(n, c, h, w)
+        # (N, H, W, C) memory seen as (N, C, H, W): channels_last, without a copy. Through reshape, so that
+        # a batch of 1 gets the canonical batch stride too: attention's output gives it C, and with that
+        # stride cat and interpolate, which read a layout from the strides, allocated NCHW in NHWC runs.
+        return seq.reshape(n, h, w, c).permute(0, 3, 1, 2)
 
 
 class UNet(nn.Module):

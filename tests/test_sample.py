@@ -110,8 +110,8 @@ def test_auto_layout_on_the_cpu_is_the_one_measured_faster_on_that_kind_of_cpu(m
     this vector capability, citing the file; NCHW, saying so, where it measured nothing."""
     monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: capability)
     timings = {}
-    with convolution_layouts() as nhwc_convs:  # (at batch 1 the attention blocks hand some convolutions NCHW)
-        sample(model, 2, T=2, progress=False, timings=timings)
+    with convolution_layouts() as nhwc_convs:  # batch 1: its strides once made the attention blocks hand
+        sample(model, 1, T=2, progress=False, timings=timings)  # the next convolutions NCHW (see SelfAttention)
     source, layouts = CPU_SAMPLE_LAYOUT.get(capability, (None, {}))
     layout = layouts.get("fp32", "nchw")
     assert timings["engine"] == "eager" and timings["layout"] == layout
