@@ -3,13 +3,13 @@ sm_90 machine code, on a machine without a GPU.
 
 Each GroupNorm call of the paper's U-Net (every distinct shape and residual / time-encoding / GELU
 combination, found by running the eager model) is launched once through Triton's interpreter at batch 2
-(recorded, not run), with the launch configuration of the batch it stands for (``--batch``, 256 by default: the training
-bench's). Each distinct launch is recorded as a GPU launch specialises it (integer arguments equal to
-1 made constants, pointers and integers divisible by 16 marked so) and compiled in fresh processes
-through Triton's own pipeline to an sm_90 cubin. From its SASS (``cuobjdump``, shipped with Triton) and
-``ptxas -v``: the registers a thread holds (occupancy), its stack and spill bytes, and for each
-innermost loop that loads 64 or 128 bits at a time (the hot loops), the instructions a thread issues
-per element it handles, the MUFU (special-function unit) ones among them, and the barriers per
+(recorded, not run), with the launch configuration of the batch it stands for (``--batch``, 256 by
+default: the training bench's). Each distinct launch is recorded as a GPU launch specialises it (integer
+arguments equal to 1 made constants, pointers and integers divisible by 16 marked so) and compiled in
+fresh processes through Triton's own pipeline to an sm_90 cubin. From its SASS (``cuobjdump``, shipped
+with Triton) and ``ptxas -v``: the registers a thread holds (occupancy), its stack and spill bytes, and
+for each innermost loop that loads 64 or 128 bits at a time (the hot loops), the instructions a thread
+issues per element it handles, the MUFU (special-function unit) ones among them, and the barriers per
 iteration. A kernel without such a loop (the resident path) is counted whole.
 
 Why it matters: an H100 SM issues at most four warp-instructions a clock, so 132 SMs at the 1.98 GHz
