@@ -52,8 +52,10 @@ def training_summary(run: Path) -> dict:
     if not epochs:
         return {"records": 0}
     last = epochs[-1]
-    budget = next((r for r in records if r.get("event") == "time_budget"), None)
-    check = next((r for r in records if r.get("event") == "compile_check"), None)
+    # the latest session's (a resumed run keeps every session's events); a budget stopped the run only at its end
+    budget = next((r for r in reversed(records) if r.get("event") == "time_budget" and r["step"] == last["step"]),
+                  None)
+    check = next((r for r in reversed(records) if r.get("event") == "compile_check"), None)
     warm = [r["warmup_seconds"] for r in epochs if "warmup_seconds" in r]
     steady = [r["images_per_s"] for r in epochs if "warmup_seconds" not in r] or [last["images_per_s"]]
     return {"steps": last["step"], "epochs_completed": sum(1 for r in epochs if not r.get("partial")),
@@ -341,14 +343,15 @@ def _evaluate(samples: Path, ref: str, n: int, json_path: Path, progress: bool) 
     return json.loads(json_path.read_text())
 
 
-def denoising_record(weights, images: str, n: int) -> dict:
-    """fastddpm.evaluate.denoising_error of the weights on the first n images of the set ``images``, on
-    the CPU: why the deterministic samplers do or do not work on this model."""
+def denoising_record(weights, images: str | None, n: int) -> dict:
+    """fastddpm.evaluate.denoising_error of the weights on the first n images of the set ``images`` (None:
+    the test split of the data the weights were trained on), on the CPU: why the deterministic samplers
+    do or do not work on this model."""
     from fastddpm.checkpoint import load_checkpoint
     from fastddpm.evaluate import denoising_error, load_image_set
 
-    model, diffusion, _ = load_checkpoint(weights, device="cpu")
-    ref = load_image_set(images)
+    model, diffusion, config = load_checkpoint(weights, device="cpu")
+    ref = load_image_set(images or held_out(f"{config.data}:train"), "--images")
     x0 = ref.images[:n].astype(np.float64) / 127.5 - 1.0
     # the x0 error of a guess that ignores x_t: the images' mean, for scale
     mean_image_rms = float(np.sqrt(np.mean((x0 - x0.mean(axis=0)) ** 2)))
@@ -535,7 +538,8 @@ def main(argv=None) -> int:
     wr.add_argument("--progress", action="store_true")
     e = sub.add_parser("denoising", help="here: eq. 13's error by t of some weights, and the x0 error it implies")
     e.add_argument("--weights", required=True, help="a checkpoint or exported weights")
-    e.add_argument("--images", default="cifar10-jpeg:test", help="an image set, as fastddpm.evaluate names them")
+    e.add_argument("--images", help="an image set, as fastddpm.evaluate names them (default: the test split of "
+                                    "the data the weights were trained on)")
     e.add_argument("--n", type=int, default=256)
     e.add_argument("--into", help="a record JSON to add the result to (key denoising_error)")
     d = sub.add_parser("smoke-data", help="a small JPEG zip data set from the shapes (the smoke run's data)")

@@ -33,14 +33,18 @@ def save_checkpoint(payload: dict, path) -> Path:
 def read_checkpoint(path) -> dict:
     """The raw checkpoint dict, validated; a missing, truncated or foreign file is a UsageError."""
     path = Path(path)
+    if path.is_dir():
+        raise UsageError(f"checkpoint {path}: is a directory; give a checkpoint file in it, e.g. "
+                         f"{path / 'checkpoint.pt'}")
     if not path.is_file():
         raise UsageError(f"checkpoint {path}: no such file")
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # torch raises many types for truncated/foreign files
-        reason = str(e).splitlines()[0][:120] if str(e) else type(e).__name__
-        raise UsageError(f"checkpoint {path}: not a readable fastddpm checkpoint (truncated or foreign file: "
-                         f"{reason}); point at a file written by fastddpm.train") from None
+    except PermissionError:
+        raise UsageError(f"checkpoint {path}: permission denied; make it readable") from None
+    except Exception:  # torch raises many types, with texts that say nothing to a user (a pickle opcode, miniz)
+        raise UsageError(f"checkpoint {path}: not a fastddpm checkpoint (truncated or foreign file); point at a "
+                         "file written by fastddpm.train") from None
     if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
         raise UsageError(f"checkpoint {path}: not a fastddpm checkpoint (no '{FORMAT}' header); point at a "
                          "file written by fastddpm.train")
@@ -65,9 +69,9 @@ def model_from_checkpoint(ckpt: dict, ema: bool = True, path="checkpoint") -> UN
         model.load_state_dict(ckpt["model"])
         if ema and ckpt.get("ema"):
             model.load_state_dict(ckpt["ema"], strict=False)
-    except RuntimeError as e:
-        raise UsageError(f"checkpoint {path}: its weights do not fit the '{config.preset}' U-Net "
-                         f"({str(e).splitlines()[0][:120]})") from None
+    except RuntimeError:  # torch's text lists every mismatched tensor, over many lines
+        raise UsageError(f"checkpoint {path}: its weights do not fit the '{config.preset}' U-Net (tensors "
+                         "missing, extra or of other shapes); point at a file written by fastddpm.train") from None
     return model.eval()
 
 

@@ -62,7 +62,9 @@ def load_images(spec: str, split: str = "train", progress: bool | None = None) -
         return _load_cifar_batches(_cifar10_folder(progress), split)
     path = data_root() / "cifar10-jpeg" if spec == "cifar10-jpeg" else Path(spec).expanduser()
     if not path.exists():
-        hint = " (set FASTDDPM_DATA to the folder holding cifar10-jpeg/)" if spec == "cifar10-jpeg" else ""
+        # the named JPEG copy lives where data_root() points: say where that was, so a wrong one shows
+        hint = (f" (looked for {path}; set FASTDDPM_DATA to the folder holding cifar10-jpeg/)"
+                if spec == "cifar10-jpeg" else "")
         raise UsageError(f"--data {spec}: no such file or directory{hint}; give one of {', '.join(NAMED)} "
                          "or a path to cifar-10-batches-py or an image folder/zip")
     if path.is_dir() and (path / "data_batch_1").is_file():
@@ -149,8 +151,11 @@ def _load_cifar_batches(folder: Path, split: str) -> np.ndarray:
             with open(folder / name, "rb") as f:
                 batch = pickle.load(f, encoding="bytes")
             arrays.append(np.asarray(batch[b"data"], np.uint8).reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1))
-        except (OSError, KeyError, ValueError, pickle.UnpicklingError) as e:
-            raise UsageError(f"--data {folder}: {name} is missing or not a CIFAR-10 python batch ({e}); "
+        except OSError as e:
+            raise UsageError(f"--data {folder}: cannot read {name} ({e.strerror or type(e).__name__}); re-extract "
+                             "cifar-10-python.tar.gz") from None
+        except Exception:  # unpickling a foreign file raises many types, whose texts name no fix
+            raise UsageError(f"--data {folder}: {name} is not a CIFAR-10 python batch (truncated or foreign file); "
                              "re-extract cifar-10-python.tar.gz") from None
     return np.ascontiguousarray(np.concatenate(arrays))
 
@@ -217,7 +222,8 @@ def decode_images(kind: str, loc: Path, prefix: str, progress: bool | None = Non
         names = sorted(str(p) for p in loc.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
         read = lambda n: n  # noqa: E731
     if not names:
-        raise UsageError(f"--data {loc}: no .png/.jpg images under {prefix or loc}<class>/")
+        where = prefix if kind == "zip" else f"{loc}/"  # a zip's prefix ends in "/" already
+        raise UsageError(f"--data {loc}: no .png/.jpg images under {where}<class>/")
     out = np.empty((len(names), 32, 32, 3), np.uint8)
     for i, name in enumerate(progress_bar(names, desc=f"decoding {loc.name}", unit="img",
                                           enabled=progress if len(names) >= 2000 else False)):

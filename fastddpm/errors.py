@@ -26,6 +26,17 @@ class ArgumentParser(argparse.ArgumentParser):
         sys.exit(2)
 
 
+def flags_given(actions, args: argparse.Namespace) -> list[str]:
+    """The flags among ``actions`` (argparse actions) that ``args`` holds other than their defaults: the
+    ones a command line set (one given at its default value looks unset)."""
+    def given(action):
+        value = getattr(args, action.dest)
+        # a store_const/store_true flag is set where its dest holds its constant (two may share a dest)
+        return value == action.const if action.nargs == 0 else value != action.default
+
+    return [action.option_strings[0] for action in actions if given(action)]
+
+
 def run_cli(main, argv=None) -> int:
     """Run ``main(argv)``; a UsageError becomes one line on stderr and exit code 2."""
     try:

@@ -17,10 +17,11 @@ from pathlib import Path
 import numpy as np
 
 from fastddpm import data as data_mod
-from fastddpm.errors import ArgumentParser, UsageError, run_cli
+from fastddpm.errors import ArgumentParser, UsageError, flags_given, run_cli
 from fastddpm.sampling import add_sampler_flags, sampler_settings
 
 PAPER_N = 5120
+COMPARE_COUNT = 64  # images a side in the --compare picture
 IMAGE_SETS_HELP = """\
 image sets (--samples, --ref):
   DATA:SPLIT   the train or test split of anything --data accepts: cifar10:train, cifar10-jpeg:test,
@@ -89,15 +90,19 @@ def _load_npz(path: Path, flag: str) -> np.ndarray:
     expected = "one uint8 array (N, 32, 32, 3), as `python -m fastddpm.sample --npz` writes"
     if not zipfile.is_zipfile(path):
         raise UsageError(f"{flag} {path}: not a .npz file (not a zip archive); expected {expected}")
+    unreadable = (f"{flag} {path}: not a readable .npz (a damaged archive, or an entry that is not a plain numpy "
+                  f"array); expected {expected}")
     try:
         with np.load(path) as z:
-            if len(z.files) != 1:
-                raise UsageError(f"{flag} {path}: holds {len(z.files)} arrays ({', '.join(z.files) or 'none'}); "
-                                 f"expected {expected}")
-            images = z[z.files[0]]
-    except (OSError, ValueError, zipfile.BadZipFile) as e:
-        raise UsageError(f"{flag} {path}: not a readable .npz ({str(e).splitlines()[0][:100]}); expected "
-                         f"{expected}") from None
+            names = z.files
+            images = z[names[0]] if len(names) == 1 else None
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile):  # numpy's and zipfile's texts name no fix
+        raise UsageError(unreadable) from None
+    if images is None:
+        raise UsageError(f"{flag} {path}: holds {len(names)} arrays ({', '.join(names) or 'none'}); expected "
+                         f"{expected}")
+    if not isinstance(images, np.ndarray):  # numpy returns an entry without the .npy header as raw bytes
+        raise UsageError(unreadable)
     if images.dtype != np.uint8 or images.ndim != 4 or images.shape[1:] != (32, 32, 3):
         raise UsageError(f"{flag} {path}: holds a {images.dtype} array of shape {images.shape}; expected {expected}")
     return images
@@ -232,15 +237,20 @@ def build_parser() -> ArgumentParser:
     p.add_argument("--n-ref", type=int, help="reference images, a fixed random subset (default: as many as --n)")
     p.add_argument("--json", metavar="FILE", help="also write the results as JSON to this file")
     p.add_argument("--save-samples", metavar="FILE.npz", help="with --checkpoint: also keep the sampled images as .npz")
-    p.add_argument("--compare", metavar="FILE.png", help="also write a picture: 64 reference images beside 64 of the "
-                                                         "scored ones, with the scores as its title")
-    p.add_argument("--batch-size", type=int, help="images per U-Net call when sampling (default: fill the device)")
+    p.add_argument("--compare", metavar="FILE.png", help=f"also write a picture: up to {COMPARE_COUNT} of the scored "
+                                                         "images beside as many reference images, with the scores as "
+                                                         "its title")
     p.add_argument("--inception-batch-size", type=int, default=64, metavar="N",
                    help="images per Inception call (default 64)")
-    p.add_argument("--dtype", choices=["fp32", "fp16", "bf16"],
-                   help="sampling precision (default: the checkpoint's training dtype)")
-    p.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
-    add_sampler_flags(p)
+    sampling = p.add_argument_group("sampling, with --checkpoint")
+    # kept on the parser: main refuses them with --samples, where they would change nothing
+    p.sampling_flags = [
+        sampling.add_argument("--batch-size", type=int,
+                              help="images per U-Net call when sampling (default: fill the device)"),
+        sampling.add_argument("--dtype", choices=["fp32", "fp16", "bf16"],
+                              help="sampling precision (default: the checkpoint's training dtype)"),
+        sampling.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)"),
+        *add_sampler_flags(sampling)]
     p.add_argument("--device", help="default: cuda if available, else cpu")
     p.add_argument("--inception-weights", metavar="PATH",
                    help="torch-fidelity's weights-inception-2015-12-05-6726825d.pth (gives IS too) or a TorchScript "
@@ -262,13 +272,17 @@ def default_reference(checkpoint: str | None, ref: str | None) -> str:
 
 
 def main(argv=None) -> int:
-    a = build_parser().parse_args(argv)
+    p = build_parser()
+    a = p.parse_args(argv)
     for flag, value, least in (("--n", a.n, 2), ("--n-ref", a.n_ref, 2), ("--batch-size", a.batch_size, 1),
                                ("--inception-batch-size", a.inception_batch_size, 1)):
         if value is not None and value < least:
             raise UsageError(f"{flag} {value}: must be at least {least}")
     if a.save_samples and not a.checkpoint:
         raise UsageError("--save-samples: only with --checkpoint (--samples are saved already)")
+    if a.samples and (ignored := flags_given(p.sampling_flags, a)):
+        raise UsageError(f"{', '.join(ignored)}: sampling flags, only with --checkpoint (--samples {a.samples} "
+                         "are scored as they are); drop them")
     from fastddpm.progress import progress_enabled
     from fastddpm.sampling import check_arguments, check_device, describe_sampler, describe_timings, resolve_dtype
 
@@ -277,6 +291,10 @@ def main(argv=None) -> int:
     if a.dtype:
         resolve_dtype(a.dtype)
     progress = progress_enabled(a.progress)
+    if a.compare:
+        from fastddpm.images import check_png
+
+        check_png(a.compare, "--compare")
     for flag, path in (("--json", a.json), ("--compare", a.compare)):
         if path:
             _check_writable(Path(path), flag)
@@ -321,8 +339,9 @@ def main(argv=None) -> int:
         from fastddpm.images import save_comparison
 
         title = f"{report_lines(result)[0]}; left: {reference.label}, right: {a.samples or a.checkpoint}"
-        save_comparison(take(ref.images, min(64, len(ref.images)), "--compare", "the reference"), samples, a.compare,
-                        title=title)
+        shown = min(COMPARE_COUNT, len(samples), len(ref.images))  # as many real images as generated ones
+        save_comparison(take(ref.images, shown, "--compare", "the reference"), samples, a.compare, title=title,
+                        count=shown)
         print(f"wrote {a.compare}")
     if a.json:
         write_json(result, a.json)

@@ -7,7 +7,18 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from fastddpm.errors import UsageError
 from fastddpm.files import atomic_write
+
+
+def check_png(path, flag: str | None = None) -> Path:
+    """``path``, where it names a .png file: pictures are written as PNG (lossless; JPEG would blur 32x32
+    images), and a file must not say it is another format than it holds. ``flag``: how a command names it."""
+    path = Path(path)
+    if path.suffix.lower() != ".png":
+        given = f"{flag} {path}" if flag else f"path={str(path)!r}"
+        raise UsageError(f"{given}: pictures are written as PNG; give a file name ending in .png")
+    return path
 
 
 def grid_array(images, nrow: int | None = None, pad: int = 2, scale: int = 2) -> np.ndarray:
@@ -34,17 +45,20 @@ def grid_array(images, nrow: int | None = None, pad: int = 2, scale: int = 2) ->
 
 
 def save_grid(images, path, nrow: int | None = None, scale: int = 2) -> Path:
-    """Write uint8 images (as ``fastddpm.sample`` returns them) as one PNG grid."""
+    """Write uint8 images (as ``fastddpm.sample`` returns them) as one PNG grid (``path`` ends in .png)."""
     from PIL import Image
 
+    check_png(path)
     with atomic_write(path) as f:
         Image.fromarray(grid_array(images, nrow=nrow, scale=scale)).save(f, format="PNG")
     return Path(path)
 
 
 def save_comparison(real, samples, path, title: str = "", count: int = 64) -> Path:
-    """Real images beside generated ones (the first ``count`` of each, uint8 (N, 32, 32, 3) or
-    (N, 3, 32, 32)), as one PNG with a caption per side: the picture a demo ends with."""
+    """Real images beside generated ones (the first ``count`` generated ones and as many real ones, uint8
+    (N, 32, 32, 3) or (N, 3, 32, 32)), as one PNG with a caption per side: the picture a demo ends with."""
+    check_png(path)
+    count = min(count, len(samples))  # more real images than generated ones would compare unlike with like
     import matplotlib
 
     matplotlib.use("Agg")

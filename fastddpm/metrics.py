@@ -188,9 +188,9 @@ def load_inception(weights=None, device="cpu", batch_size: int = 64) -> Inceptio
             kind, description = "tf", f"torch-fidelity InceptionV3 2015-12-05 ({path.name})"
         module = create_feature_extractor(name, feats, cuda=False, feature_extractor_weights_path=str(path),
                                           verbose=False)
-    except Exception as e:  # a foreign or truncated file: torch raises many types
-        raise UsageError(f"--inception-weights {path}: not a usable Inception weights file "
-                         f"({str(e).splitlines()[0][:120] if str(e) else type(e).__name__}); {INSTALL_HINT}") from None
+    except Exception:  # a foreign or truncated file: torch raises many types, with texts that name no fix
+        raise UsageError(f"--inception-weights {path}: not a usable Inception weights file (truncated or foreign "
+                         f"file); {INSTALL_HINT}") from None
     return Inception(module.to(device), f"inception-2015-12-05-{kind}-{file_digest(path)}", description,
                      LOGITS in feats, device, batch_size)
 
@@ -207,13 +207,17 @@ def fid(stats_1: dict, stats_2: dict) -> float:
 
 
 def kid(features_1: torch.Tensor, features_2: torch.Tensor, subset_size: int = KID_SUBSET_SIZE,
-        subsets: int = KID_SUBSETS, seed: int = RNG_SEED) -> tuple[float, float, int]:
-    """(mean, std, subset size) of the unbiased polynomial-kernel MMD^2 over random subsets; the subset
-    size shrinks to the smaller set where that has fewer than ``subset_size`` images."""
+        subsets: int = KID_SUBSETS, seed: int = RNG_SEED) -> tuple[float, float, int, int]:
+    """(mean, std, subset size, subsets) of the unbiased polynomial-kernel MMD^2 over random subsets; the
+    subset size shrinks to the smaller set where that has fewer than ``subset_size`` images. Where both
+    sets are the subset size, every subset is both whole sets (the MMD does not depend on their order):
+    one subset says all that more would, and the result says one was computed."""
     size = min(subset_size, len(features_1), len(features_2))
+    if size == len(features_1) == len(features_2):
+        subsets = 1
     out = kid_features_to_metric(features_1, features_2, kid_subsets=subsets, kid_subset_size=size,
                                  rng_seed=seed, verbose=False)
-    return out["kernel_inception_distance_mean"], out["kernel_inception_distance_std"], size
+    return out["kernel_inception_distance_mean"], out["kernel_inception_distance_std"], size, subsets
 
 
 def inception_score(logits: torch.Tensor, splits: int = ISC_SPLITS, seed: int = RNG_SEED) -> tuple[float, float]:
@@ -265,10 +269,10 @@ def reference(images: np.ndarray, label: str, inception: Inception, progress: bo
 def score(images: np.ndarray, ref: Reference, inception: Inception, progress: bool = False) -> dict:
     """FID and KID of ``images`` against ``ref``, and IS where the extractor has logits."""
     feats = inception.features(images, progress=progress)
-    kid_mean, kid_std, kid_size = kid(feats[FEATURES], ref.features)
+    kid_mean, kid_std, kid_size, kid_subsets = kid(feats[FEATURES], ref.features)
     isc_mean = isc_std = None
     if LOGITS in feats:
         isc_mean, isc_std = inception_score(feats[LOGITS])
     return {"fid": fid(fid_stats(feats[FEATURES]), ref.stats), "kid_mean": kid_mean, "kid_std": kid_std,
-            "kid_subset_size": kid_size, "kid_subsets": KID_SUBSETS, "isc_mean": isc_mean, "isc_std": isc_std,
+            "kid_subset_size": kid_size, "kid_subsets": kid_subsets, "isc_mean": isc_mean, "isc_std": isc_std,
             "n": len(images), "n_ref": ref.n, "ref_label": ref.label, "extractor": inception.id}

@@ -30,6 +30,15 @@ def auto_kernels(is_cuda: bool) -> str:
     return "triton" if is_cuda and _triton_installed() else "torch"
 
 
+def _check_triton(device) -> None:
+    from fastddpm.errors import UsageError
+    from fastddpm.kernels import unavailable_reason
+
+    reason = unavailable_reason(device)
+    if reason:
+        raise UsageError(f"kernels='triton' on {device}: {reason}")
+
+
 def time_encoding(t: torch.Tensor, channels: int) -> torch.Tensor:
     """Sinusoidal encoding of the time step, shape (N, channels), in fp32.
 
@@ -219,6 +228,8 @@ class UNet(nn.Module):
     def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         if self.kernels == "auto" and self._path != auto_kernels(x.is_cuda):
             self._apply_kernels(auto_kernels(x.is_cuda))
+        if self._path == "triton" and not x.is_cuda and not torch.compiler.is_compiling():
+            _check_triton(x.device)  # one clear line, not an error from deep inside Triton's launcher
         x1 = self.inc(x)
         x2 = self.down1(x1, t)
         x3 = self.sa1(self.down2(x2, t))

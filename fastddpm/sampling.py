@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import math
 import time
 
 import torch
@@ -114,8 +113,10 @@ def check_arguments(T: int, *, n, batch_size=None, sampler="ddpm", steps=None, e
         if not is_int(steps) or not 1 <= steps <= T:
             raise bad("steps", steps, f"must be an integer between 1 and the model's T={T}")
     if eta is not None:
-        if not isinstance(eta, (int, float)) or not math.isfinite(eta) or eta < 0:
-            raise bad("eta", eta, "the DDIM noise scale must be a finite number >= 0 (0: deterministic)")
+        # Above 1 a step's noise variance sigma^2 can exceed 1 - alpha_bar_{t-1}, all the variance x_{t-1} may
+        # hold: the update's direction term is then clamped to 0 and the noise alone overshoots.
+        if not isinstance(eta, (int, float)) or not 0 <= eta <= 1:
+            raise bad("eta", eta, "the DDIM noise scale must be a number in [0, 1] (0: deterministic, 1: DDPM-like)")
         if sampler != "ddim" and eta != 0:
             raise bad("eta", eta, f"applies to the ddim sampler only (sampler is {sampler})")
     if not isinstance(clip_x0, bool):
@@ -125,6 +126,10 @@ def check_arguments(T: int, *, n, batch_size=None, sampler="ddpm", steps=None, e
     for t in trajectory_at or ():
         if not is_int(t) or not 0 <= t < T:
             raise bad("trajectory_at", t, f"step indices must be integers in [0, T={T})")
+    # last: a value given is named before a default's consequence; else Diffusion.plan refuses it, a traceback
+    if steps is None and DEFAULT_STEPS.get(sampler, 0) > T:
+        raise bad("sampler", sampler, f"its default of {DEFAULT_STEPS[sampler]} steps exceeds the model's T={T}; "
+                                      f"give {'--steps' if cli else 'steps'} between 1 and {T}")
 
 
 def _resolve(model_or_path, T, diffusion, device, dtype):
@@ -357,7 +362,7 @@ def sample(model_or_checkpoint_path, n: int, *, T: int | None = None, diffusion:
     (EMA weights are used where it has them); with a bare model give ``T=`` (the paper's linear
     schedule over T steps) or ``diffusion=`` (any ``fastddpm.Diffusion``).
     ``sampler``: "ddpm" (eq. 5, all T steps), "ddim" (``steps`` strided steps, default 50; ``eta``
-    0 = deterministic) or "dpm++" (DPM-Solver++(2M), ``steps`` steps, default 20, deterministic).
+    in [0, 1], 0 = deterministic) or "dpm++" (DPM-Solver++(2M), ``steps`` steps, default 20, deterministic).
     ``clip_x0``: each step's predicted clean image clipped to [-1, 1] before the update (DDPM: eq. 5's
     mean written as the posterior's (Ho et al.'s eq. 7) from the clipped x0, as their released sampler;
     DDIM: diffusers' clip_sample, its default; DPM++: thresholding with the bound 1).
@@ -461,24 +466,28 @@ def describe_timings(t: dict) -> str:
     return f"{t['seconds']:.1f} s (compile/capture/first step {t['warmup_seconds']:.1f} s{steady}{engine}{layout})"
 
 
-def add_sampler_flags(p) -> None:
-    """How images are sampled: the flags shared by the sample, evaluate and study commands."""
-    p.add_argument("--sampler", choices=SAMPLERS, default="ddpm",
-                   help="ddpm: the paper's eq. 5 over all T steps (default); ddim: --steps strided steps; "
-                        "dpm++: DPM-Solver++(2M) in --steps steps")
-    p.add_argument("--steps", type=int, help="steps of the ddim (default 50) or dpm++ (default 20) sampler")
-    p.add_argument("--eta", type=float, help="DDIM eta (default 0: deterministic; 1: DDPM-like)")
-    p.add_argument("--clip-x0", action="store_true",
-                   help="clip each step's predicted clean image to [-1, 1] (DDPM: Ho et al.'s released sampler; "
-                        "DDIM: diffusers' default)")
-    p.add_argument("--engine", choices=ENGINES, default="auto",
-                   help="auto (default: on CUDA the measured fastest on this kind of card, see "
-                        "fastddpm/measured.py; eager elsewhere), eager, compiled, fast")
-    p.add_argument("--channels-last", dest="channels_last", action="store_const", const=True,
-                   help="sample with the network in NHWC (default: the layout the engine measured fastest in on "
-                        "this kind of card, or of CPU, see fastddpm/measured.py; NCHW where none was measured)")
-    p.add_argument("--no-channels-last", dest="channels_last", action="store_const", const=False,
-                   help="sample with the network in NCHW")
+def add_sampler_flags(p) -> list:
+    """How images are sampled: the flags shared by the sample, evaluate and study commands. Returns their
+    argparse actions (``fastddpm.errors.flags_given`` says which of them a command line set)."""
+    add = p.add_argument
+    return [
+        add("--sampler", choices=SAMPLERS, default="ddpm",
+            help="ddpm: the paper's eq. 5 over all T steps (default); ddim: --steps strided steps; "
+                 "dpm++: DPM-Solver++(2M) in --steps steps"),
+        add("--steps", type=int, help="steps of the ddim (default 50) or dpm++ (default 20) sampler"),
+        add("--eta", type=float, help="DDIM eta in [0, 1] (default 0: deterministic; 1: DDPM-like)"),
+        add("--clip-x0", action="store_true",
+            help="clip each step's predicted clean image to [-1, 1] (DDPM: Ho et al.'s released sampler; "
+                 "DDIM: diffusers' default)"),
+        add("--engine", choices=ENGINES, default="auto",
+            help="auto (default: on CUDA the measured fastest on this kind of card, see "
+                 "fastddpm/measured.py; eager elsewhere), eager, compiled, fast"),
+        add("--channels-last", dest="channels_last", action="store_const", const=True,
+            help="sample with the network in NHWC (default: the layout the engine measured fastest in on "
+                 "this kind of card, or of CPU, see fastddpm/measured.py; NCHW where none was measured)"),
+        add("--no-channels-last", dest="channels_last", action="store_const", const=False,
+            help="sample with the network in NCHW"),
+    ]
 
 
 def sampler_settings(a) -> dict:
@@ -524,7 +533,9 @@ def main(argv=None) -> int:
     a = p.parse_args(argv)
     device = check_device(a.device)
     from fastddpm.checkpoint import read_checkpoint
-    from fastddpm.images import save_grid
+    from fastddpm.images import check_png, save_grid
+
+    check_png(a.out, "--out")  # now, not after sampling
 
     T = read_checkpoint(a.checkpoint)["config"]["T"]
     settings = sampler_settings(a)

@@ -29,7 +29,7 @@ from fastddpm.sampling import add_sampler_flags, describe_sampler, sampler_setti
 PAPER_T = [100, 500, 1000, 2000]
 PAPER_DTYPES = ["fp32", "fp16", "fp16-noscaler", "bf16"]
 DTYPE_LABELS = {"fp32": "float32", "fp16": "float16", "fp16-noscaler": "float16, no grad scaler", "bf16": "bfloat16"}
-# With --preset tiny, the flags left unset take these values: a study that runs in minutes on a CPU.
+# With --preset tiny, the flags left unset take these values: a study sized for a CPU.
 TINY = {"T": [10, 25, 50, 100], "T_precision": 100, "n": 64, "train_size": 8192, "batch_size": 64, "val_size": 256,
         "lr": 1e-3, "n_samples": 16}
 TINY_FLAGS = ("n", "train_size", "batch_size", "val_size", "lr", "n_samples")
@@ -104,6 +104,12 @@ def train_row(a, row: Row, out: Path) -> int | None:
                                          TrainConfig.from_dict(ckpt["config"]), resumed=True)
             if cfg.grad_scaler != row.grad_scaler and cfg.dtype == "fp16":
                 raise UsageError(f"its fp16 run is {'with' if cfg.grad_scaler else 'without'} the grad scaler")
+            # fastddpm.train lets a resume change these; a study's rows must share them (and the table says them)
+            asked = settings_for(a)
+            for key in ("lr", "ema", "lr_drop_at"):
+                had, wants = ckpt["config"][key], getattr(asked, key)
+                if had != wants:
+                    raise UsageError(f"it trains with {key} {had:g}, the study asks {wants:g}")
         except UsageError as e:
             raise UsageError(f"{out} holds a different run ({e}); give another --out") from None
         if ckpt["epoch"] >= cfg.epochs:
@@ -112,6 +118,8 @@ def train_row(a, row: Row, out: Path) -> int | None:
         argv.append("--resume")
     print(f"== {row.name}: python -m fastddpm.train {' '.join(argv)}", flush=True)
     code = train.main(argv)
+    if code == 130:  # Ctrl-C in the training: the study stops as interrupted, not as a failed row
+        raise KeyboardInterrupt
     if code == 3:
         return diverged_step(out)
     if code:
@@ -269,7 +277,7 @@ def build_parser() -> ArgumentParser:
     tiny = (f"With --preset tiny, flags left unset default to a CPU-sized study: --T {' '.join(map(str, TINY['T']))} "
             f"(precision: --T {TINY['T_precision']}), "
             + ", ".join(f"--{k.replace('_', '-')} {TINY[k]}" for k in TINY_FLAGS)
-            + "; e.g. --preset tiny --data shapes --epochs 2 runs in minutes.")
+            + "; e.g. --preset tiny --data shapes --epochs 2 (a study sized for a CPU).")
     p = ArgumentParser(prog="python -m fastddpm.study", description=__doc__.split("\n\n")[0], epilog=tiny)
     sub = p.add_subparsers(dest="study", required=True, metavar="{timesteps,precision}")
     t = sub.add_parser("timesteps", parents=[common], help="Table 1: one model per number of diffusion steps",

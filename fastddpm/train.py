@@ -8,6 +8,7 @@ OUT/samples.png at the end.
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import datetime
 import json
@@ -102,11 +103,12 @@ def validation_loss(model, diffusion, images: torch.Tensor, batch_size: int, dty
     return total.item() / max(count, 1)
 
 
-def lr_at(cfg: TrainConfig, epoch: int, elapsed: float = 0.0) -> float:
+def lr_at(cfg: TrainConfig, epochs_done: float, elapsed: float = 0.0) -> float:
     """The paper's schedule: lr / 10 for the last 20 % of the run, which ends after cfg.epochs epochs or,
     with a time budget, after cfg.time_budget minutes of training, whichever comes first: the drop
-    comes at 80 % of either."""
-    late = epoch >= round(cfg.epochs * cfg.lr_drop_at)
+    comes at 80 % of either. ``epochs_done`` counts a started epoch's fraction, so that a short run drops
+    too (2 epochs: at 1.6, not never); at 500 epochs the drop is epoch 400's start, as in the paper."""
+    late = epochs_done >= cfg.epochs * cfg.lr_drop_at - 1e-9  # 3 * 0.8 is 2.4000000000000004 in floats
     if cfg.time_budget:
         late = late or elapsed >= cfg.lr_drop_at * cfg.time_budget * 60
     return cfg.lr / 10 if late else cfg.lr
@@ -214,7 +216,11 @@ class Trainer:
         self.scaler = torch.amp.GradScaler(device.type, enabled=use_scaler)
         self.ema = EMA(self.model, cfg.ema) if cfg.ema > 0 else None
         self.gen = torch.Generator(device).manual_seed(cfg.seed + 1_000_003 * rank)
-        train = data_mod.subset(data_mod.load_images(cfg.data, "train", progress=self.progress), cfg.train_size)
+        train = data_mod.load_images(cfg.data, "train", progress=self.progress)
+        if cfg.train_size > len(train):  # said, not refused: a study's tiny default asks 8,192 of any data
+            self.log(f"--train-size {cfg.train_size}: {data_mod.describe(cfg.data)} has {len(train):,} training "
+                     "images; training on all of them")
+        train = data_mod.subset(train, cfg.train_size)
         self.batches = data_mod.DeviceBatches(train, cfg.batch_size, device, seed=cfg.seed, rank=rank, world=world)
         val = (data_mod.subset(data_mod.load_images(cfg.data, "test", progress=self.progress), cfg.val_size)
                if cfg.val_size else None)
@@ -228,7 +234,7 @@ class Trainer:
         # Steady-state timing apart from the one-off first step of this process (compilation).
         self.steady_seconds, self.steady_steps, self.warmup_seconds = 0.0, 0, None
         self.train_seconds = 0.0  # the --time-budget clock: training wall time over all sessions of the run
-        self.last_good, self.saved_at = None, 0.0
+        self.last_good, self.saved_step, self.saved_at, self.restored = None, None, 0.0, False
         self.clock, self.clock_start = time.perf_counter, None  # the wall clock (tests give a fake one)
 
     # --- checkpoints ------------------------------------------------------------------------
@@ -263,7 +269,7 @@ class Trainer:
         if self.rank != 0:
             return
         save_checkpoint(self.payload(), self.out / CHECKPOINT)
-        self.last_good = (self.epoch, self.batch_in_epoch)
+        self.last_good, self.saved_step = (self.epoch, self.batch_in_epoch), self.step
 
     def restore(self, ckpt: dict) -> None:
         if "exported" in ckpt:
@@ -292,7 +298,7 @@ class Trainer:
         else:  # only rank 0's stream is saved; the others restart theirs, keyed by the step
             self.gen.manual_seed(self.cfg.seed + 1_000_003 * self.rank + self.step)
         torch.set_rng_state(ckpt["rng"]["torch"])
-        self.last_good = (self.epoch, self.batch_in_epoch)
+        self.last_good, self.saved_step, self.restored = (self.epoch, self.batch_in_epoch), self.step, True
 
     # --- the loop ---------------------------------------------------------------------------
     def _forward_backward(self, net, x0: torch.Tensor, scale_loss) -> torch.Tensor:
@@ -402,11 +408,22 @@ class Trainer:
             value = clock.item()
         return value
 
+    @property
+    def epoch_label(self) -> int:
+        """The epoch the latest step belongs to, numbered as the records number them (from 1): the epoch
+        in progress where one is, else the last one finished (0 before any)."""
+        return self.epoch + (1 if self.batch_in_epoch else 0)
+
+    @property
+    def epochs_done(self) -> float:
+        """Epochs trained, a started one by its fraction (the lr schedule's clock)."""
+        return self.epoch + self.batch_in_epoch / max(len(self.batches), 1)
+
     def budget_spent(self, elapsed: float) -> bool:
         return bool(self.cfg.time_budget) and elapsed >= self.cfg.time_budget * 60
 
     def set_lr(self, elapsed: float) -> float:
-        lr = lr_at(self.cfg, self.epoch, elapsed)
+        lr = lr_at(self.cfg, self.epochs_done, elapsed)
         for group in self.opt.param_groups:
             group["lr"] = lr
         return lr
@@ -414,7 +431,7 @@ class Trainer:
     def run_epoch(self) -> dict:
         """One epoch, or what the time budget leaves of it (then the record says "partial": true)."""
         cfg, steps = self.cfg, len(self.batches)
-        self.set_lr(self.shared_elapsed())
+        elapsed = self.shared_elapsed()  # the budget's clock as of the last check: one value on every rank
         indices = self.batches.epoch_indices(self.epoch)
         of = f" ({cfg.time_budget:g} min budget)" if cfg.time_budget else f"/{cfg.epochs}"
         bar = progress_bar(total=steps, initial=self.batch_in_epoch, desc=f"epoch {self.epoch + 1}{of}", unit="batch",
@@ -424,6 +441,9 @@ class Trainer:
         stopped = False
         while self.batch_in_epoch < steps:
             first = self.warmup_seconds is None
+            # Each step's lr: the drop at 80 % of the epochs comes at its step (mid-epoch too, the same step on
+            # a resume), the budget's 80 % mark at the first step after the check that passed it.
+            self.set_lr(elapsed)
             loss = self.train_step(self.batches.batch(indices[self.batch_in_epoch], self.gen))
             if first:  # compilation happens in this process's first step: time it apart
                 loss.item()
@@ -437,9 +457,8 @@ class Trainer:
             if n == CHECK_EVERY or at_end or (cfg.ckpt_every and self.step % cfg.ckpt_every == 0):
                 self._check(window, n, bar)
                 window, n = torch.zeros((), device=self.device), 0
-                now = self.shared_elapsed()
-                self.set_lr(now)  # the budget's 80 % mark falls between two checks at most CHECK_EVERY steps late
-                stopped = self.budget_spent(now) and not at_end
+                elapsed = self.shared_elapsed()  # the budget's 80 % mark is passed at most CHECK_EVERY steps late
+                stopped = self.budget_spent(elapsed) and not at_end
                 if stopped:
                     break
                 if cfg.ckpt_every and self.step % cfg.ckpt_every == 0 and not at_end:
@@ -457,7 +476,8 @@ class Trainer:
             "lr": self.opt.param_groups[0]["lr"],
             # steady state: the first step of a process (compilation) is excluded, and reported apart
             "images_per_s": (self.steady_steps * cfg.batch_size * self.world / self.steady_seconds
-                             if self.steady_seconds > 0 else seen / max(self.epoch_seconds, 1e-9)),
+                             if self.steady_steps and self.steady_seconds > 0  # else: the first step is all there is
+                             else seen / max(self.epoch_seconds, 1e-9)),
             "epoch_seconds": self.epoch_seconds,
             "elapsed_seconds": self.elapsed(),
             "train_images": len(self.batches.data),
@@ -483,15 +503,17 @@ class Trainer:
 
     def fit(self) -> list[dict]:
         cfg = self.cfg
-        records = [r for r in read_metrics(self.out) if r.get("epoch", 0) <= self.epoch and "event" not in r
-                   and not r.get("partial")]
-        self.write_metrics(records)  # drop records logged after the checkpoint we resumed from
+        # The history so far: every event, and the epoch records up to the checkpoint's step (a record logged
+        # after it, by a session that stopped before saving, describes steps this one trains again).
+        records = [r for r in read_metrics(self.out) if "event" in r or r.get("step", 0) <= self.step
+                   ] if self.restored else []  # a fresh run (the last one in OUT never saved) starts its own
         title = f"{data_mod.describe(cfg.data)}, T={cfg.T}, {cfg.dtype}, preset {cfg.preset}"
+        self.write_metrics(records, plot_title=title if any("event" not in r for r in records) else None)
         self.clock_start = self.clock()
         try:
             checked = False
             if self.checks_compiled_step and self.epoch < cfg.epochs and not self.budget_spent(self.elapsed()):
-                records.append({"event": "compile_check", "epoch": self.epoch, "step": self.step,
+                records.append({"event": "compile_check", "epoch": self.epoch_label, "step": self.step,
                                 **self.check_compiled_step()})
                 self.write_metrics(records)
                 checked = True
@@ -506,7 +528,8 @@ class Trainer:
                                  now - self.saved_at >= cfg.ckpt_minutes * 60 or
                                  # run_epoch leaves a --ckpt-every step that ends an epoch to this save
                                  (cfg.ckpt_every and self.step % cfg.ckpt_every == 0))
-                records.append(record)
+                # An epoch's latest record stands for it: a partial one from an earlier session is superseded.
+                records = [r for r in records if "event" in r or r["epoch"] != record["epoch"]] + [record]
                 # The record before the checkpoint: a crash between them leaves a record --resume drops
                 # (it is past the checkpoint), not a checkpoint whose epoch has no record.
                 self.write_metrics(records, plot_title=title)
@@ -514,8 +537,9 @@ class Trainer:
                     self.save()
                     self.saved_at = now
                 val = f"{record['val_loss']:.4f}" if record["val_loss"] is not None else "off"
-                warm = (f" (first step {record['warmup_seconds']:.1f} s"  # the check compiled, where it ran
-                        f"{'' if self.checks_compiled_step else ', compilation included'}, not counted)"
+                compiling = self.compiled and not self.checks_compiled_step  # (the check compiled, where it ran)
+                warm = (f" (first step {record['warmup_seconds']:.1f} s"
+                        f"{', compilation included' if compiling else ''}, not counted)"
                         if "warmup_seconds" in record else "")
                 of = "" if cfg.time_budget else f"/{cfg.epochs}"  # with a budget, the epochs are only a cap
                 what = (f"epoch {record['epoch']} (partial, at step {record['step']})" if record.get("partial")
@@ -527,14 +551,17 @@ class Trainer:
             if not end_saved:
                 self.save()
             if self.budget_spent(now):
-                records.append({"event": "time_budget", "budget_minutes": cfg.time_budget,
-                                "elapsed_seconds": self.elapsed(), "epoch": self.epoch, "step": self.step,
-                                "images_seen": self.step * cfg.batch_size * self.world})
-                self.write_metrics(records)
+                # One record a stop: a re-run of the same budget that trained nothing adds none
+                if not any(r.get("event") == "time_budget" and (r["step"], r["budget_minutes"]) ==
+                           (self.step, cfg.time_budget) for r in records):
+                    records.append({"event": "time_budget", "budget_minutes": cfg.time_budget,
+                                    "elapsed_seconds": self.elapsed(), "epoch": self.epoch_label, "step": self.step,
+                                    "images_seen": self.step * cfg.batch_size * self.world})
+                    self.write_metrics(records)
                 self.log(f"time budget of {cfg.time_budget:g} min spent ({self.elapsed() / 60:.2f} min of training, "
                          f"step {self.step}); continue with --resume and a larger --time-budget")
         except DivergenceError as e:
-            records.append({"event": "diverged", "epoch": self.epoch + 1, "step": self.step, "reason": str(e)})
+            records.append({"event": "diverged", "epoch": self.epoch_label, "step": self.step, "reason": str(e)})
             self.write_metrics(records)
             raise
         if self.world > 1:
@@ -614,7 +641,7 @@ def build_parser() -> ArgumentParser:
                         "run's end, and every --ckpt-every step, are always checkpointed")
     p.add_argument("--n-samples", type=int, help=f"images in OUT/samples.png at the end (default {d.n_samples})")
     p.add_argument("--val-size", type=int, help=f"validation images for the val loss (default {d.val_size})")
-    p.add_argument("--train-size", type=int, help="train on a fixed random subset of N images (default: all)")
+    p.add_argument("--train-size", type=int, help="train on a fixed random subset of N images (default, or 0: all)")
     p.add_argument("--out", default="runs/default", help="output directory (default runs/default)")
     p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
     p.add_argument("--device", help="default: cuda if available, else cpu (under torchrun: cuda:LOCAL_RANK)")
@@ -644,13 +671,18 @@ def config_from_args(args, base: TrainConfig, resumed: bool) -> TrainConfig:
     if resumed:
         for key in FIXED_ON_RESUME:
             if key in given and given[key] != getattr(base, key):
-                flag = "--no-grad-scaler" if key == "grad_scaler" else f"--{key.replace('_', '-')}"
-                raise UsageError(f"{flag} {given[key]} disagrees with the checkpoint's {getattr(base, key)}; "
-                                 f"drop {flag} to resume it, or train into a new --out")
+                flag, what = ((f"--{key.replace('_', '-')}", f"{given[key]} disagrees with the checkpoint's "
+                               f"{getattr(base, key)}") if key != "grad_scaler" else  # a flag without a value
+                              ("--no-grad-scaler", "disagrees with the checkpoint, whose run trains with the "
+                               "gradient scaler"))
+                raise UsageError(f"{flag} {what}; drop {flag} to resume it, or train into a new --out")
     # How to run fast (compile and its mode, kernels, layout) is this run's choice, not the checkpoint's.
     speed = {k: getattr(TrainConfig(), k) for k in ("compile", "compile_mode", "kernels", "channels_last")}
     cfg = TrainConfig.from_dict({**base.to_dict(), **speed, **given})
     cfg.validate()
+    if given.get("grad_scaler") is False and cfg.dtype != "fp16":  # here, not in validate: old checkpoints load
+        raise UsageError(f"--no-grad-scaler with --dtype {cfg.dtype}: the gradient scaler is fp16's; give it with "
+                         "--dtype fp16")
     return cfg
 
 
@@ -708,6 +740,17 @@ def main(argv=None) -> int:
 
 
 def _train(args, out: Path, rank: int, world: int, device: torch.device) -> int:
+    created = not out.exists()
+    try:
+        return _run(args, out, rank, world, device)
+    except UsageError:
+        if created:  # a run refused before it wrote anything leaves no empty OUT behind
+            with contextlib.suppress(OSError):
+                out.rmdir()
+        raise
+
+
+def _run(args, out: Path, rank: int, world: int, device: torch.device) -> int:
     ckpt = prepare_out(out, args.resume)
     base = TrainConfig.from_dict(ckpt["config"]) if ckpt else TrainConfig()
     cfg = config_from_args(args, base, resumed=ckpt is not None)
@@ -721,7 +764,17 @@ def _train(args, out: Path, rank: int, world: int, device: torch.device) -> int:
     trainer = Trainer(cfg, out, device, progress=progress, rank=rank, world=world)
     if ckpt:
         trainer.restore(ckpt)
-        trainer.log(f"resuming {out / CHECKPOINT} at epoch {trainer.epoch + 1}, step {trainer.step}")
+        if trainer.epoch >= cfg.epochs:
+            trainer.log(f"{out / CHECKPOINT} has finished its epochs ({trainer.epoch}, step {trainer.step}): "
+                        f"nothing to train; raise --epochs to train on")
+        else:
+            trainer.log(f"resuming {out / CHECKPOINT} at epoch {trainer.epoch + 1}, step {trainer.step}")
+            was, its_lr = ckpt["optimizer"]["param_groups"][0]["lr"], ckpt["config"]["lr"]
+            lr = lr_at(cfg, trainer.epochs_done, trainer.train_seconds)
+            if was < its_lr and lr > was:  # the schedule follows this session's --epochs / --time-budget
+                trainer.log(f"lr back up to {lr:.1e} (the checkpoint's run had dropped it to {was:.1e}): the drop "
+                            f"now comes at {cfg.lr_drop_at:.0%} of the new --epochs or --time-budget, whichever "
+                            "is first")
     n_params = sum(p.numel() for p in trainer.model.parameters())
     trainer.log(f"training {cfg.preset} U-Net ({n_params:,} parameters) on {data_mod.describe(cfg.data)} "
                 f"({len(trainer.batches.data)} images), T={cfg.T}, {cfg.dtype}"
@@ -729,6 +782,12 @@ def _train(args, out: Path, rank: int, world: int, device: torch.device) -> int:
                 f"{f' x {world} processes (DDP)' if world > 1 else ''}")
     try:
         trainer.fit()
+    except KeyboardInterrupt:
+        if rank == 0:
+            kept = (f"{out / CHECKPOINT} (step {trainer.saved_step}) is kept; continue with --resume"
+                    if trainer.saved_step is not None else "no checkpoint was written this session")
+            sys.stderr.write(f"interrupted at step {trainer.step}: {kept}\n")
+        return 130
     except CompiledStepError as e:
         sys.stderr.write(f"error: {e}\n")
         return 4
@@ -738,7 +797,7 @@ def _train(args, out: Path, rank: int, world: int, device: torch.device) -> int:
         hint = ("; fp16 needs the gradient scaler (drop --no-grad-scaler) or use --dtype bf16"
                 if cfg.dtype == "fp16" and not cfg.grad_scaler else "; try a lower --lr")
         if rank == 0:
-            sys.stderr.write(f"error: training diverged at step {trainer.step} (epoch {trainer.epoch + 1}): {e}; "
+            sys.stderr.write(f"error: training diverged at step {trainer.step} (epoch {trainer.epoch_label}): {e}; "
                              f"last good checkpoint: {where}{hint}\n")
         return 3
     path = trainer.write_samples()

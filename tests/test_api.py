@@ -69,7 +69,9 @@ def _bad_calls(model, tmp_path):
         (S, (model, 2), {**ok, "sampler": "ddim", "steps": 0}, ["steps=0", "between 1 and", "T=10"]),
         (S, (model, 2), {**ok, "sampler": "dpm++", "steps": 11}, ["steps=11", "between 1 and", "T=10"]),
         (S, (model, 2), {**ok, "steps": 5}, ["steps=5", "ddpm sampler runs all T=10"]),
-        (S, (model, 2), {**ok, "sampler": "ddim", "eta": -1.0}, ["eta=-1.0", ">= 0"]),
+        (S, (model, 2), {**ok, "sampler": "ddim"}, ["sampler='ddim'", "default of 50 steps", "T=10", "give steps"]),
+        (S, (model, 2), {**ok, "sampler": "ddim", "eta": -1.0}, ["eta=-1.0", "[0, 1]"]),
+        (S, (model, 2), {**ok, "sampler": "ddim", "eta": 5}, ["eta=5", "[0, 1]"]),
         (S, (model, 2), {**ok, "sampler": "dpm++", "eta": 0.5}, ["eta=0.5", "ddim sampler only"]),
         (S, (model, 2), {**ok, "engine": "turbo"}, ["engine='turbo'", "eager"]),
         (S, (model, 2), {**ok, "noise": "white"}, ["noise='white'", "philox"]),
@@ -92,6 +94,7 @@ def _bad_calls(model, tmp_path):
         (fastddpm.save_grid, (images.float(), tmp_path / "g.png"), {}, ["float32", "uint8"]),
         (fastddpm.save_grid, (images, tmp_path / "g.png"), {"nrow": 0}, ["nrow=0", ">= 1"]),
         (fastddpm.save_grid, (images, tmp_path / "g.png"), {"scale": 0}, ["scale=0", ">= 1"]),
+        (fastddpm.save_grid, (images, tmp_path / "g.jpg"), {}, ["g.jpg", "written as PNG", ".png"]),
         (fastddpm.load_checkpoint, (tmp_path / "none.pt",), {}, ["none.pt", "no such file"]),
         (fastddpm.load_checkpoint, (tmp_path / "none.pt",), {"device": "gpu0"}, ["device='gpu0'", "cpu, cuda"]),
     ]

@@ -1,3 +1,5 @@
+import re
+
 import pytest
 import torch
 
@@ -88,3 +90,32 @@ def test_damaged_checkpoints_are_one_line_errors(trainer, tmp_path, damage):
     with pytest.raises(UsageError, match="damaged fastddpm checkpoint") as err:
         load_checkpoint(tmp_path / "damaged.pt")
     assert "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize("content", ["text", "truncated"])
+def test_unreadable_files_are_named_without_torchs_text(tmp_path, content):
+    """No pickle opcode ("101" for a text file) nor torch's long zip message, cut off mid-word."""
+    path = tmp_path / "bad.pt"
+    torch.save({"weights": torch.zeros(1000)}, path)
+    path.write_bytes(b"hello\n" if content == "text" else path.read_bytes()[:500])
+    with pytest.raises(UsageError) as err:
+        read_checkpoint(path)
+    assert str(err.value) == (f"checkpoint {path}: not a fastddpm checkpoint (truncated or foreign file); point at a "
+                              "file written by fastddpm.train")
+
+
+def test_a_directory_is_not_a_checkpoint(tmp_path):
+    expected = f"checkpoint {tmp_path}: is a directory; give a checkpoint file in it, e.g. {tmp_path / 'checkpoint.pt'}"
+    with pytest.raises(UsageError, match=f"^{re.escape(expected)}$"):
+        read_checkpoint(tmp_path)
+
+
+def test_an_unreadable_checkpoint_says_so(tmp_path, monkeypatch):
+    """Not "truncated or foreign": the file may be fine (tests run as root, so torch.load is made to refuse)."""
+    def refuse(*args, **kwargs):
+        raise PermissionError(13, "Permission denied")
+
+    (tmp_path / "c.pt").write_bytes(b"x")
+    monkeypatch.setattr(torch, "load", refuse)
+    with pytest.raises(UsageError, match=r"c\.pt: permission denied; make it readable$"):
+        read_checkpoint(tmp_path / "c.pt")

@@ -1,4 +1,5 @@
 """Every bad input: exit code 2 and one line naming the problem and the fix, never a traceback."""
+import shutil
 import subprocess
 import sys
 
@@ -42,10 +43,12 @@ def _one_line_error(code, err, *words):
     (["--device", "cuda:7"] if not torch.cuda.is_available() else ["--device", "tpu"], ["--device"]),
     (["--lr", "abc"], ["--lr", "invalid float"]),
     (["--compile-mode", "fastest"], ["--compile-mode fastest", "reduce-overhead"]),
+    (["--dtype", "bf16", "--no-grad-scaler"], ["--no-grad-scaler with --dtype bf16", "--dtype fp16"]),
 ])
 def test_bad_train_flags(tmp_path, argv, words):
     code, _, err = run_main(train_mod.main, SMALL + ["--out", str(tmp_path / "o")] + argv)
     _one_line_error(code, err, *words)
+    assert not (tmp_path / "o").exists()  # a refused fresh run leaves no empty OUT behind
 
 
 def test_unwritable_out(tmp_path):
@@ -69,6 +72,24 @@ def test_resume_with_disagreeing_T_or_nothing_to_resume(run_dir, tmp_path):
     _one_line_error(code, err, "--resume", "no checkpoint.pt")
 
 
+def test_resuming_a_finished_run_says_so(run_dir, tmp_path):
+    shutil.copytree(run_dir, tmp_path / "run")  # a copy: resuming rewrites the metrics the other tests share
+    code, out, _ = run_main(train_mod.main, SMALL + ["--out", str(tmp_path / "run"), "--resume"])
+    assert code == 0 and "has finished its epochs (1, step 2): nothing to train; raise --epochs" in out, out
+
+
+def test_ctrl_c_names_the_checkpoint_kept(run_dir, tmp_path, monkeypatch):
+    def interrupted(trainer):
+        trainer.save()
+        trainer.step += 3
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(train_mod.Trainer, "fit", interrupted)
+    code, _, err = run_main(train_mod.main, SMALL + ["--out", str(tmp_path / "o")])
+    assert code == 130 and err.count("\n") == 1, err
+    assert f"interrupted at step 3: {tmp_path / 'o' / 'checkpoint.pt'} (step 0) is kept; continue with --resume" in err
+
+
 @pytest.mark.parametrize("content", ["truncated", "foreign-zip", "foreign-pickle", "text"])
 def test_bad_checkpoint_files(run_dir, tmp_path, content):
     good = (run_dir / "checkpoint.pt").read_bytes()
@@ -79,7 +100,8 @@ def test_bad_checkpoint_files(run_dir, tmp_path, content):
     else:
         path.write_bytes(bad)
     code, _, err = run_main(sample_mod.main, ["--checkpoint", str(path), "--out", str(tmp_path / "g.png")])
-    _one_line_error(code, err, str(path))
+    unreadable = ["not a fastddpm checkpoint (truncated or foreign file); point at"]  # no torch text, cut or not
+    _one_line_error(code, err, str(path), *(unreadable if content in ("truncated", "text") else []))
     out = tmp_path / "resume"
     out.mkdir()
     (out / "checkpoint.pt").write_bytes(path.read_bytes())
@@ -107,6 +129,22 @@ def test_sample_cli_writes_grid_and_npz(run_dir, tmp_path):
     assert (tmp_path / "g.png").is_file()
     code, _, err = run_main(sample_mod.main, ["--checkpoint", str(run_dir / "checkpoint.pt"), "--n", "0"])
     _one_line_error(code, err, "--n 0")
+
+
+@pytest.mark.parametrize("argv,words", [
+    (["--out", "{tmp}/g.jpg"], ["--out {tmp}/g.jpg", "written as PNG", ".png"]),  # never PNG bytes named .jpg
+    (["--sampler", "ddim", "--steps", "4", "--eta", "5"], ["--eta 5.0", "[0, 1]"]),
+    (["--sampler", "dpm++"], ["--sampler dpm++", "default of 20 steps", "T=10", "--steps between 1 and 10"]),
+    (["--checkpoint", "{run}"], ["{run}: is a directory", "e.g. {run}/checkpoint.pt"]),
+])
+def test_bad_sample_flags(run_dir, tmp_path, argv, words):
+    def fill(items):
+        return [w.format(tmp=tmp_path, run=run_dir) for w in items]
+
+    code, _, err = run_main(sample_mod.main, ["--checkpoint", str(run_dir / "checkpoint.pt"), "--n", "2",
+                                              "--out", str(tmp_path / "g.png"), "--no-progress", *fill(argv)])
+    _one_line_error(code, err, *fill(words))
+    assert list(tmp_path.iterdir()) == []  # refused before sampling: nothing written
 
 
 def test_real_process_exit_codes(tmp_path):

@@ -1,4 +1,5 @@
 import pickle
+import re
 import zipfile
 
 import numpy as np
@@ -65,6 +66,16 @@ def test_missing_path_and_empty_folder(tmp_path):
     with pytest.raises(UsageError, match="train/<class>"):
         data.load_images(str(tmp_path / "empty"))
     assert data.load_images(str(tmp_path / "empty"), "test") is None  # no test split: no validation set
+    (tmp_path / "no-images" / "train").mkdir(parents=True)
+    with pytest.raises(UsageError, match=re.escape(f"no .png/.jpg images under {tmp_path}/no-images/train/<class>/")):
+        data.load_images(str(tmp_path / "no-images"))
+
+
+def test_missing_jpeg_copy_names_the_folder_looked_in(tmp_path, monkeypatch):
+    monkeypatch.setenv("FASTDDPM_DATA", str(tmp_path / "elsewhere"))
+    looked = re.escape(f"(looked for {tmp_path}/elsewhere/cifar10-jpeg; set FASTDDPM_DATA")
+    with pytest.raises(UsageError, match=looked):
+        data.load_images("cifar10-jpeg")
 
 
 def test_official_python_batches(tmp_path):
@@ -81,6 +92,12 @@ def test_official_python_batches(tmp_path):
     # the official layout is channel-major: R plane, G plane, B plane
     np.testing.assert_array_equal(train[0, :, :, 1], raw["data_batch_1"][0, 1024:2048].reshape(32, 32))
     assert data.load_images(str(folder), "test").shape == (4, 32, 32, 3)
+    # an empty (truncated) or a text batch: a one-line error, not EOFError's traceback nor a pickle opcode
+    for content in (b"", b"hello\n"):
+        (folder / "data_batch_3").write_bytes(content)
+        with pytest.raises(UsageError, match=r"data_batch_3 is not a CIFAR-10 python batch \(truncated or foreign "
+                                             r"file\); re-extract cifar-10-python.tar.gz$"):
+            data.load_images(str(folder), "train")
 
 
 def test_cifar10_offline_gives_one_line_naming_data(monkeypatch):

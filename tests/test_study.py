@@ -109,13 +109,28 @@ def test_bad_input_is_one_line_and_exit_2(tmp_path, argv):
 
 
 @needs_inception
-def test_a_different_run_in_the_row_folder_is_refused(tmp_path, monkeypatch):
+@pytest.mark.parametrize("run", [["--T", "7", "--lr", "1e-3"],  # T=7 where the study expects T=5
+                                 ["--T", "5", "--lr", "2e-3"],  # a finished run of another lr: no reuse
+                                 ["--T", "5", "--lr", "1e-3", "--ema", "0.99"]])
+def test_a_different_run_in_the_row_folder_is_refused(tmp_path, monkeypatch, run):
     monkeypatch.setenv("FASTDDPM_CACHE", str(tmp_path / "cache"))
     from fastddpm.train import main as train_main
 
-    argv = ["--data", "shapes", "--preset", "tiny", "--T", "7", "--epochs", "1", "--train-size", "32",
+    argv = ["--data", "shapes", "--preset", "tiny", *run, "--epochs", "1", "--train-size", "32",
             "--batch-size", "16", "--val-size", "16", "--n-samples", "0", "--no-progress",
             "--out", str(tmp_path / "T5")]
-    assert run_main(train_main, argv)[0] == 0  # T=7 where the study expects T=5
+    assert run_main(train_main, argv)[0] == 0
     code, _, err = run_main(study.main, ["timesteps", "--T", "5", *small(tmp_path)])
     assert code == 2 and "holds a different run" in err and err.count("\n") == 1, err
+
+
+@needs_inception
+def test_ctrl_c_in_a_row_s_training_stops_the_study_as_interrupted(tmp_path, monkeypatch):
+    """fastddpm.train returns 130 on Ctrl-C (its message says which checkpoint is kept): the study exits
+    as interrupted (130), not as a failed row (2)."""
+    from fastddpm import train
+
+    monkeypatch.setenv("FASTDDPM_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(train, "main", lambda argv: 130)
+    code, _, err = run_main(study.main, ["timesteps", "--T", "5", *small(tmp_path)])
+    assert code == 130 and "failed" not in err, err

@@ -1,3 +1,4 @@
+import contextlib
 import json
 
 import pytest
@@ -179,6 +180,43 @@ def test_lr_is_divided_by_10_for_the_last_20_percent_of_epochs():
     assert [train_mod.lr_at(cfg, e) for e in (0, 399)] == [2e-4, 2e-4]
     assert [train_mod.lr_at(cfg, e) for e in (400, 499)] == pytest.approx([2e-5, 2e-5])
     assert train_mod.lr_at(tiny_config(epochs=5, lr=1e-3), 4) == pytest.approx(1e-4)
+    # a short run drops too, mid-epoch: 80 % of 2 epochs is 1.6 (epoch-granular rounding never dropped it)
+    two = tiny_config(epochs=2, lr=1e-3)
+    assert [train_mod.lr_at(two, e) for e in (1.59, 1.6)] == pytest.approx([1e-3, 1e-4])
+
+
+def test_the_lr_drops_at_its_step_mid_epoch_and_a_resume_keeps_that_step(tmp_path):
+    """2 epochs of 7 steps: the drop at 1.6 epochs comes before the 13th step (after 5 of the second
+    epoch's 7 batches), in one run and in one interrupted after its checkpoint at step 9, then resumed."""
+    cfg = tiny_config(epochs=2, train_size=112, batch_size=16, val_size=0, lr=1e-3, ckpt_every=9)
+
+    def lrs(trainer, stop_at=None):
+        seen, real_step = [], trainer.train_step
+
+        def step(x0):
+            if trainer.step == stop_at:
+                raise KeyboardInterrupt
+            seen.append(trainer.opt.param_groups[0]["lr"])
+            return real_step(x0)
+
+        trainer.train_step = step
+        with contextlib.suppress(KeyboardInterrupt):
+            trainer.fit()
+        return seen
+
+    whole = lrs(Trainer(cfg, tmp_path / "whole", torch.device("cpu"), progress=False))
+    assert whole == pytest.approx([1e-3] * 12 + [1e-4] * 2)
+    assert lrs(Trainer(cfg, tmp_path / "r", torch.device("cpu"), progress=False), stop_at=10) == whole[:10]
+    resumed = Trainer(cfg, tmp_path / "r", torch.device("cpu"), progress=False)
+    resumed.restore(read_checkpoint(tmp_path / "r" / "checkpoint.pt"))
+    assert resumed.step == 9 and lrs(resumed) == pytest.approx(whole[9:])
+
+
+def test_a_train_size_above_the_data_s_is_said_and_trains_on_all(tmp_path, capsys):
+    trainer = Trainer(tiny_config(train_size=100_000), tmp_path, torch.device("cpu"), progress=False)
+    assert len(trainer.batches.data) == 8192
+    said = "--train-size 100000: shapes (procedural) has 8,192 training images; training on all of them"
+    assert said in capsys.readouterr().out
 
 
 def test_ema_lerp_matches_the_formula():
@@ -451,8 +489,9 @@ class _FakeClock:
 
 
 def _budgeted(tmp_path, budget_minutes, clock, resume=None, **overrides):
-    cfg = tiny_config(time_budget=budget_minutes, epochs=10_000, train_size=112, batch_size=16, val_size=0,
-                      **overrides)  # 7 steps an epoch: budget checks fall at epoch ends and every 10 steps
+    # 7 steps an epoch by default: budget checks fall at epoch ends and every 10 steps
+    cfg = tiny_config(**{**dict(time_budget=budget_minutes, epochs=10_000, train_size=112, batch_size=16, val_size=0),
+                         **overrides})
     trainer = Trainer(cfg, tmp_path, torch.device("cpu"), progress=False)
     if resume:
         trainer.restore(read_checkpoint(tmp_path / "checkpoint.pt"))
@@ -493,8 +532,26 @@ def test_time_budget_stops_the_run_drops_the_lr_at_80_percent_and_resumes_its_cl
     assert seen[0][1] == pytest.approx(1e-3)  # 80 % of 90 s is 72 s: full lr again until then
     assert next(t for t, lr in seen if lr < 1e-3) >= 72
     metrics = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
-    assert [r["event"] for r in metrics if "event" in r] == ["time_budget"]  # the first stop's record is replaced
+    assert [r["step"] for r in metrics if r.get("event") == "time_budget"] == [stopped_at, again.step]  # both stops
     assert metrics[-1]["elapsed_seconds"] >= 90
+
+
+def test_a_resume_keeps_the_history_and_an_epoch_s_latest_record_stands_for_it(tmp_path):
+    """40-step epochs, a 15 s budget: the run stops at the check of step 20 with a partial record of epoch
+    1. A re-run that trains nothing keeps it (and adds no second stop) and redraws the loss plot; a
+    larger budget trains on, and the epoch's new partial record at step 30 supersedes the one of step 20."""
+    def session(minutes, resume=None):
+        trainer, _ = _budgeted(tmp_path, minutes, _FakeClock(), resume=resume, train_size=640)
+        trainer.fit()
+        return read_metrics(tmp_path)
+
+    first = session(0.25)
+    assert [(r.get("event"), r["epoch"], r["step"], r.get("partial")) for r in first] == [
+        (None, 1, 20, True), ("time_budget", 1, 20, None)]  # the stop names the epoch it cut, as the record
+    (tmp_path / "loss.png").unlink()
+    assert session(0.25, resume=True) == first and (tmp_path / "loss.png").is_file()
+    third = session(0.5, resume=True)
+    assert [(r.get("event"), r["step"]) for r in third] == [("time_budget", 20), (None, 30), ("time_budget", 30)]
 
 
 def test_ckpt_minutes_spaces_epoch_end_checkpoints_and_the_end_is_always_saved(tmp_path, monkeypatch):
