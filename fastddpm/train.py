@@ -504,9 +504,10 @@ class Trainer:
     def fit(self) -> list[dict]:
         cfg = self.cfg
         # The history so far: every event, and the epoch records up to the checkpoint's step (a record logged
-        # after it, by a session that stopped before saving, describes steps this one trains again).
-        records = [r for r in read_metrics(self.out) if "event" in r or r.get("step", 0) <= self.step
-                   ] if self.restored else []  # a fresh run (the last one in OUT never saved) starts its own
+        # after it, by a session that stopped before saving, describes steps this one trains again). A fresh
+        # run starts its own (a metrics file beside no checkpoint is a run that never saved).
+        history = read_metrics(self.out) if self.restored else []
+        records = [r for r in history if "event" in r or r.get("step", 0) <= self.step]
         title = f"{data_mod.describe(cfg.data)}, T={cfg.T}, {cfg.dtype}, preset {cfg.preset}"
         self.write_metrics(records, plot_title=title if any("event" not in r for r in records) else None)
         self.clock_start = self.clock()
