@@ -20,8 +20,9 @@
 # Opt-in stages: profile (bench.profile_step -> profile.json), tune (bench.tune_groupnorm ->
 # tune.json) and batch (bench/test_train_batch.py: training images/s at batch 64 to 1,024, eager and
 # compiled, into the same JSON), e.g. BENCH_STAGES="tests tune profile" or "tests batch".
-# Knobs: BENCH_BUDGET_S (default 530: the whole script), BENCH_STAGES (default "tests train sample
-# kernels"), TRAIN_DTYPES / SAMPLE_DTYPES (default bf16,fp32), KERNEL_DTYPES (default bf16),
+# Knobs: BENCH_BUDGET_S (default 530: the whole script), BENCH_TEST_WORKERS (the native tests'
+# pytest-xdist workers, default 8), BENCH_STAGES (default "tests train sample kernels"),
+# TRAIN_DTYPES / SAMPLE_DTYPES (default bf16,fp32), KERNEL_DTYPES (default bf16),
 # BATCH_DTYPES (default bf16), TRAIN_CAP_S / SAMPLE_CAP_S / KERNEL_CAP_S / PROFILE_CAP_S / TUNE_CAP_S /
 # BATCH_CAP_S (seconds per stage),
 # TUNE_ARGS (bench.tune_groupnorm's sweep, default its full grid; e.g. "--lane 0 --tile 2048 --programs 528
@@ -85,7 +86,7 @@ bench() {  # bench NAME CAP DTYPES: one bench module, through pytest-benchmark o
 RESIDENT_OK=1  # the resident GroupNorm path (off by default) passed its native tests: the tune may sweep it
 native_tests() {
   local workers=() rc
-  "$PY" -c "import xdist" 2>/dev/null && workers=(-n 8)
+  "$PY" -c "import xdist" 2>/dev/null && workers=(-n "${BENCH_TEST_WORKERS:-8}")
   # Tests, not timings: the runs may share the GPU. The graph test, then the resident GroupNorm path's
   # tests (a path no bench case runs unless the tune turns it on), log to their own files.
   (LOG="$DEST/graph-test.log"; : >"$LOG"
