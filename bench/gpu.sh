@@ -14,7 +14,8 @@
 # Writes into $OUT when set (the device tool's output folder), else bench/results/:
 #   <date>-<card>.json        (commit it as bench/results/<date>-<card>.json)
 #   report.md                 (python -m bench.report on that JSON)
-#   bench.log (everything printed), graph-test.log (the CUDA-graph test), nvidia-smi.txt
+#   bench.log (everything printed), graph-test.log (the CUDA-graph test), resident-tests.log (the resident
+#   GroupNorm path's native tests, whole), nvidia-smi.txt
 # Usage, from the repository root (the GPU machine's copy has no .git, so pass the commit in):
 #   FASTDDPM_GIT_COMMIT=$(git rev-parse HEAD) bash bench/gpu.sh
 # Opt-in stages: profile (bench.profile_step -> profile.json), tune (bench.tune_groupnorm ->
@@ -87,15 +88,17 @@ RESIDENT_OK=1  # the resident GroupNorm path (off by default) passed its native 
 native_tests() {
   local workers=() rc
   "$PY" -c "import xdist" 2>/dev/null && workers=(-n "${BENCH_TEST_WORKERS:-8}")
-  # Tests, not timings: the runs may share the GPU. The graph test, then the resident GroupNorm path's
-  # tests (a path no bench case runs unless the tune turns it on), log to their own files.
+  # Tests, not timings: the runs may share the GPU. The graph test and the resident GroupNorm path's
+  # tests (a path no bench case runs unless the tune turns it on) beside them, each into its own file.
   (LOG="$DEST/graph-test.log"; : >"$LOG"
    stage "CUDA-graph sampling test (native)" 200 "$PY" -m pytest -q -rA -p no:cacheprovider tests/test_engine.py \
      -k cuda_graph >/dev/null 2>&1
-   echo $? >"$WORK/graph-test.rc"
-   timeout -k 10 180 "$PY" -m pytest -q -x -p no:cacheprovider tests/test_kernels_groupnorm_gelu.py -k resident \
-     >"$WORK/resident-tests.log" 2>&1; echo "exit $?" >>"$WORK/resident-tests.log") &
+   echo $? >"$WORK/graph-test.rc") &
   local graph=$!
+  # every resident test (no -x), its log whole in $DEST: a failure's message comes back
+  (timeout -k 10 180 "$PY" -m pytest -q -p no:cacheprovider tests/test_kernels_groupnorm_gelu.py -k resident \
+     >"$DEST/resident-tests.log" 2>&1; echo "exit $?" >>"$DEST/resident-tests.log") &
+  local resident=$!
   # No -x: under xdist one failure would stop every worker and hide the tests not yet run (a lease of
   # 2026-11-27 left 19 of 168 unrun that way, after 149 in 170 s); the bench still stops on any failure,
   # and on a run cut off by its cap (some kernels untested): 300 s with 8 workers, 540 s serially.
@@ -104,11 +107,12 @@ native_tests() {
     "${workers[@]}" tests/test_kernels_groupnorm_gelu.py tests/test_kernels_reverse_step.py tests/test_unet_triton.py \
     tests/test_upsample_bilinear.py -k "not resident"
   rc=$?
-  wait "$graph"
+  wait "$graph" "$resident"
   say "CUDA-graph sampling test: exit $(cat "$WORK/graph-test.rc" 2>/dev/null || echo unknown)"
   tail -n 15 "$DEST/graph-test.log" | tee -a "$LOG"
-  say "resident GroupNorm tests (native):"; tail -n 4 "$WORK/resident-tests.log" | tee -a "$LOG"
-  if [[ $(tail -n 1 "$WORK/resident-tests.log") != "exit 0" ]]; then
+  say "resident GroupNorm tests (native):"; grep -E '^(FAILED|ERROR)' "$DEST/resident-tests.log" | tee -a "$LOG"
+  tail -n 2 "$DEST/resident-tests.log" | tee -a "$LOG"
+  if [[ $(tail -n 1 "$DEST/resident-tests.log") != "exit 0" ]]; then
     RESIDENT_OK=0; say "the resident GroupNorm path failed its native tests: the tune sweeps no resident or coop" \
       "setting, and the bench paths that set one are dropped"
     local var

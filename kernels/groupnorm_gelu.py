@@ -338,6 +338,10 @@ def _rect_bwd_reduce(DY, X, R, DR, W, B, PDW, PDB, base, pd_row, pd_stride_c, c_
         if LANE:
             dw = tl.sum(dw_acc, axis=1)
             db = tl.sum(db_acc, axis=1)
+        else:  # one use of each loop result: Triton 3.6 asserts (or, without asserts, miscompiles) where a
+            # reduction's accumulator is used twice after its loop (triton-lang/triton#11682)
+            dw = tl.where(cmask, dw, 0.0)
+            db = tl.where(cmask, db, 0.0)
         tl.store(PDW + pd_row + c * pd_stride_c, dw, mask=cmask)
         tl.store(PDB + pd_row + c * pd_stride_c, db, mask=cmask)
         s1 += tl.sum(w * db)  # masked channels have w = 0
@@ -575,10 +579,10 @@ def _gn_fwd_resident_kernel(X, R, T, W, B, Y, MEAN, RSTD, PART, SYNC, G, C, Cg, 
                             HAS_T: tl.constexpr, GELU: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_HW: tl.constexpr,
                             BLOCK_S: tl.constexpr):
     """Resident path, grid (N * G * S,): a program holds one BLOCK_C x BLOCK_HW tile of a group,
-    loaded once; its statistics by two passes over the registers (exact mean first, then the centred
-    squares: no cancellation). A group of S > 1 tiles: its programs store their partials, meet, and
-    each applies the combined statistics to the tile it holds, so x is read from memory once.
-    STAGE 1 and 2 (the interpreter): the same in two launches, the second loading its tile again."""
+    loaded once; its statistics by two passes over the registers (the mean, corrected by the centred
+    values' own, then the centred squares: no cancellation). A group of S > 1 tiles: its programs store
+    their partials, meet, and each applies the combined statistics to the tile it holds, so x is read
+    from memory once. STAGE 1 and 2 (the interpreter): the same in two launches, the second loading its tile again."""
     row, pid = _resident_program(SYNC, S, STAGE)
     c_lo, c_hi, h_lo, h_hi = _rect(pid, Cg, HW, BLOCK_C, BLOCK_HW, HW_SPLIT)
     n = row // G
@@ -587,9 +591,14 @@ def _gn_fwd_resident_kernel(X, R, T, W, B, Y, MEAN, RSTD, PART, SYNC, G, C, Cg, 
                        BLOCK_C, BLOCK_HW)
     x = tl.load(X + offs, mask=mask, other=0.0).to(tl.float32)
     count = (c_hi - c_lo) * (h_hi - h_lo) * 1.0
+    # the sum of x rounds at x's scale (a GPU adds each thread's values in sequence first): the centred
+    # values' own mean corrects it at their scale, and their squares' sum with it (the corrected
+    # two-pass algorithm, sum((d - e)^2) = sum(d^2) - count * e^2)
     mean = tl.sum(x) / count
     d = tl.where(mask, x - mean, 0.0)
-    m2 = tl.sum(d * d)
+    e = tl.sum(d) / count
+    mean += e
+    m2 = tl.maximum(tl.sum(d * d) - count * e * e, 0.0)
     var = m2 / count
     if S > 1:
         if STAGE != 2:

@@ -603,7 +603,7 @@ def test_statistics_of_a_mean_far_above_the_spread(monkeypatch, path, lane, chan
     if path == "split":
         monkeypatch.setattr(gng, "SPLIT_THRESHOLD", 0)
         monkeypatch.setattr(gng, "ELEMS_PER_PROGRAM", 128)
-    if path == "resident":  # two passes over the registers: the exact mean, then centred squares
+    if path == "resident":  # over the registers: the mean corrected by the centred values' own, centred squares
         monkeypatch.setattr(gng, "RESIDENT_MAX", 1 << 16)
     if path == "resident-coop":  # the same a tile, the tiles' partials combined about the first one's mean
         monkeypatch.setattr(gng, "COOP_TILE", 64)  # 12 x 49 in 12 programs (NCHW) or 13 (NHWC)
