@@ -5,7 +5,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 DEMO := runs/demo
 
-.PHONY: setup demo test bench clean
+.PHONY: setup demo test bench gpu-triton-check clean
 
 setup: $(VENV)/.installed
 
@@ -44,5 +44,20 @@ test: setup
 bench: setup
 	$(PY) -m pytest bench --benchmark-only
 
+# Every Triton launch compiled for sm_90 on the CPU by the GPU machine's Triton, before spending GPU time:
+# the image brings its own (3.6.0 beside torch 2.11 on the H200's: the device notes' pip list of its image,
+# and bench/results/2026-11-28-h200.json's versions), older than the venv's, and a pass of 3.6 asserted
+# there on kernels that CI's Triton compiles (bench/native_compile.py). Installed once, per version, into an
+# ignored folder put first on the path; the compile processes inherit it. GPU_TRITON=X.Y.Z for another.
+GPU_TRITON ?= 3.6.0
+GPU_TRITON_DIR := .triton-gpu/$(GPU_TRITON)
+gpu-triton-check: setup $(GPU_TRITON_DIR)/.installed
+	PYTHONPATH=$(CURDIR)/$(GPU_TRITON_DIR) $(PY) -m bench.native_compile --all
+
+# (--no-warn-conflicts: the venv's torch asks for CI's Triton, which stays in the venv for everything else)
+$(GPU_TRITON_DIR)/.installed: | $(VENV)/.installed
+	$(PY) -m pip install -q --no-warn-conflicts --target $(GPU_TRITON_DIR) triton==$(GPU_TRITON)
+	touch $@
+
 clean:
-	rm -rf $(VENV) runs .pytest_cache *.egg-info
+	rm -rf $(VENV) .triton-gpu runs .pytest_cache *.egg-info

@@ -18,6 +18,7 @@
 #   GroupNorm path's native tests, whole), nvidia-smi.txt
 # Usage, from the repository root (the GPU machine's copy has no .git, so pass the commit in):
 #   FASTDDPM_GIT_COMMIT=$(git rev-parse HEAD) bash bench/gpu.sh
+# Before the call, on the CPU: make gpu-triton-check (every launch compiled by the GPU image's Triton).
 # Opt-in stages: profile (bench.profile_step -> profile.json), tune (bench.tune_groupnorm ->
 # tune.json) and batch (bench/test_train_batch.py: training images/s at batch 64 to 1,024, eager and
 # compiled, into the same JSON), e.g. BENCH_STAGES="tests tune profile" or "tests batch".

@@ -500,14 +500,15 @@ def auto_section(entries, source: str | None) -> str:
     if not got["sample_engine"] and not got["train_kernels"]:
         return ""
     fields = ", ".join(f"{k}={json.dumps(v)}" for k, v in got.items() if v or k == "sample_engine")
-    entry = f'"{card}": Measured(source="{source or "bench/results/<this file>.json"}", {fields}),'
-    have = MEASURED.get(card)
-    same = have and all(getattr(have, k) == v for k, v in got.items())
+    entry = f'Measured(source="{source or "bench/results/<this file>.json"}", {fields}),'
+    have = MEASURED.get(card, ())
+    same = any(all(getattr(e, k) == v for k, v in got.items()) for e in have)
     status = ("`fastddpm/measured.py` has this entry" if same else
-              f"`fastddpm/measured.py` has a different entry for {card}, from {have.source}" if have else
+              f"`fastddpm/measured.py` has other entries for {card}, from "
+              f"{', '.join(e.source for e in have)}: put this one first" if have else
               f"`fastddpm/measured.py` has no entry for {card}: it falls back to another card's")
     return (f"## What `auto` chooses on this card\n\nThe faster path per dtype, measured side by side here; "
-            f"{status}.\n\n```\n{entry}\n```")
+            f"{status}.\n\n```\n\"{card}\": (  # newest first\n    {entry}\n```")
 
 
 def render(entries, header=None, source: str | None = None) -> str:

@@ -1,13 +1,14 @@
 """What ``auto`` runs on a GPU rests on a results file: every entry of fastddpm.measured is what
 bench.report derives from its file, and sampling and training look their card up in it."""
 import json
+from pathlib import Path
 
 import pytest
 import torch
 
 from bench import report
 from fastddpm.config import COMPILE_MODES, DTYPES
-from fastddpm.measured import CPU_SAMPLE_LAYOUT, FALLBACK, MEASURED, Measured, card_slug
+from fastddpm.measured import CPU_SAMPLE_LAYOUT, FALLBACK, MEASURED, Measured, _deciding, card_slug, choice
 from fastddpm.errors import ArgumentParser
 from fastddpm.sampling import add_sampler_flags, auto_engine, sampling_layout
 from fastddpm import train as train_mod
@@ -17,16 +18,23 @@ from tests.test_bench import ROOT, _entry
 CUDA = torch.device("cuda")
 
 
-@pytest.mark.parametrize("card", sorted(MEASURED))
-def test_each_entry_is_what_its_results_file_measured(card):
-    entry = MEASURED[card]
+@pytest.mark.parametrize("card,index", [(card, i) for card in sorted(MEASURED) for i in range(len(MEASURED[card]))])
+def test_each_entry_is_what_its_results_file_measured(card, index):
+    entry = MEASURED[card][index]
     entries, _ = report.load([ROOT / entry.source])
     assert {card_slug(e["extra_info"]["device"]["name"]) for e in entries} == {card}
     got = report.auto_choices(entries)
     assert got == {k: getattr(entry, k) for k in got}
-    if card == FALLBACK:  # what every other card falls back to: measured in every dtype
-        assert set(entry.sample_engine) == {"fp32", "fp16", "bf16"}
-        assert set(entry.train_kernels["default"]) == {"fp32", "fp16", "bf16"}
+    if index:  # newest first: the files' names begin with their dates
+        assert Path(entry.source).name < Path(MEASURED[card][index - 1].source).name
+
+
+def test_the_fallback_card_was_measured_in_every_dtype():
+    """What every other card falls back to, in its entries together."""
+    for field in ("sample_engine", "train_kernels"):
+        has = {d for e in MEASURED[FALLBACK] for d in (e.sample_engine if field == "sample_engine"
+                                                      else e.train_kernels.get("default", {}))}
+        assert has == {"fp32", "fp16", "bf16"}, field
 
 
 @pytest.mark.parametrize("capability", sorted(CPU_SAMPLE_LAYOUT))
@@ -42,11 +50,12 @@ def test_each_cpu_layout_is_what_its_results_file_measured(capability):
 
 
 def test_the_report_prints_the_entry_and_says_whether_the_code_has_it():
-    source = MEASURED[FALLBACK].source
-    text = report.render(*report.load([ROOT / source]), source=source)
-    assert "`fastddpm/measured.py` has this entry" in text
-    line = next(x for x in text.splitlines() if x.startswith(f'"{FALLBACK}": Measured('))
-    assert eval(line.split(": ", 1)[1].rstrip(","), {"Measured": Measured}) == MEASURED[FALLBACK]
+    for entry in MEASURED[FALLBACK]:
+        text = report.render(*report.load([ROOT / entry.source]), source=entry.source)
+        assert "`fastddpm/measured.py` has this entry" in text
+        lines = text.splitlines()
+        at = lines.index(f'"{FALLBACK}": (  # newest first')
+        assert eval(lines[at + 1].strip().rstrip(","), {"Measured": Measured}) == entry
 
 
 def test_auto_choices_take_the_faster_path_at_the_headline_batch_only(tmp_path, monkeypatch):
@@ -96,7 +105,8 @@ def test_auto_choices_take_the_faster_path_at_the_headline_batch_only(tmp_path, 
     monkeypatch.delitem(MEASURED, "h100-80gb-hbm3", raising=False)
     text = report.render(*report.load([path]))  # an H100 that fastddpm.measured does not have
     assert "has no entry for h100-80gb-hbm3: it falls back to another card's" in text
-    assert ('"h100-80gb-hbm3": Measured(source="bench/results/<this file>.json", sample_engine={"fp32": "fast", '
+    assert '"h100-80gb-hbm3": (  # newest first' in text
+    assert ('Measured(source="bench/results/<this file>.json", sample_engine={"fp32": "fast", '
             '"fp16": "fast", "bf16": "compiled"}, train_kernels={"default": {"bf16": "torch"}, "reduce-overhead": '
             '{"fp32": "triton", "fp16": "triton", "bf16": "torch"}}, train_layout={"default": {"bf16": "nchw"}, '
             '"reduce-overhead": {"fp32": "nhwc", "fp16": "nchw", "bf16": "nhwc"}}, sample_layout={"fp32": "nchw", '
@@ -127,7 +137,7 @@ H100 = Measured("bench/results/x.json", sample_engine={"fp32": "fast", "bf16": "
 
 
 def test_sampling_and_training_look_their_card_up(on_card, monkeypatch):
-    monkeypatch.setitem(MEASURED, "h100-80gb-hbm3", H100)
+    monkeypatch.setitem(MEASURED, "h100-80gb-hbm3", (H100,))
     on_card("NVIDIA H100 80GB HBM3")
     assert auto_engine(CUDA, torch.float32, True) == ("fast", "measured fastest on this card (bench/results/x.json)")
     assert auto_engine(CUDA, torch.bfloat16, True)[0] == "compiled"
@@ -150,7 +160,8 @@ def test_the_h100_entry_says_which_mode_it_was_measured_in(on_card):
     """The H100 was measured under reduce-overhead only: a default-mode run takes the H200's choice
     and says that the H100 lacks that mode, not that it was never measured in the dtype."""
     on_card("NVIDIA H100 80GB HBM3")
-    h100, fb = MEASURED["h100-80gb-hbm3"], MEASURED[FALLBACK]
+    (h100,) = MEASURED["h100-80gb-hbm3"]
+    fb = _deciding(FALLBACK, lambda e: e.train_kernels.get("default", {}).get("bf16"))
     assert auto_engine(CUDA, torch.float16, True) == (h100.sample_engine["fp16"],
                                                       f"measured fastest on this card ({h100.source})")
     path, why = training_kernels("auto", CUDA, True, "reduce-overhead", "bf16", True)
@@ -166,7 +177,7 @@ def test_training_layout_is_the_measured_one_for_the_path_it_runs(on_card):
     """--channels-last's auto: NHWC only where this card measured the chosen path faster in it, in
     this dtype and compile mode; never another card's, another path's or another mode's layout."""
     on_card("NVIDIA H100 80GB HBM3")
-    h100 = MEASURED["h100-80gb-hbm3"]
+    (h100,) = MEASURED["h100-80gb-hbm3"]
     mode, dtype = "reduce-overhead", "bf16"
     path = h100.train_kernels[mode][dtype]
     nhwc, why = training_layout(None, CUDA, True, mode, dtype, path)
@@ -191,7 +202,7 @@ def test_training_layout_is_the_measured_one_for_the_path_it_runs(on_card):
 def test_sampling_layout_is_the_measured_one_for_the_engine_it_runs(on_card, monkeypatch):
     """sample()'s channels_last=None on CUDA: NHWC only where this card measured the engine it runs
     faster in it, in this dtype; never another card's, another engine's or another dtype's layout."""
-    monkeypatch.setitem(MEASURED, "h100-80gb-hbm3", H100)
+    monkeypatch.setitem(MEASURED, "h100-80gb-hbm3", (H100,))
     on_card("NVIDIA H100 80GB HBM3")
     assert sampling_layout(None, CUDA, "fast", torch.float32) == (
         True, "auto: NHWC, the layout the fast engine was measured and chosen in (bench/results/x.json)")
@@ -213,23 +224,57 @@ def test_sampling_layout_is_the_measured_one_for_the_engine_it_runs(on_card, mon
 def test_what_an_entry_lacks_comes_from_the_fallback_card_and_says_so(on_card, monkeypatch):
     """A new card's entry pasted from gpu.sh's default dtypes (bf16, fp32) has no fp16: fp16 takes
     the fallback card's choice; a card with no entry takes all of them; nothing raises."""
-    monkeypatch.setitem(MEASURED, "h100-80gb-hbm3", H100)
-    fb = MEASURED[FALLBACK]
+    monkeypatch.setitem(MEASURED, "h100-80gb-hbm3", (H100,))
+    fb = _deciding(FALLBACK, lambda e: e.sample_engine.get("fp16"))
     on_card("NVIDIA H100 80GB HBM3")
     assert auto_engine(CUDA, torch.float16, True) == (
         fb.sample_engine["fp16"], f"h100-80gb-hbm3 not measured in fp16: the {FALLBACK}'s choice ({fb.source})")
     path, why = training_kernels("auto", CUDA, True, "reduce-overhead", "fp16", True)
+    fb = _deciding(FALLBACK, lambda e: e.train_kernels.get("default", {}).get("fp16"))
     assert path == fb.train_kernels["default"]["fp16"]
     assert f"not measured in fp16 under --compile-mode reduce-overhead: the {FALLBACK}'s choice, in the default " \
         "compile mode (reduce-overhead not measured)" in why
     on_card("NVIDIA A100-SXM4-80GB")
     engine, why = auto_engine(CUDA, torch.float16, True)
+    fb = _deciding(FALLBACK, lambda e: e.sample_engine.get("fp16"))
     assert engine == fb.sample_engine["fp16"]
     assert why == f"a100-sxm4-80gb not measured: the {FALLBACK}'s choice ({fb.source})"
     for mode in COMPILE_MODES:
         for dtype in DTYPES:
             path, why = training_kernels("auto", CUDA, True, mode, dtype, True)
-            assert path == fb.train_kernels["default"][dtype] and "a100-sxm4-80gb not measured" in why
+            assert path == choice(FALLBACK, dtype, mode)[0] and "a100-sxm4-80gb not measured" in why
+
+
+def test_a_card_s_newest_entry_decides_and_its_earlier_ones_fill_in(on_card, monkeypatch):
+    """A GPU call measures a few dtypes and modes: the card's newest entry decides what it measured,
+    an earlier entry of the same card what it did not (before the fallback card), and each layout
+    comes with the entry that chose its path, never from another entry."""
+    newer = Measured("bench/results/new.json", sample_engine={"bf16": "fast"},
+                     train_kernels={"reduce-overhead": {"bf16": "triton"}},
+                     train_layout={"reduce-overhead": {"bf16": "nhwc"}}, sample_layout={"bf16": "nchw"})
+    older = Measured("bench/results/old.json", sample_engine={"fp32": "compiled", "bf16": "compiled"},
+                     train_kernels={"default": {"fp32": "torch", "bf16": "torch"}},
+                     train_layout={"default": {"fp32": "nchw", "bf16": "nchw"}},
+                     sample_layout={"fp32": "nhwc", "bf16": "nhwc"})
+    monkeypatch.setitem(MEASURED, "h100-80gb-hbm3", (newer, older))
+    on_card("NVIDIA H100 80GB HBM3")
+    assert auto_engine(CUDA, torch.bfloat16, True) == ("fast", "measured fastest on this card (bench/results/new.json)")
+    assert auto_engine(CUDA, torch.float32, True) == ("compiled", "measured fastest on this card "
+                                                                  "(bench/results/old.json)")
+    assert sampling_layout(None, CUDA, "compiled", torch.float32)[0] is True  # old.json chose it, in NHWC
+    assert sampling_layout(None, CUDA, "fast", torch.bfloat16) == (
+        False, "auto: NCHW, the layout the fast engine was measured and chosen in (bench/results/new.json)")
+    # old.json's compiled engine in NHWC is not borrowed: new.json chose bf16's engine
+    assert sampling_layout(None, CUDA, "compiled", torch.bfloat16)[0] is False
+    assert training_kernels("auto", CUDA, True, "reduce-overhead", "bf16", True) == (
+        "triton", "auto: measured fastest on this card (bench/results/new.json)")
+    assert training_layout(None, CUDA, True, "reduce-overhead", "bf16", "triton")[0] is True
+    path, why = training_kernels("auto", CUDA, True, "reduce-overhead", "fp32", True)  # neither has this mode
+    assert path == "torch" and why == ("auto: measured fastest on this card, in the default compile mode "
+                                       "(reduce-overhead not measured) (bench/results/old.json)")
+    assert training_kernels("auto", CUDA, True, "default", "bf16", True)[1].endswith("(bench/results/old.json)")
+    path, why = training_kernels("auto", CUDA, True, "default", "fp16", True)  # neither has fp16: the fallback
+    assert f"h100-80gb-hbm3 not measured in fp16 under --compile-mode default: the {FALLBACK}'s choice" in why
 
 
 def test_the_printed_entry_cites_the_file_to_commit(tmp_path, capsys):
@@ -239,6 +284,7 @@ def test_the_printed_entry_cites_the_file_to_commit(tmp_path, capsys):
     path.write_text(json.dumps(_entry("sampling", "fast", "bf16", batch=2560, items_per_s=2.0)) + "\n" +
                     json.dumps(_entry("sampling", "compiled", "bf16", batch=2560, items_per_s=1.0)) + "\n")
     assert report.main([str(path), "--merge", str(tmp_path / "2026-12-01-h100-80gb-hbm3.json")]) == 0
-    assert '"h100-80gb-hbm3": Measured(source="bench/results/2026-12-01-h100-80gb-hbm3.json"' in capsys.readouterr().out
-    assert report.main([str(ROOT / MEASURED[FALLBACK].source)]) == 0
-    assert f'Measured(source="{MEASURED[FALLBACK].source}"' in capsys.readouterr().out
+    assert 'Measured(source="bench/results/2026-12-01-h100-80gb-hbm3.json"' in capsys.readouterr().out
+    newest = MEASURED[FALLBACK][0]
+    assert report.main([str(ROOT / newest.source)]) == 0
+    assert f'Measured(source="{newest.source}"' in capsys.readouterr().out
