@@ -49,10 +49,12 @@ bench: setup
 # and bench/results/2026-11-28-h200.json's versions), older than the venv's, and a pass of 3.6 asserted
 # there on kernels that CI's Triton compiles (bench/native_compile.py). Installed once, per version, into an
 # ignored folder put first on the path; the compile processes inherit it. GPU_TRITON=X.Y.Z for another.
+# GPU_TRITON_SETTINGS: the GroupNorm launch settings the call will time (comma-separated, as --settings).
 GPU_TRITON ?= 3.6.0
+GPU_TRITON_SETTINGS ?= none
 GPU_TRITON_DIR := .triton-gpu/$(GPU_TRITON)
 gpu-triton-check: setup $(GPU_TRITON_DIR)/.installed
-	PYTHONPATH=$(CURDIR)/$(GPU_TRITON_DIR) $(PY) -m bench.native_compile --all
+	PYTHONPATH=$(CURDIR)/$(GPU_TRITON_DIR) $(PY) -m bench.native_compile --all --settings $(GPU_TRITON_SETTINGS)
 
 # (--no-warn-conflicts: the venv's torch asks for CI's Triton, which stays in the venv for everything else)
 $(GPU_TRITON_DIR)/.installed: | $(VENV)/.installed

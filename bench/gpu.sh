@@ -15,7 +15,8 @@
 #   <date>-<card>.json        (commit it as bench/results/<date>-<card>.json)
 #   report.md                 (python -m bench.report on that JSON)
 #   bench.log (everything printed), graph-test.log (the CUDA-graph test), resident-tests.log (the resident
-#   GroupNorm path's native tests, whole), nvidia-smi.txt
+#   GroupNorm path's native tests, whole), nvidia-smi.txt, and tune.json / profile.json from those stages:
+#   8 files with both, the device tool's limit (it brings back 8): add none without dropping one
 # Usage, from the repository root (the GPU machine's copy has no .git, so pass the commit in):
 #   FASTDDPM_GIT_COMMIT=$(git rev-parse HEAD) bash bench/gpu.sh
 # Before the call, on the CPU: make gpu-triton-check (every launch compiled by the GPU image's Triton).
@@ -23,7 +24,7 @@
 # tune.json) and batch (bench/test_train_batch.py: training images/s at batch 64 to 1,024, eager and
 # compiled, into the same JSON), e.g. BENCH_STAGES="tests tune profile" or "tests batch".
 # Knobs: BENCH_BUDGET_S (default 530: the whole script), BENCH_TEST_WORKERS (the native tests'
-# pytest-xdist workers, default 8), BENCH_STAGES (default "tests train sample kernels"),
+# pytest-xdist workers, default 8; 0 runs them in one process), BENCH_STAGES (default "tests train sample kernels"),
 # TRAIN_DTYPES / SAMPLE_DTYPES (default bf16,fp32), KERNEL_DTYPES (default bf16),
 # BATCH_DTYPES (default bf16), TRAIN_CAP_S / SAMPLE_CAP_S / KERNEL_CAP_S / PROFILE_CAP_S / TUNE_CAP_S /
 # BATCH_CAP_S (seconds per stage),
@@ -88,7 +89,7 @@ bench() {  # bench NAME CAP DTYPES: one bench module, through pytest-benchmark o
 RESIDENT_OK=1  # the resident GroupNorm path (off by default) passed its native tests: the tune may sweep it
 native_tests() {
   local workers=() rc
-  "$PY" -c "import xdist" 2>/dev/null && workers=(-n "${BENCH_TEST_WORKERS:-8}")
+  (( ${BENCH_TEST_WORKERS:-8} > 0 )) && "$PY" -c "import xdist" 2>/dev/null && workers=(-n "${BENCH_TEST_WORKERS:-8}")
   # Tests, not timings: the runs may share the GPU. The graph test and the resident GroupNorm path's
   # tests (a path no bench case runs unless the tune turns it on) beside them, each into its own file.
   (LOG="$DEST/graph-test.log"; : >"$LOG"

@@ -127,10 +127,18 @@ def main(argv=None) -> int:
                         "under these launch settings, comma-separated, each 'none' (the defaults) or knob=value "
                         "joined by '+' (bench.tune_groupnorm's knobs: what a GPU call is about to time)")
     args = p.parse_args(argv)
+    if args.settings != "none" and not args.all:
+        p.error(f"--settings {args.settings}: only with --all (the training batch's launches)")
     # The launches are recorded through the interpreter's launcher, which Triton selects when a kernel is
-    # defined: set before fastddpm.kernels is imported (below, inside the launching functions), whatever the
-    # environment says (compile_launches takes it out of the compile processes' environment).
+    # defined: set before fastddpm.kernels is imported, whatever the environment says (compile_launches
+    # takes it out of the compile processes' environment).
     os.environ["TRITON_INTERPRET"] = "1"
+    from fastddpm.kernels import groupnorm_gelu as gng
+
+    try:
+        settings = [{} if text == "none" else gng.parse_launch_settings(text) for text in args.settings.split(",")]
+    except ValueError as e:
+        p.error(f"--settings {args.settings}: {e}")
     import pytest
     import triton
 
@@ -144,20 +152,19 @@ def main(argv=None) -> int:
             launch_unets()
     if args.all:  # launch configurations depend on the batch: the bench trains at 256
         from bench.static_cost import record_calls, unet_norm_calls
-        from fastddpm.kernels import groupnorm_gelu as gng
 
         calls = unet_norm_calls()
-        for text in args.settings.split(","):
-            settings = {} if text == "none" else gng.parse_launch_settings(text)
+        for setting in settings:
             for layout in ("nchw", "nhwc"):
-                launches += record_calls(calls, 256, layout, settings)
+                launches += record_calls(calls, 256, layout, setting)
     recorded = time.perf_counter()
-    selected = launches if args.all else one_per_code_path(launches)
+    distinct = list({_key(launch): launch for launch in launches}.values())
+    selected = distinct if args.all else one_per_code_path(launches)
     errors = collections.Counter(r["error"] for r in compile_launches(selected) if "error" in r)
     for error, times in sorted(errors.items()):
         print(f"error: {error}" + (f" (x{times} launches)" if times > 1 else ""))
     where = Path(triton.__file__).resolve().parent.parent
-    print(f"{len({_key(launch) for launch in launches})} distinct launches recorded in {recorded - start:.0f} s; "
+    print(f"{len(distinct)} distinct launches recorded in {recorded - start:.0f} s; "
           f"{len(selected)} compiled for sm_90 in {time.perf_counter() - recorded:.0f} s "
           f"({'all' if args.all else 'one a code path'}) by Triton {triton.__version__} from {where}: "
           f"{sum(errors.values())} failed")

@@ -502,13 +502,18 @@ def auto_section(entries, source: str | None) -> str:
     fields = ", ".join(f"{k}={json.dumps(v)}" for k, v in got.items() if v or k == "sample_engine")
     entry = f'Measured(source="{source or "bench/results/<this file>.json"}", {fields}),'
     have = MEASURED.get(card, ())
-    same = any(all(getattr(e, k) == v for k, v in got.items()) for e in have)
-    status = ("`fastddpm/measured.py` has this entry" if same else
-              f"`fastddpm/measured.py` has other entries for {card}, from "
-              f"{', '.join(e.source for e in have)}: put this one first" if have else
-              f"`fastddpm/measured.py` has no entry for {card}: it falls back to another card's")
+    same = any(e.source == source and all(getattr(e, k) == v for k, v in got.items()) for e in have)
+    if same:
+        status, paste = "`fastddpm/measured.py` has this entry", entry
+    elif have:
+        status = (f"`fastddpm/measured.py` has other entries for {card}, from {', '.join(e.source for e in have)}: "
+                  f"put this one first in its tuple (newest first)")
+        paste = entry
+    else:
+        status = f"`fastddpm/measured.py` has no entry for {card}: it falls back to another card's; add it whole"
+        paste = f'"{card}": (  # newest first\n    {entry}\n),'
     return (f"## What `auto` chooses on this card\n\nThe faster path per dtype, measured side by side here; "
-            f"{status}.\n\n```\n\"{card}\": (  # newest first\n    {entry}\n```")
+            f"{status}.\n\n```\n{paste}\n```")
 
 
 def render(entries, header=None, source: str | None = None) -> str:

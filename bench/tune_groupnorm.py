@@ -1,6 +1,6 @@
 """``python -m bench.tune_groupnorm``: sweep the GroupNorm+GELU kernels' launch parameters at the
-U-Net's shapes and print, per shape and variant, the best setting next to the default and to
-``torch.compile`` (Inductor's own fusion, the bar to beat).
+U-Net's shapes and print, per shape and variant, the best setting next to the default (timed
+whether the sweep names it or not) and to ``torch.compile`` (Inductor's own fusion, the bar to beat).
 
 The swept knobs are ``fastddpm.kernels.groupnorm_gelu.LAUNCH_KNOBS``, set through its
 ``launch_settings()`` (the same names as a bench path's ``@knob=value`` settings): ``_LANE_ACCUMULATE``
@@ -89,6 +89,8 @@ def sweep(args) -> list[dict]:
     # each knob's values as launch_settings takes them (bools for the switches), its default if not swept
     values = [[gng.launch_knob(k, v) for v in axes[k]] if axes[k] else [default[k]] for k in axes]
     grid = [dict(zip(axes, combo)) for combo in itertools.product(*values)]
+    if default not in grid:  # the defaults always timed beside: the bar a setting must clear to become one
+        grid.append(dict(default))
     rows = []
     for layout in args.layouts:
         # the channels_last knob changes nothing in NCHW: its default there, not repeated rows

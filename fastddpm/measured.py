@@ -43,7 +43,8 @@ class Measured:
 
 MEASURED: dict[str, tuple[Measured, ...]] = {  # card -> its entries, newest first
     "h200": (
-        Measured(  # bf16 under CUDA graphs (reduce-overhead), both layouts of each side
+        Measured(  # bf16; sampling in both layouts of each engine, training under CUDA graphs (reduce-overhead)
+            # with Inductor's step in NCHW and ours in NHWC only
             source="bench/results/2026-11-28-h200.json",
             sample_engine={"bf16": "fast"},
             train_kernels={"reduce-overhead": {"bf16": "triton"}},
@@ -95,11 +96,11 @@ def choice(card: str, dtype: str, mode: str | None = None) -> tuple[str, str]:
             entry = _deciding(name, lambda e: lookup(e, m))
             if entry:
                 lacking = f"{card or 'this card'} not measured"
-                if card in MEASURED:  # measured, but not in this dtype (or not in this compile mode)
+                if MEASURED.get(card):  # measured, but not in this dtype (or not in this compile mode)
                     lacking += f" in {dtype}" + (f" under --compile-mode {mode}" if mode else "")
                 where = "measured fastest on this card" if name == card else f"{lacking}: the {name}'s choice"
                 if m != mode:
-                    where += f", in the default compile mode ({mode} not measured)"
+                    where += f", in the default compile mode ({mode} not measured in {dtype})"
                 return lookup(entry, m), f"{where} ({entry.source})"
     raise LookupError(f"fastddpm.measured: {FALLBACK!r} has no {dtype} entry")  # a test keeps it complete
 

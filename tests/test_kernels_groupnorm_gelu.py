@@ -597,7 +597,9 @@ def test_statistics_of_a_mean_far_above_the_spread(monkeypatch, path, lane, chan
     a 1e-2 variance at every add), and a running mean of x rounds at x's scale at every merge; both
     reductions on the one-program and split paths (tiles of 32 elements: each program sums several),
     and the resident path (which has one, over one program or several), keep every output and
-    gradient within fp32's tolerance of the float64 reference."""
+    gradient within fp32's tolerance of the float64 reference. The interpreter's sums are numpy's
+    pairwise ones, accurate enough to hide a plain fp32 sum of x: the resident path's, before its
+    mean was corrected, passed here and failed natively (an H200, 2026-11-28, NHWC)."""
     _use_reduction(monkeypatch, lane)
     monkeypatch.setattr(gng, "_TILE", 32)
     if path == "split":

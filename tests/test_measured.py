@@ -8,7 +8,7 @@ import torch
 
 from bench import report
 from fastddpm.config import COMPILE_MODES, DTYPES
-from fastddpm.measured import CPU_SAMPLE_LAYOUT, FALLBACK, MEASURED, Measured, _deciding, card_slug, choice
+from fastddpm.measured import CPU_SAMPLE_LAYOUT, FALLBACK, MEASURED, Measured, _deciding, card_slug
 from fastddpm.errors import ArgumentParser
 from fastddpm.sampling import add_sampler_flags, auto_engine, sampling_layout
 from fastddpm import train as train_mod
@@ -49,13 +49,17 @@ def test_each_cpu_layout_is_what_its_results_file_measured(capability):
     assert layouts == measured
 
 
-def test_the_report_prints_the_entry_and_says_whether_the_code_has_it():
+def test_the_report_prints_the_entry_and_says_whether_the_code_has_it(monkeypatch):
     for entry in MEASURED[FALLBACK]:
         text = report.render(*report.load([ROOT / entry.source]), source=entry.source)
         assert "`fastddpm/measured.py` has this entry" in text
-        lines = text.splitlines()
-        at = lines.index(f'"{FALLBACK}": (  # newest first')
-        assert eval(lines[at + 1].strip().rstrip(","), {"Measured": Measured}) == entry
+        line = next(x for x in text.splitlines() if x.startswith("Measured("))
+        assert eval(line.rstrip(","), {"Measured": Measured}) == entry
+    newest, *older = MEASURED[FALLBACK]  # the card's table before its newest file was pasted in
+    monkeypatch.setitem(MEASURED, FALLBACK, tuple(older))
+    text = report.render(*report.load([ROOT / newest.source]), source=newest.source)
+    sources = ", ".join(e.source for e in older)
+    assert f"has other entries for {FALLBACK}, from {sources}: put this one first" in text
 
 
 def test_auto_choices_take_the_faster_path_at_the_headline_batch_only(tmp_path, monkeypatch):
@@ -105,7 +109,8 @@ def test_auto_choices_take_the_faster_path_at_the_headline_batch_only(tmp_path, 
     monkeypatch.delitem(MEASURED, "h100-80gb-hbm3", raising=False)
     text = report.render(*report.load([path]))  # an H100 that fastddpm.measured does not have
     assert "has no entry for h100-80gb-hbm3: it falls back to another card's" in text
-    assert '"h100-80gb-hbm3": (  # newest first' in text
+    pasted = text.split("```\n")[-2]  # the card's whole tuple: it evaluates as a dict item
+    assert list(eval("{" + pasted + "}", {"Measured": Measured})) == ["h100-80gb-hbm3"]
     assert ('Measured(source="bench/results/<this file>.json", sample_engine={"fp32": "fast", '
             '"fp16": "fast", "bf16": "compiled"}, train_kernels={"default": {"bf16": "torch"}, "reduce-overhead": '
             '{"fp32": "triton", "fp16": "triton", "bf16": "torch"}}, train_layout={"default": {"bf16": "nchw"}, '
@@ -146,7 +151,7 @@ def test_sampling_and_training_look_their_card_up(on_card, monkeypatch):
     assert training_kernels("auto", CUDA, True, "default", "bf16", True)[0] == "triton"
     assert training_kernels("auto", CUDA, True, "reduce-overhead", "bf16", True)[0] == "torch"
     path, why = training_kernels("auto", CUDA, True, "reduce-overhead", "fp32", True)  # this mode lacks fp32
-    assert path == "triton" and "in the default compile mode (reduce-overhead not measured)" in why
+    assert path == "triton" and "in the default compile mode (reduce-overhead not measured in fp32)" in why
     path, why = training_kernels("auto", CUDA, True, "default", "bf16", False)  # no Triton here: torch
     assert path == "torch" and "Triton is unavailable here" in why
     # an explicit choice is kept; uncompiled or off CUDA, "auto" is the model's own rule
@@ -233,16 +238,18 @@ def test_what_an_entry_lacks_comes_from_the_fallback_card_and_says_so(on_card, m
     fb = _deciding(FALLBACK, lambda e: e.train_kernels.get("default", {}).get("fp16"))
     assert path == fb.train_kernels["default"]["fp16"]
     assert f"not measured in fp16 under --compile-mode reduce-overhead: the {FALLBACK}'s choice, in the default " \
-        "compile mode (reduce-overhead not measured)" in why
+        "compile mode (reduce-overhead not measured in fp16)" in why
     on_card("NVIDIA A100-SXM4-80GB")
     engine, why = auto_engine(CUDA, torch.float16, True)
     fb = _deciding(FALLBACK, lambda e: e.sample_engine.get("fp16"))
     assert engine == fb.sample_engine["fp16"]
     assert why == f"a100-sxm4-80gb not measured: the {FALLBACK}'s choice ({fb.source})"
     for mode in COMPILE_MODES:
-        for dtype in DTYPES:
+        for dtype in DTYPES:  # the fallback card's choice: the mode asked for in any of its entries, else default
+            expected = next(e.train_kernels[m][dtype] for m in (mode, "default") for e in MEASURED[FALLBACK]
+                            if dtype in e.train_kernels.get(m, {}))
             path, why = training_kernels("auto", CUDA, True, mode, dtype, True)
-            assert path == choice(FALLBACK, dtype, mode)[0] and "a100-sxm4-80gb not measured" in why
+            assert path == expected and "a100-sxm4-80gb not measured" in why
 
 
 def test_a_card_s_newest_entry_decides_and_its_earlier_ones_fill_in(on_card, monkeypatch):
@@ -271,10 +278,29 @@ def test_a_card_s_newest_entry_decides_and_its_earlier_ones_fill_in(on_card, mon
     assert training_layout(None, CUDA, True, "reduce-overhead", "bf16", "triton")[0] is True
     path, why = training_kernels("auto", CUDA, True, "reduce-overhead", "fp32", True)  # neither has this mode
     assert path == "torch" and why == ("auto: measured fastest on this card, in the default compile mode "
-                                       "(reduce-overhead not measured) (bench/results/old.json)")
+                                       "(reduce-overhead not measured in fp32) (bench/results/old.json)")
     assert training_kernels("auto", CUDA, True, "default", "bf16", True)[1].endswith("(bench/results/old.json)")
     path, why = training_kernels("auto", CUDA, True, "default", "fp16", True)  # neither has fp16: the fallback
     assert f"h100-80gb-hbm3 not measured in fp16 under --compile-mode default: the {FALLBACK}'s choice" in why
+    # the mode asked for in an earlier entry beats the default mode in the newest
+    monkeypatch.setitem(MEASURED, "h100-80gb-hbm3", (
+        Measured("bench/results/new.json", sample_engine={}, train_kernels={"default": {"fp32": "torch"}}),
+        Measured("bench/results/old.json", sample_engine={}, train_kernels={"reduce-overhead": {"fp32": "triton"}},
+                 train_layout={"reduce-overhead": {"fp32": "nhwc"}})))
+    assert training_kernels("auto", CUDA, True, "reduce-overhead", "fp32", True) == (
+        "triton", "auto: measured fastest on this card (bench/results/old.json)")
+    assert training_layout(None, CUDA, True, "reduce-overhead", "fp32", "triton")[0] is True
+    # a layout comes with the entry that chose: an older entry's choice of the other path and its layout
+    # are not borrowed for the path the newest chose, nor for the one it did not
+    monkeypatch.setitem(MEASURED, "h100-80gb-hbm3", (
+        Measured("bench/results/new.json", sample_engine={}, train_kernels={"reduce-overhead": {"bf16": "triton"}},
+                 train_layout={"reduce-overhead": {"bf16": "nchw"}}),
+        Measured("bench/results/old.json", sample_engine={}, train_kernels={"reduce-overhead": {"bf16": "torch"}},
+                 train_layout={"reduce-overhead": {"bf16": "nhwc"}})))
+    assert training_layout(None, CUDA, True, "reduce-overhead", "bf16", "torch") == (
+        False, "auto: NCHW: no measured layout for the torch path on h100-80gb-hbm3 in bf16 under "
+               "--compile-mode reduce-overhead")
+    assert training_layout(None, CUDA, True, "reduce-overhead", "bf16", "triton")[0] is False
 
 
 def test_the_printed_entry_cites_the_file_to_commit(tmp_path, capsys):
