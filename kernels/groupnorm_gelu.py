@@ -97,9 +97,9 @@ _RESIDENT_LIMIT = 16384
 # backward: 8 tensor passes of a forward + backward without residual against the compulsory 5, which
 # caps the split path at 5/8 of the copy bandwidth in DRAM traffic (unless its second reads hit L2),
 # under issue 11's 70 % target. Programs that wait for each other must run at once: a group that needs
-# more than _row_programs(device) of them (half the SMs) takes the split path instead. Off: its native
-# tests passed and it was timed on an H200 on 2026-11-28 (coop=4096: the fastest setting at the 16x16 and
-# 32x32 levels, 1.03x the defaults in the whole training step, one call); on until a second call agrees.
+# more than _row_programs(device) of them (half the SMs) takes the split path instead. Off until a second
+# call, and sampling, agree with the H200's of 2026-11-28: native tests passed; coop=4096 the fastest
+# setting at the 16x16 and 32x32 levels, 1.03x the defaults in the whole training step (one call).
 COOP_TILE = 0
 # The GELU's Phi: False = the kernels' own (_normal_cdf_pdf: Phi and phi in 18 instructions a value);
 # True = libdevice's erff, what every GPU run up to 2026-11-27 measured (40 for the two). Counted in
